@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="QLoRA fine-tuning for Llama-family models from scratch: NF4, Triton kernels, LoRA, training",
     packages=["nf4", "kernels", "llama", "lora", "train"],
+    package_data={"nf4": ["data/*.bin"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
