@@ -22,6 +22,7 @@ Attribute names follow peft so state-dict keys map 1:1 to peft's adapter files:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -67,8 +68,8 @@ class LoRALinear(nn.Module):
         if not isinstance(in_features, int) or not isinstance(out_features, int):
             raise TypeError(f"LoRALinear: base {type(base).__name__} has no integer in_features/out_features")
         if lora_bias and getattr(base, "bias", None) is None:
-            raise ValueError(f"LoRALinear: lora_bias=True needs a base layer with a bias "
-                             f"({type(base).__name__} has none), as peft requires")
+            warnings.warn(f"LoRALinear: lora_bias=True on a base {type(base).__name__} without a bias: "
+                          "this layer cannot be merged (as in peft)")
         self.base_layer = base
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora

@@ -42,6 +42,8 @@ def merge_layer(layer: LoRALinear) -> Optional[dict]:
     if layer.merged:
         raise ValueError("LoRALinear is already merged")
     base = layer.base_layer
+    if layer.lora_B.bias is not None and getattr(base, "bias", None) is None:
+        raise ValueError(f"cannot merge lora_bias into a {type(base).__name__} that has no bias (peft neither)")
     delta = layer.delta_weight(torch.float32)                          # (out, in) fp32
     report = None
     if _is_quantized(base):

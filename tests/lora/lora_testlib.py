@@ -19,18 +19,21 @@ def tiny_llama(seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**kw)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initializes biases to zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    return model
 
 
 def randomize_lora(model, seed: int = 1, std: float = 0.1):
-    """Give every LoRA weight (B included, so the update is not zero) and every bias random values."""
+    """Give every LoRA weight random values (B included, so the update is not zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-            if layer.base_layer.bias is not None:
-                layer.base_layer.bias.copy_(torch.randn(layer.base_layer.bias.shape, generator=g) * std)
 
 
 def peft_key(our_key: str) -> str:
