@@ -1,0 +1,55 @@
+"""Our Llama module + our LoRA vs transformers' Llama + peft: same logits and LoRA gradients (fp32, <= 1e-5),
+and an adapter trained on our module loads with peft on the transformers model."""
+import pytest
+import torch
+
+from lora import LoraConfig, adapter_state_dict, inject_lora, lora_layers, merge_and_unload, save_adapter
+from lora_testlib import assert_close, peft, peft_key, randomize_lora, tiny_llama, tokens
+
+checkpoint = pytest.importorskip("llama.checkpoint")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_tiny")
+    tiny_llama(tie_word_embeddings=True).save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("kw", [dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=3, target_modules="all-linear",
+                                                               use_rslora=True)])
+def test_our_llama_with_our_lora_matches_transformers_with_peft(hf_dir, kw):
+    ours = checkpoint.load_model(str(hf_dir), dtype=torch.float32)
+    inject_lora(ours, LoraConfig(**kw)).eval()
+    randomize_lora(ours)
+    hf = tiny_llama(tie_word_embeddings=True)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kw)).eval()
+    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v.detach().clone()
+                                            for k, v in adapter_state_dict(ours).items()})
+    assert sorted(n for n, _ in lora_layers(ours)) == sorted(
+        n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if type(m).__name__ == "Linear"
+        and hasattr(m, "lora_A"))
+    ids = tokens()
+    out_ours, out_theirs = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, 1e-5, "logits")
+    assert_close(out_ours.loss, out_theirs.loss, 1e-5, "loss")
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    trainable = {k: p for k, p in ours.named_parameters() if p.requires_grad}
+    assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
+    for k, p in trainable.items():
+        assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"grad of {k}")
+
+
+def test_adapter_from_our_llama_loads_in_peft_and_merges(hf_dir, tmp_path):
+    ours = checkpoint.load_model(str(hf_dir), dtype=torch.float32)
+    inject_lora(ours, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    randomize_lora(ours)
+    save_adapter(ours, str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), str(tmp_path)).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert_close(ours(ids).logits, theirs(ids).logits, 1e-5, "logits, peft loading an adapter of our Llama")
+        assert_close(merge_and_unload(ours)(ids).logits, theirs.merge_and_unload()(ids).logits, 1e-5,
+                     "merged logits")
