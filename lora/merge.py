@@ -135,8 +135,8 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
 
     Files: model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger
     than max_shard_bytes), and from `base_dir` every non-weight file (config.json, generation_config.json,
-    tokenizer files, chat template). config.json gets the saved dtype. Without base_dir, a transformers
-    model's own config is written. Every file is written to a temp name, then renamed. Returns out_dir.
+    tokenizer files, chat template). config.json gets the saved dtype. Without base_dir, the model's own
+    config is written (transformers' `model.config` or our Llama module's `model.args`). Every file is written to a temp name, then renamed. Returns out_dir.
     """
     sd = _dense_state_dict(model, dtype)
     os.makedirs(out_dir, exist_ok=True)
@@ -170,8 +170,10 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
             tmp = os.path.join(out_dir, f".{fname}.tmp")
             shutil.copyfile(src, tmp)
             os.replace(tmp, os.path.join(out_dir, fname))
-    elif hasattr(getattr(model, "config", None), "to_dict"):
-        _write_text(os.path.join(out_dir, "config.json"), json.dumps(model.config.to_dict(), indent=2, default=str))
+    else:  # transformers' model.config, or our Llama module's model.args (both have to_dict)
+        own = getattr(model, "config", None) or getattr(model, "args", None)
+        if hasattr(own, "to_dict"):
+            _write_text(os.path.join(out_dir, "config.json"), json.dumps(own.to_dict(), indent=2, default=str))
     cfg_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"no config.json for {out_dir}: pass base_dir (the base model's directory)")

@@ -53,3 +53,21 @@ def test_adapter_from_our_llama_loads_in_peft_and_merges(hf_dir, tmp_path):
         assert_close(ours(ids).logits, theirs(ids).logits, 1e-5, "logits, peft loading an adapter of our Llama")
         assert_close(merge_and_unload(ours)(ids).logits, theirs.merge_and_unload()(ids).logits, 1e-5,
                      "merged logits")
+
+
+@pytest.mark.parametrize("with_base_dir", [True, False])
+def test_merged_checkpoint_of_our_llama_loads_in_transformers(hf_dir, tmp_path, with_base_dir):
+    from lora import save_merged_checkpoint
+    from lora_testlib import transformers
+
+    ours = checkpoint.load_model(str(hf_dir), dtype=torch.float32)
+    inject_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(ours)
+    ids = tokens()
+    with torch.no_grad():
+        expected = ours(ids).logits
+    merge_and_unload(ours)
+    save_merged_checkpoint(ours, str(tmp_path), base_dir=str(hf_dir) if with_base_dir else None)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, expected, 1e-5, "transformers loading our merged Llama")
