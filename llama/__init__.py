@@ -6,9 +6,16 @@
     tok = load_tokenizer(None)
     new_ids = generate(model, [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)])
 """
+import warnings
+
+# `python -m llama.generate` imports this package, which imports llama.generate for the `generate` function, before
+# runpy runs the module as __main__; runpy then warns that the module is already imported. It is harmless here.
+warnings.filterwarnings("ignore", message="'llama.generate' found in sys.modules", category=RuntimeWarning)
+
 from .chat import LLAMA2_CHAT_TEMPLATE, llama2_chat_ids, llama2_chat_prompt, render_chat_template
 from .checkpoint import CheckpointError, load_model, resolve_model_dir, save_model
 from .config import NAMED_SIZES, ModelArgs
+from .generate import complete, generate, sample_next
 from .gguf_import import embedded_model_dir, gguf_to_hf
 from .kv_cache import KVCache
 from .model import CausalLMOutput, LlamaForCausalLM, RMSNorm
@@ -16,14 +23,6 @@ from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_toke
 
 Llama = LlamaForCausalLM
 
-
-def __getattr__(name: str):
-    """``generate``, ``complete``, ``sample_next`` load lazily, so ``python -m llama.generate`` runs the module once."""
-    if name in ("generate", "complete", "sample_next"):
-        from . import generate as _generate_module
-
-        return getattr(_generate_module, name)
-    raise AttributeError(f"module 'llama' has no attribute {name!r}")
 
 __all__ = [
     "ModelArgs", "NAMED_SIZES", "LlamaForCausalLM", "Llama", "CausalLMOutput", "RMSNorm", "KVCache",
