@@ -48,7 +48,8 @@ QUESTIONS = (
 MAX_ANSWER_CHARS = 600
 EVAL_MODULUS = 20  # crc32(name) % 20 == 0 -> held out (~5%)
 
-_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->\s*.*)?$")
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*-{1,2}>\s*.*)?$")      # "f(x) -> int", "deque([it]) --> deque object"
+_SIGNATURE_PREFIX = re.compile(r"^[\w.]+\(.*?\)\s+-{1,2}>?\s+")  # "partial(func, ...) - new function ..."
 
 
 def _first_paragraph(doc: str) -> str:
@@ -61,7 +62,8 @@ def _first_paragraph(doc: str) -> str:
     if not paras:
         return ""
     lines = [ln for ln in paras[0].splitlines() if not _SIGNATURE.match(ln.strip())]
-    text = " ".join(ln.strip() for ln in lines).strip()
+    text = _SIGNATURE_PREFIX.sub("", " ".join(ln.strip() for ln in lines).strip())
+    text = text[:1].upper() + text[1:]
     if len(text) > MAX_ANSWER_CHARS:  # cut at the last sentence end before the limit
         cut = text.rfind(". ", 0, MAX_ANSWER_CHARS)
         text = text[: cut + 1] if cut > 80 else text[:MAX_ANSWER_CHARS].rsplit(" ", 1)[0] + " ..."
