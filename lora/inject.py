@@ -19,6 +19,7 @@ After injection only these parameters have requires_grad=True:
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -131,6 +132,25 @@ def inject_lora(model: nn.Module, config: Optional[LoraConfig] = None,
     mark_only_lora_trainable(model, config)
     model.lora_config = config
     return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters with requires_grad (what the optimizer gets), each once."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block every LoRA layer computes its base only (peft's `with model.disable_adapter():`)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    saved = [layer.disable_adapter for layer in layers]
+    for layer in layers:
+        layer.disable_adapter = True
+    try:
+        yield model
+    finally:
+        for layer, s in zip(layers, saved):
+            layer.disable_adapter = s
 
 
 def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:

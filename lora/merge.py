@@ -109,6 +109,28 @@ def merge_and_unload(model: nn.Module, return_report: bool = False):
     return (model, reports) if return_report else model
 
 
+@torch.no_grad()
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Replace every 4-bit linear (a module with `qweight`, e.g. kernels.NF4Linear), LoRA bases included, by an
+    nn.Linear holding deq(Q) in `dtype`. Then merge_and_unload gives a dense model: W = deq(Q) + s B A.
+    (The tutorial instead reloads the original fp16 weights, which avoids the 4-bit error in W.)"""
+    for name, module in list(model.named_modules()):
+        if not _is_quantized(module):
+            continue
+        w = module.qweight.dequantize(torch.float32)
+        bias = getattr(module, "bias", None)
+        dense = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype,
+                          device=w.device)
+        dense.weight.copy_(w.to(dtype))
+        dense.weight.requires_grad_(False)
+        if bias is not None:
+            dense.bias.copy_(bias.to(dtype))
+            dense.bias.requires_grad_(bias.requires_grad)
+        parent_path, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, dense)
+    return model
+
+
 # --------------------------------------------------------------------------- checkpoint writing
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

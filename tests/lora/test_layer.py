@@ -86,3 +86,31 @@ def test_bad_rank_and_base():
         LoRALinear(torch.nn.Linear(4, 4), r=-2)
     with pytest.raises(TypeError, match="in_features"):
         LoRALinear(torch.nn.LayerNorm(4), r=2)
+
+
+def test_autocast_bf16_runs_branch_in_bf16_with_fp32_master_weights():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16)
+    layer = LoRALinear(base, r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, layer(x), 0.1, "autocast bf16 vs fp32")
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+def test_disable_adapters_and_trainable_parameters():
+    from lora import LoraConfig, disable_adapters, inject_lora, trainable_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    base_out = model(torch.ones(2, 8))
+    inject_lora(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    torch.nn.init.normal_(model[2].lora_B.weight)
+    x = torch.ones(2, 8)
+    with disable_adapters(model):
+        assert torch.equal(model(x), base_out)
+    assert not torch.equal(model(x), base_out)
+    assert [p.shape for p in trainable_parameters(model)] == [(2, 8), (8, 2), (2, 8), (4, 2)]

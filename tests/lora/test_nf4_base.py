@@ -172,3 +172,23 @@ def test_requantizing_a_zero_update_is_lossless(cls):
     for n, qw in old.items():
         assert torch.equal(merged.get_submodule(n).qweight.packed, qw.packed), n
         assert report[n]["rel_err"] == 0.0
+
+
+@pytest.mark.parametrize("cls", NF4_CLASSES, ids=lambda c: c.__name__)
+def test_dequantize_then_merge_gives_a_dense_model(cls, tmp_path):
+    from lora import dequantize_linears, save_merged_checkpoint
+    from lora_testlib import transformers
+
+    qmodel = inject_lora(quantize_model(tiny_llama(attention_bias=True), cls), LoraConfig(r=4, lora_alpha=8))
+    randomize_lora(qmodel)
+    ids = tokens()
+    with torch.no_grad():
+        expected = qmodel(ids).logits
+    merged = merge_and_unload(dequantize_linears(qmodel, torch.float32))
+    assert not any(getattr(m, "qweight", None) is not None for m in merged.modules())
+    with torch.no_grad():
+        assert_close(merged(ids).logits, expected, 1e-5, "dequantized + merged vs NF4 + LoRA")
+    save_merged_checkpoint(merged, str(tmp_path))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, expected, 1e-5, "reloaded")
