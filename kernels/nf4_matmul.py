@@ -1,0 +1,372 @@
+"""Fused NF4 matmuls that read the 4-bit weight directly (no dequantized copy in memory).
+
+W is a QuantizedWeight4bit of shape [N, K] (out, in). Element (n, k) is flat index f = n*K + k: its code
+is a nibble of byte f // 2 (high nibble when f is even) and its scale is absmax[f // blocksize]. With K
+even, the two nibbles of one byte are columns k and k+1 of the same row, so a byte tile splits into an
+"even columns" and an "odd columns" weight tile and no interleaving is needed:
+
+    forward   y      = x @ W.T (+ bias)   = x[:, 0::2] @ W_hi.T + x[:, 1::2] @ W_lo.T      x (M, K) -> (M, N)
+    backward  grad_x = grad_y @ W         : grad_x[:, 0::2] = grad_y @ W_hi,  grad_x[:, 1::2] = grad_y @ W_lo
+
+Each weight tile is dequantized in registers (table[code] * scale, rounded to the compute dtype, exactly
+what bitsandbytes' dequantize produces) and fed to tl.dot with float32 accumulation.
+
+Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
+- decode, M <= 16: `_nf4_gemv_kernel` for M = 1 (CUDA-core dot products, memory-bound) and the tiled
+  kernel with BM = 16 and small BN otherwise (many programs streaming the weight);
+- GEMM, M > 16: the same tiled kernel with GEMM tiles, autotuned;
+- M >= DEQUANT_GEMM_MIN_M: dequantize into a scratch tensor (the caching allocator reuses it between
+  calls) + cuBLAS, the documented fallback where it measured faster (see README "Kernel benchmarks").
+CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_triton_device, code_table_on, interpreting, load_scales, scale_args, \
+    unpack_values, use_ptx
+from .dequantize import dequantize_4bit_triton, dequantize_weight
+
+# M at and above which the CUDA forward/backward dequantize to scratch + cuBLAS (measured, README)
+DEQUANT_GEMM_MIN_M = 1024
+DECODE_MAX_M = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _dequant_tile(flat, mask, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, DTYPE: tl.constexpr):
+    """Weights at flat indices `flat` (even) and `flat + 1`, as DTYPE: (W_hi, W_lo)."""
+    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0)
+    scale = load_scales(flat // BLOCKSIZE, mask, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                        DOUBLE_QUANT, USE_PTX)
+    hi, lo = unpack_values(byte, table_ptr)
+    return (hi * scale).to(DTYPE), (lo * scale).to(DTYPE)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
+    # sizes and strides
+    M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]); program = (BM x BN tile, K slice)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)                                         # grouped order for L2 reuse
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)                                      # (BM,)
+    rn = pid_n * BN + tl.arange(0, BN)                                      # (BN,)
+    rj = tl.arange(0, BK // 2)                                              # byte column in a K tile
+    mmask = rm < M
+    nmask = rn < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_chunk = tl.cdiv(K, SPLIT_K * BK) * BK
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    for k0 in range(k_lo, k_hi, BK):
+        ke = k0 + 2 * rj                                                    # even columns, (BK/2,)
+        kmask = ke < K
+        xp = x_ptr + rm[:, None] * stride_xm + ke[None, :] * stride_xk      # (BM, BK/2)
+        xmask = mmask[:, None] & kmask[None, :]
+        x_even = tl.load(xp, mask=xmask, other=0.0)
+        x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0)
+        flat = rn[None, :] * K + ke[:, None]                                # (BK/2, BN)
+        w_hi, w_lo = _dequant_tile(flat, kmask[:, None] & nmask[None, :], packed_ptr, absmax_ptr, q_ptr,
+                                   absmax2_ptr, code8_ptr, offset_ptr, table_ptr, BLOCKSIZE, DOUBLE_QUANT,
+                                   USE_PTX, dtype)
+        acc = tl.dot(x_even, w_hi, acc, input_precision=PRECISION)          # (BM, BN)
+        acc = tl.dot(x_odd, w_lo, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    yp = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    if SPLIT_K == 1:
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    else:  # y is a zeroed float32 buffer
+        tl.atomic_add(yp, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
+    # sizes
+    N, K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    """y[n] = sum_k x[k] * W[n, k] (+ bias[n]) for one row x: BN rows of W per program, float32 FMAs."""
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    rj = tl.arange(0, BK // 2)
+    nmask = rn < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ke = k0 + 2 * rj                                                    # (BK/2,)
+        kmask = ke < K
+        x_even = tl.load(x_ptr + ke, mask=kmask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + ke + 1, mask=kmask, other=0.0).to(tl.float32)
+        flat = rn[:, None] * K + ke[None, :]                                # (BN, BK/2)
+        w_hi, w_lo = _dequant_tile(flat, nmask[:, None] & kmask[None, :], packed_ptr, absmax_ptr, q_ptr,
+                                   absmax2_ptr, code8_ptr, offset_ptr, table_ptr, BLOCKSIZE, DOUBLE_QUANT,
+                                   USE_PTX, dtype)
+        acc += w_hi.to(tl.float32) * x_even[None, :] + w_lo.to(tl.float32) * x_odd[None, :]
+    y = tl.sum(acc, axis=1)                                                 # (BN,)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _nf4_matmul_t_kernel(
+    # pointers
+    g_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, gx_ptr,
+    # sizes and strides
+    M, N, K, stride_gm, stride_gn, stride_xm, stride_xk,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """grad_x[m, k] = sum_n grad_y[m, n] * W[n, k]; program = (BM x BK tile of grad_x, N slice)."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_k = tl.cdiv(K, BK)
+    group = pid // (GROUP_M * num_k)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
+    pid_k = (pid % (GROUP_M * num_k)) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    ke = pid_k * BK + 2 * tl.arange(0, BK // 2)                             # even output columns, (BK/2,)
+    mmask = rm < M
+    kmask = ke < K
+    dtype = g_ptr.dtype.element_ty
+    acc_even = tl.zeros((BM, BK // 2), dtype=tl.float32)
+    acc_odd = tl.zeros((BM, BK // 2), dtype=tl.float32)
+    n_chunk = tl.cdiv(N, SPLIT_N * BN) * BN
+    n_lo = pid_n * n_chunk
+    n_hi = tl.minimum(n_lo + n_chunk, N)
+    for n0 in range(n_lo, n_hi, BN):
+        rn = n0 + tl.arange(0, BN)
+        nmask = rn < N
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                    mask=mmask[:, None] & nmask[None, :], other=0.0)        # (BM, BN)
+        flat = rn[:, None] * K + ke[None, :]                                # (BN, BK/2)
+        w_hi, w_lo = _dequant_tile(flat, nmask[:, None] & kmask[None, :], packed_ptr, absmax_ptr, q_ptr,
+                                   absmax2_ptr, code8_ptr, offset_ptr, table_ptr, BLOCKSIZE, DOUBLE_QUANT,
+                                   USE_PTX, dtype)
+        acc_even = tl.dot(g, w_hi, acc_even, input_precision=PRECISION)
+        acc_odd = tl.dot(g, w_lo, acc_odd, input_precision=PRECISION)
+    # interleave: (BM, BK/2, 2) -> (BM, BK), column 2j from acc_even[:, j], 2j+1 from acc_odd[:, j]
+    acc = tl.reshape(tl.join(acc_even, acc_odd), (BM, BK))
+    rk = pid_k * BK + tl.arange(0, BK)
+    gp = gx_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    omask = mmask[:, None] & (rk < K)[None, :]
+    if SPLIT_N == 1:
+        tl.store(gp, acc.to(gx_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(gp, acc, mask=omask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations: fixed small ones under the interpreter, autotuned on the GPU
+# ---------------------------------------------------------------------------------------------------
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+_DECODE_CONFIGS = [
+    _cfg(4, 4, BM=16, BN=16, BK=256, SPLIT_K=1, GROUP_M=1),
+    _cfg(4, 4, BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1),
+    _cfg(4, 3, BM=16, BN=32, BK=512, SPLIT_K=1, GROUP_M=1),
+    _cfg(8, 3, BM=16, BN=64, BK=256, SPLIT_K=1, GROUP_M=1),
+]
+_GEMM_CONFIGS = [
+    _cfg(8, 3, BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8),
+    _cfg(8, 3, BM=128, BN=256, BK=64, SPLIT_K=1, GROUP_M=8),
+    _cfg(4, 4, BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8),
+    _cfg(8, 4, BM=64, BN=256, BK=64, SPLIT_K=1, GROUP_M=8),
+]
+_GEMV_CONFIGS = [
+    _cfg(4, 4, BN=8, BK=512),
+    _cfg(4, 4, BN=16, BK=256),
+    _cfg(8, 3, BN=16, BK=512),
+    _cfg(4, 3, BN=32, BK=256),
+]
+_GEMM_T_CONFIGS = [
+    _cfg(8, 3, BM=128, BN=64, BK=128, SPLIT_N=1, GROUP_M=8),
+    _cfg(8, 3, BM=128, BN=64, BK=256, SPLIT_N=1, GROUP_M=8),
+    _cfg(4, 4, BM=64, BN=64, BK=128, SPLIT_N=1, GROUP_M=8),
+]
+_DECODE_T_CONFIGS = [
+    _cfg(4, 4, BM=16, BN=64, BK=64, SPLIT_N=1, GROUP_M=1),
+    _cfg(4, 4, BM=16, BN=128, BK=64, SPLIT_N=1, GROUP_M=1),
+    _cfg(4, 3, BM=16, BN=64, BK=128, SPLIT_N=1, GROUP_M=1),
+]
+
+_tuned = {}
+
+
+def _kernel(name):
+    """The autotuned variant of a kernel (GPU), built on first use."""
+    if name not in _tuned:
+        base, configs = {
+            "decode": (_nf4_matmul_kernel, _DECODE_CONFIGS), "gemm": (_nf4_matmul_kernel, _GEMM_CONFIGS),
+            "gemv": (_nf4_gemv_kernel, _GEMV_CONFIGS), "gemm_t": (_nf4_matmul_t_kernel, _GEMM_T_CONFIGS),
+            "decode_t": (_nf4_matmul_t_kernel, _DECODE_T_CONFIGS),
+        }[name]
+        keys = ["N", "K"] if name == "gemv" else ["M", "N", "K"]
+        _tuned[name] = triton.autotune(configs, key=keys + ["DOUBLE_QUANT"])(base)
+    return _tuned[name]
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _weight_args(qw, device):
+    a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, device)
+    return (qw.packed, a, q, a2, code8, offset, code_table_on(qw.quant_type, device)), dq
+
+
+def _check(x, qw, what):
+    check_triton_device(x, what)
+    if qw.packed.device != x.device:
+        raise ValueError(f"{what}: weight on {qw.packed.device}, input on {x.device}")
+    if len(qw.shape) != 2:
+        raise ValueError(f"{what}: expected a 2-D weight [out, in], got shape {tuple(qw.shape)}")
+    if qw.shape[1] % 2:
+        raise ValueError(f"{what}: fused kernels need an even in_features, got {qw.shape[1]}")
+    if qw.shape[0] * qw.shape[1] >= 2**31:
+        raise ValueError(f"{what}: weight of {qw.shape[0] * qw.shape[1]} elements overflows int32 indexing")
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------
+def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
+    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv" (M = 1), "decode" (BM = 16)
+    or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass autotuning."""
+    _check(x, qw, "nf4_matmul_fused")
+    M, K = x.shape
+    N = qw.shape[0]
+    if qw.shape[1] != K:
+        raise ValueError(f"nf4_matmul_fused: x has {K} features, weight expects {qw.shape[1]}")
+    if path is None:
+        path = "gemv" if M == 1 else ("decode" if M <= DECODE_MAX_M else "gemm")
+    wargs, dq = _weight_args(qw, x.device)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else x
+    common = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=has_bias, USE_PTX=use_ptx(x))
+    if config is None and interpreting():
+        config = ({"BN": 16, "BK": 64} if path == "gemv" else
+                  {"BM": 16, "BN": 16, "BK": 32, "SPLIT_K": 1, "GROUP_M": 2})
+    if path == "gemv":
+        if M != 1:
+            raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
+        x = x.contiguous()
+        y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+        kern = _nf4_gemv_kernel if config else _kernel("gemv")
+        grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
+        kern[grid](x, *wargs, bias_arg, y, N, K, **common, **(config or {}))
+        return y
+    split_k = (config or {}).get("SPLIT_K", 1)
+    y = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32 if split_k > 1 else x.dtype,
+                                                      device=x.device)
+    kern = _nf4_matmul_kernel if config else _kernel(path)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
+    kern[grid](x, *wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+               **common, PRECISION=_precision(x.dtype), **(config or {}))
+    return y.to(x.dtype)
+
+
+def nf4_matmul_t_fused(g, qw, path=None, config=None):
+    """Fused grad_x = g @ W, g (M, N) -> (M, K) in g.dtype."""
+    _check(g, qw, "nf4_matmul_t_fused")
+    M, N = g.shape
+    K = qw.shape[1]
+    if qw.shape[0] != N:
+        raise ValueError(f"nf4_matmul_t_fused: grad has {N} features, weight has {qw.shape[0]} rows")
+    if path is None:
+        path = "decode_t" if M <= DECODE_MAX_M else "gemm_t"
+    wargs, dq = _weight_args(qw, g.device)
+    if config is None and interpreting():
+        config = {"BM": 16, "BN": 16, "BK": 32, "SPLIT_N": 1, "GROUP_M": 2}
+    split_n = (config or {}).get("SPLIT_N", 1)
+    gx = (torch.zeros if split_n > 1 else torch.empty)((M, K), dtype=torch.float32 if split_n > 1 else g.dtype,
+                                                       device=g.device)
+    kern = _nf4_matmul_t_kernel if config else _kernel(path)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]), meta["SPLIT_N"])  # noqa: E731
+    kern[grid](g, *wargs, gx, M, N, K, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1),
+               BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, USE_PTX=use_ptx(g), PRECISION=_precision(g.dtype),
+               **(config or {}))
+    return gx.to(g.dtype)
+
+
+def nf4_matmul_dequant(x, qw, bias=None):
+    """Fallback: dequantize W into a scratch tensor (Triton), then cuBLAS: y = x @ W.T (+ bias)."""
+    w = dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, x.dtype, qw.nested)
+    return F.linear(x, w, bias)
+
+
+def nf4_matmul_t_dequant(g, qw):
+    """Fallback: grad_x = g @ dequantize(W) through cuBLAS."""
+    return g @ dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, g.dtype,
+                                      qw.nested)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public dispatch
+# ---------------------------------------------------------------------------------------------------
+def _triton_ok(x, qw):
+    return ((x.is_cuda or interpreting()) and len(qw.shape) == 2 and qw.shape[1] % 2 == 0
+            and qw.shape[0] * qw.shape[1] < 2**31)
+
+
+def nf4_matmul(x, qw, bias=None, backend=None):
+    """y = x @ W.T (+ bias): x (..., K), W a QuantizedWeight4bit [N, K] -> y (..., N) in x.dtype.
+    backend: None (CUDA -> Triton, CPU -> torch reference), "triton" or "torch"."""
+    backend = backend or ("triton" if x.is_cuda else "torch")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
+    if backend == "torch" or not _triton_ok(x, qw):
+        y = F.linear(x2, dequantize_weight(qw, x.dtype), bias)
+    elif x2.shape[0] >= DEQUANT_GEMM_MIN_M:
+        y = nf4_matmul_dequant(x2, qw, bias)
+    else:
+        y = nf4_matmul_fused(x2, qw, bias)
+    return y.reshape(*lead, qw.shape[0])
+
+
+def nf4_matmul_t(g, qw, backend=None):
+    """grad_x = g @ W: g (..., N), W [N, K] -> (..., K) in g.dtype. Same dispatch as nf4_matmul."""
+    backend = backend or ("triton" if g.is_cuda else "torch")
+    lead = g.shape[:-1]
+    g2 = g.reshape(-1, g.shape[-1])
+    if backend == "torch" or not _triton_ok(g, qw):
+        gx = g2 @ dequantize_weight(qw, g.dtype)
+    elif g2.shape[0] >= DEQUANT_GEMM_MIN_M:
+        gx = nf4_matmul_t_dequant(g2, qw)
+    else:
+        gx = nf4_matmul_t_fused(g2, qw)
+    return gx.reshape(*lead, qw.shape[1])
