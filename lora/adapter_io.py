@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig
 from .inject import inject_lora, lora_layers, mark_only_lora_trainable, modules_to_save_names
+from .layer import lora_scaling
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -107,6 +108,11 @@ def load_adapter(model: nn.Module, directory: str, is_trainable: bool = False,
     config = LoraConfig.load(directory)
     if not any(True for _ in lora_layers(model)):
         inject_lora(model, config, adapter_dtype=adapter_dtype)
+    else:  # existing LoRA layers take the file's scaling and dropout (their shapes are checked below)
+        for name, layer in lora_layers(model):
+            layer.lora_alpha, layer.use_rslora = config.alpha_for(name), config.use_rslora
+            layer.scaling = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
+            layer.lora_dropout = (nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity())
     file_sd = read_adapter_weights(directory)
     expected = adapter_state_dict(model, config)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from lora import LoraConfig, inject_lora, load_adapter, save_adapter
+from lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
 from lora_testlib import assert_close, make_pair, peft, randomize_lora, tiny_llama, tokens
 
 KW = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -97,3 +97,14 @@ def test_modules_to_save_round_trip(tmp_path):
     load_adapter(back, str(tmp_path))
     with torch.no_grad():
         assert_close(back(ids).logits, ours(ids).logits, 0.0, "logits after our round trip")
+
+
+def test_loading_into_already_injected_model_takes_the_file_scaling(tmp_path):
+    _, theirs = make_pair(**{**KW, "lora_alpha": 32, "use_rslora": True})
+    theirs.save_pretrained(str(tmp_path))
+    model = inject_lora(tiny_llama(), LoraConfig(**KW))  # alpha 8, no rslora
+    load_adapter(model, str(tmp_path), is_trainable=True)
+    assert all(layer.scaling == 32 / 2 for _, layer in lora_layers(model))
+    ids = tokens()
+    assert_close(model(ids).logits, theirs(ids).logits, 1e-5, "logits")
+    assert all(p.requires_grad == ("lora_" in k) for k, p in model.named_parameters())

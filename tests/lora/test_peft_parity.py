@@ -14,6 +14,7 @@ CASES = {
     "regex": dict(r=2, lora_alpha=5, target_modules=r".*\.layers\.1\.mlp\.(gate|down)_proj"),
     "list + bias lora_only": dict(r=3, lora_alpha=6, target_modules=["k_proj", "o_proj", "up_proj"], bias="lora_only"),
     "lora_bias + bias all": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_bias=True, bias="all"),
+    "all-linear minus exclude": dict(r=2, lora_alpha=2, target_modules="all-linear", exclude_modules=["down_proj"]),
     "rank/alpha pattern": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                rank_pattern={"layers.0.self_attn.v_proj": 2}, alpha_pattern={"q_proj": 3}),
 }
