@@ -56,3 +56,18 @@ def test_default_targets_are_q_and_v():
     assert wrapped == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert sorted(ours.lora_config.target_modules) == ["q_proj", "v_proj"]
     assert set(theirs.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+
+
+def test_train_mode_dropout_matches_peft_under_the_same_seed():
+    """peft and we draw one dropout mask per LoRA layer on its input, in forward order: same seed, same output."""
+    ours, theirs = make_pair(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"])
+    ours.train()
+    theirs.train()
+    ids = tokens()
+    torch.manual_seed(123)
+    a = ours(input_ids=ids).logits
+    torch.manual_seed(123)
+    b = theirs(input_ids=ids).logits
+    assert_close(a, b, 1e-5, "train-mode logits with lora_dropout=0.3")
+    ours.eval()
+    assert (ours(input_ids=ids).logits - a).abs().max() > 1e-4  # dropout did act in train mode
