@@ -1,0 +1,223 @@
+"""NF4 kernel benchmark: ours vs bitsandbytes 0.50 vs bf16 cuBLAS, in one run on one GPU.
+
+    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results]
+
+Weight shapes [out, in] of Llama-2-7B/70B, M in {1, 4, 16, 64, 256, 4096, 8192}, blocksize 64, NF4,
+double quantization off and on, bf16. Every timed variant is checked first (bit equality for
+quantize/dequantize against bitsandbytes, relative Frobenius error against a float32 matmul for the
+matmuls). Times are medians of triton.testing.do_bench. The device-to-device copy bandwidth is measured in
+the same run and is the ceiling for the memory-bound targets.
+
+Writes <out-dir>/kernels-<gpu>.json ({gpu, date, commit, copy_tb_s, rows, targets}) and
+<out-dir>/kernels-<gpu>.md (the README table).
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+from kernels import nf4_matmul as mm  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
+MS = [1, 4, 16, 64, 256, 4096, 8192]
+BLOCKSIZE = 64
+
+
+def bench(fn):
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # microseconds
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bits_equal(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def copy_bandwidth():
+    a = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a))
+    return 2 * a.numel() * 2 / (t * 1e-6) / 1e12  # TB/s, read + write
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 4096}")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bF
+
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    ms = [1, 16, 4096] if args.quick else MS
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    copy_tb = copy_bandwidth()
+    print(f"# {gpu}  copy {copy_tb:.2f} TB/s  torch {torch.__version__} triton {triton.__version__} "
+          f"bnb {bnb.__version__}", flush=True)
+    rows, failures = [], []
+
+    def check(ok, what):
+        if not ok:
+            failures.append(what)
+            print("CHECK FAILED:", what, flush=True)
+
+    for (N, K) in shapes:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        n = N * K
+        for dq in (False, True):
+            tag = f"{N}x{K}{' DQ' if dq else ''}"
+            # ---- quantize ---------------------------------------------------------------------
+            qw = kernels.quantize_weight(w, BLOCKSIZE, "nf4", dq)
+            bp, bqs = bF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq, quant_type="nf4")
+            ok = bits_equal(qw.packed, bp)
+            if dq:
+                ok &= (bits_equal(qw.nested.q, bqs.absmax) and bits_equal(qw.nested.absmax2, bqs.state2.absmax)
+                       and float(qw.nested.offset) == float(bqs.offset))
+            else:
+                ok &= bits_equal(qw.absmax, bqs.absmax)
+            check(ok, f"quantize {tag} bit-exact vs bnb")
+            t_q = bench(lambda: kernels.quantize_weight(w, BLOCKSIZE, "nf4", dq))
+            t_bq = bench(lambda: bF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq, quant_type="nf4"))
+            rows.append(dict(op="quantize", shape=tag, dq=dq, ours_us=t_q, bnb_us=t_bq, speedup=t_bq / t_q))
+            # ---- dequantize -------------------------------------------------------------------
+            out = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
+            d = kernels.dequantize_weight(qw, torch.bfloat16, out=out)
+            bd = bF.dequantize_4bit(bp, bqs, blocksize=BLOCKSIZE, quant_type="nf4")
+            check(bits_equal(d, bd), f"dequantize {tag} bit-exact vs bnb")
+            t_d = bench(lambda: kernels.dequantize_weight(qw, torch.bfloat16, out=out))
+            t_bd = bench(lambda: bF.dequantize_4bit(bp, bqs, blocksize=BLOCKSIZE, quant_type="nf4"))
+            bw = n * 2.5 / (t_d * 1e-6) / 1e12
+            rows.append(dict(op="dequantize", shape=tag, dq=dq, ours_us=t_d, bnb_us=t_bd, tb_s=bw,
+                             frac_copy=bw / copy_tb, bnb_frac_copy=n * 2.5 / (t_bd * 1e-6) / 1e12 / copy_tb))
+            print(f"{tag:>14} quantize {t_q:8.1f} us (bnb {t_bq:8.1f}, {t_bq / t_q:5.2f}x)  dequantize "
+                  f"{t_d:7.1f} us = {bw:.2f} TB/s {bw / copy_tb:.0%} (bnb {t_bd:7.1f})", flush=True)
+            wd = d  # the dequantized bf16 weight, the math every matmul variant computes with
+            wbytes = qw.nbytes()
+            # ---- matmuls ----------------------------------------------------------------------
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ wd.float().T
+                gref = g.float() @ wd.float()
+                fwd = {"ours": lambda: mm.nf4_matmul(x, qw),
+                       "dequant+cublas": lambda: mm.nf4_matmul_dequant(x, qw)}
+                if M == 1:
+                    fwd["fused-gemv"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv")
+                if M <= 16:
+                    fwd["fused-decode"] = lambda: mm.nf4_matmul_fused(x, qw, path="decode")
+                else:
+                    fwd["fused-gemm"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemm")
+                fwd["bnb"] = lambda: bnb.matmul_4bit(x, bp.t(), quant_state=bqs)
+                bwd = {"ours": lambda: mm.nf4_matmul_t(g, qw),
+                       "fused": lambda: mm.nf4_matmul_t_fused(g, qw),
+                       "dequant+cublas": lambda: mm.nf4_matmul_t_dequant(g, qw)}
+                res = {}
+                for kind, fns, want in (("fwd", fwd, ref), ("bwd", bwd, gref)):
+                    for name, fn in fns.items():
+                        try:
+                            e = rel_err(fn(), want)
+                            check(e < 1e-2, f"{kind} {tag} M={M} {name}: rel err {e:.2e}")
+                            res[f"{kind} {name}"] = bench(fn)
+                        except Exception as ex:  # keep measuring the other variants
+                            check(False, f"{kind} {tag} M={M} {name}: {type(ex).__name__}: {str(ex)[:300]}")
+                            res[f"{kind} {name}"] = float("nan")
+                if not dq:  # bf16 cuBLAS does not depend on the quantization
+                    bf = {"fwd": bench(lambda: x @ w.T), "bwd": bench(lambda: g @ w)}
+                    bf16_cache[(N, K, M)] = bf
+                bf = bf16_cache[(N, K, M)]
+                res["fwd bf16"], res["bwd bf16"] = bf["fwd"], bf["bwd"]
+                row = dict(op="matmul", shape=tag, dq=dq, M=M, weight_bytes=wbytes, **res,
+                           weight_tb_s=wbytes / (res["fwd ours"] * 1e-6) / 1e12)
+                rows.append(row)
+                print(f"{tag:>14} M={M:5d} " + "  ".join(f"{k} {v:8.1f}" for k, v in res.items()), flush=True)
+                del x, g, ref, gref
+            del qw, bp, bqs, out, d, bd
+            torch.cuda.empty_cache()
+
+    targets = make_targets(rows, copy_tb)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  commit=commit, torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
+                  copy_tb_s=copy_tb, blocksize=BLOCKSIZE, dequant_gemm_min_m=mm.DEQUANT_GEMM_MIN_M,
+                  check_failures=failures, targets=targets, rows=rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"kernels-{gpu}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(os.path.join(args.out_dir, f"kernels-{gpu}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {path}; check failures: {len(failures)}")
+
+
+bf16_cache = {}
+
+
+def make_targets(rows, copy_tb):
+    def sel(op, **kw):
+        return [r for r in rows if r["op"] == op and all(r.get(k) == v for k, v in kw.items())]
+    t = []
+
+    def add(name, values, goal, higher_better, detail):
+        if not values:
+            return
+        worst = min(values) if higher_better else max(values)
+        t.append(dict(name=name, measured=round(worst, 3), goal=goal,
+                      met=bool(worst >= goal if higher_better else worst <= goal), worst_of=detail))
+    add("dequantize bandwidth / copy bandwidth (worst shape, DQ off and on)",
+        [r["frac_copy"] for r in sel("dequantize")], 0.90, True, "shapes x DQ")
+    add("quantize speedup vs bitsandbytes (worst shape, DQ off and on)",
+        [r["speedup"] for r in sel("quantize")], 5.0, True, "shapes x DQ")
+    m1 = sel("matmul", M=1)
+    add("matmul M=1 speedup vs bitsandbytes matmul_4bit", [r["fwd bnb"] / r["fwd ours"] for r in m1], 2.5, True,
+        "shapes x DQ")
+    add("matmul M=1 weight bytes / copy bandwidth", [r["weight_tb_s"] / copy_tb for r in m1], 0.70, True,
+        "shapes x DQ")
+    add("matmul M=16 speedup vs bf16 cuBLAS", [r["fwd bf16"] / r["fwd ours"] for r in sel("matmul", M=16)],
+        2.5, True, "shapes x DQ")
+    m4k = sel("matmul", M=4096)
+    add("matmul forward M=4096 time / bf16 cuBLAS", [r["fwd ours"] / r["fwd bf16"] for r in m4k], 1.03, False,
+        "shapes x DQ")
+    add("matmul backward (grad_x) M=4096 time / bf16 cuBLAS", [r["bwd ours"] / r["bwd bf16"] for r in m4k], 1.03,
+        False, "shapes x DQ")
+    return t
+
+
+def markdown(res):
+    lines = [f"Measured on {res['gpu']} ({res['date'][:10]}, commit {res['commit']}, torch {res['torch']}, "
+             f"triton {res['triton']}, bitsandbytes {res['bitsandbytes']}); device copy "
+             f"{res['copy_tb_s']:.2f} TB/s. Medians of `triton.testing.do_bench`, microseconds, bf16, blocksize 64.",
+             "", "| target | measured (worst case) | goal | met |", "|---|---|---|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "| weight | quantize ours / bnb | dequantize ours / bnb (ours % of copy) |", "|---|---|---|"]
+    q = {r["shape"]: r for r in res["rows"] if r["op"] == "quantize"}
+    for r in res["rows"]:
+        if r["op"] == "dequantize":
+            qq = q[r["shape"]]
+            lines.append(f"| {r['shape']} | {qq['ours_us']:.1f} / {qq['bnb_us']:.1f} | {r['ours_us']:.1f} / "
+                         f"{r['bnb_us']:.1f} ({r['frac_copy']:.0%}) |")
+    lines += ["", "| weight | M | fwd ours | fwd fused | fwd bnb | fwd bf16 | bwd ours | bwd fused | bwd bf16 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r["op"] == "matmul":
+            fused = min(v for k, v in r.items() if k.startswith("fwd fused"))
+            lines.append(f"| {r['shape']} | {r['M']} | {r['fwd ours']:.1f} | {fused:.1f} | {r['fwd bnb']:.1f} | "
+                         f"{r['fwd bf16']:.1f} | {r['bwd ours']:.1f} | {r['bwd fused']:.1f} | {r['bwd bf16']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The kernel checks on a real GPU in bf16 (and fp16/fp32): bit equality with the nf4 reference and with
+bitsandbytes where it is installed, matmul/grad relative errors, NF4Linear on CUDA. Skipped without CUDA."""
+import json
+
+import pytest
+import torch
+
+import nf4
+from nf4.blockwise import canonical_nan
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (bf16 Triton kernels); the CPU tests run them in the interpreter",
+                allow_module_level=True)
+
+import kernels  # noqa: E402
+from kernels import nf4_matmul as mm  # noqa: E402
+
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bF
+except Exception:  # pragma: no cover
+    bnb = None
+
+
+def assert_bits_equal(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    av, bv = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    bad = (av != bv).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.numel()} bytes differ, first at byte {bad[0].item()}"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def weird(n, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, device="cuda", generator=g) * 3
+    x[:64] = 0.0           # an all-zero block
+    x[100] = float("nan")  # a NaN
+    x[200] = 1e-40         # a denormal
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_dequantize_bit_exact(quant_type, blocksize, dtype):
+    x = weird(1_000_003, dtype, 1)
+    p, a = kernels.quantize_4bit(x, blocksize, quant_type)
+    pr, ar = nf4.quantize_4bit(x, blocksize, quant_type)
+    assert_bits_equal(p, pr, "packed")
+    assert_bits_equal(a, ar, "absmax")
+    st, sr = kernels.double_quantize(a), nf4.double_quantize(ar)
+    assert_bits_equal(st.q, sr.q, "double-quant q")
+    assert_bits_equal(st.absmax2, sr.absmax2, "double-quant absmax2")
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        d = kernels.dequantize_4bit(p, a, x.shape, blocksize, quant_type, out_dtype)
+        assert_bits_equal(d, nf4.dequantize_4bit(pr, ar, x.shape, blocksize, quant_type, out_dtype), "dequantize")
+        d2 = kernels.dequantize_4bit(p, None, x.shape, blocksize, quant_type, out_dtype, nested=st)
+        r2 = nf4.dequantize_4bit(pr, nf4.double_dequantize(sr), x.shape, blocksize, quant_type, out_dtype)
+        assert_bits_equal(canonical_nan(d2), r2, "dequantize (double quant)")
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("dq", [False, True])
+def test_bit_exact_with_bitsandbytes(dq):
+    w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16)
+    qw = kernels.quantize_weight(w, 64, "nf4", dq)
+    bp, bqs = bF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+    assert_bits_equal(qw.packed, bp, "packed vs bnb")
+    if dq:
+        assert_bits_equal(qw.nested.q, bqs.absmax, "q vs bnb")
+        assert_bits_equal(qw.nested.absmax2, bqs.state2.absmax, "absmax2 vs bnb")
+        assert float(qw.nested.offset) == float(bqs.offset)
+    else:
+        assert_bits_equal(qw.absmax, bqs.absmax, "absmax vs bnb")
+    assert_bits_equal(kernels.dequantize_weight(qw, torch.bfloat16), bF.dequantize_4bit(bp, bqs), "dequant vs bnb")
+
+
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 300, 1500])
+def test_matmul_and_grad(M, dq):
+    N, K = 1000, 768
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    qw = kernels.quantize_weight(w, 64, "nf4", dq)
+    wd = qw.dequantize(torch.bfloat16).double()
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ wd.T + b.double()
+    gref = g.double() @ wd
+    assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2
+    paths = ["gemv", "decode"] if M == 1 else (["decode"] if M <= 16 else ["gemm"])
+    for p in paths:
+        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=p), ref) < 1e-2, p
+    assert rel_err(mm.nf4_matmul_dequant(x, qw, b), ref) < 1e-2
+    assert rel_err(kernels.nf4_matmul_t(g, qw), gref) < 1e-2
+    assert rel_err(mm.nf4_matmul_t_fused(g, qw), gref) < 1e-2
+    assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=dict(BM=16, BN=64, BK=64, SPLIT_N=4, GROUP_M=1)), gref) < 1e-2
+    assert rel_err(mm.nf4_matmul_fused(x, qw, b, config=dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1)), ref) < 1e-2
+
+
+def test_nf4linear_cuda_autograd_and_moves():
+    lin = torch.nn.Linear(512, 300).cuda().to(torch.bfloat16)
+    m = kernels.NF4Linear.from_linear(lin, double_quant=True)
+    assert m.qweight.device.type == "cuda"
+    x = torch.randn(2, 7, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    y.float().square().sum().backward()
+    xr = x.detach().double().requires_grad_()
+    yr = xr @ m.qweight.dequantize(torch.bfloat16).double().T + m.bias.double()
+    yr.square().sum().backward()
+    assert rel_err(y, yr) < 1e-2 and rel_err(x.grad, xr.grad) < 2e-2
+    mc = m.to("cpu")
+    assert mc.qweight.device.type == "cpu" and mc.qweight.nested.absmax2.dtype == torch.float32
+    mh = mc.cuda().half()
+    assert mh.qweight.device.type == "cuda" and mh.compute_dtype == torch.float16
+    assert mh.qweight.nested.absmax2.dtype == torch.float32 and mh.qweight.packed.dtype == torch.uint8
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("dq", [False, True])
+def test_state_dict_equals_bitsandbytes_linear4bit(dq):
+    lin = torch.nn.Linear(256, 96).to(torch.bfloat16)
+    ref = bnb.nn.Linear4bit(256, 96, compute_dtype=torch.bfloat16, compress_statistics=dq, quant_type="nf4")
+    ref.load_state_dict(lin.state_dict())
+    ref = ref.cuda()
+    ours = kernels.NF4Linear.from_linear(lin.cuda(), double_quant=dq)
+    sd, sr = ours.state_dict(), ref.state_dict()
+    assert list(sd) == list(sr)
+    for k in sr:
+        if "quant_state" in k:
+            assert json.loads(bytes(sd[k].tolist())) == json.loads(bytes(sr[k].tolist()))
+        else:
+            assert_bits_equal(sd[k], sr[k], k)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(ours(x), ref(x)) < 1e-2
