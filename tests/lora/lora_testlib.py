@@ -70,3 +70,22 @@ def assert_close(actual, expected, atol, what=""):
         idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
         raise AssertionError(f"{what}: max |diff| {worst:.3e} > {atol:.1e} at {idx}: "
                              f"{actual[idx].item()} vs {expected[idx].item()}")
+
+
+def bnb_quantize(model, compute_dtype=torch.float32, double_quant=False):
+    """Every linear but lm_head -> bitsandbytes Linear4bit NF4 (blocksize 64), quantized on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, quant_type="nf4",
+                                  compute_dtype=compute_dtype)
+            q.weight = bnb.nn.Params4bit(m.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                         blocksize=64, compress_statistics=double_quant)
+            if m.bias is not None:
+                q.bias = torch.nn.Parameter(m.bias.detach().clone())
+            q = q.to("cpu")
+            if not q.weight.bnb_quantized:
+                q.weight = q.weight._quantize("cpu")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+    return model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lora import (LoraConfig, count_parameters, inject_lora, lora_layers, merge_and_unload, save_adapter,
                   trainable_parameters_report)
-from lora_testlib import assert_close, peft, randomize_lora, tiny_llama, tokens
+from lora_testlib import assert_close, bnb_quantize, peft, randomize_lora, tiny_llama, tokens
 
 nf4 = pytest.importorskip("nf4")
 
@@ -99,20 +99,9 @@ def test_lora_over_nf4_matches_dense_dequantized_model(cls):
 @pytest.mark.parametrize("cls", NF4_CLASSES, ids=lambda c: c.__name__)
 def test_parameter_count_as_peft_counts_bitsandbytes_4bit(cls):
     """peft counts a bitsandbytes Params4bit as numel * 2 (two codes per byte) = the original weight's numel."""
-    bnb = pytest.importorskip("bitsandbytes")
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     ours = inject_lora(quantize_model(tiny_llama(), cls), LoraConfig(**kw))
-    hf = tiny_llama()
-    for name, m in list(hf.named_modules()):
-        if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
-            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, quant_type="nf4",
-                                  compute_dtype=torch.float32)
-            q.weight = bnb.nn.Params4bit(m.weight.detach().clone(), requires_grad=False, quant_type="nf4")
-            q = q.to("cpu")
-            if not q.weight.bnb_quantized:
-                q.weight = q.weight._quantize("cpu")
-            parent, _, child = name.rpartition(".")
-            setattr(hf.get_submodule(parent), child, q)
+    hf = bnb_quantize(tiny_llama())
     theirs = peft.get_peft_model(hf, peft.LoraConfig(**kw))
     buf = io.StringIO()
     with redirect_stdout(buf):

@@ -71,3 +71,31 @@ def test_merged_checkpoint_of_our_llama_loads_in_transformers(hf_dir, tmp_path, 
     reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         assert_close(reloaded(ids).logits, expected, 1e-5, "transformers loading our merged Llama")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_our_llama_nf4_matches_transformers_bitsandbytes_peft(hf_dir, double_quant):
+    """The QLoRA stack: our Llama loaded with quantize='nf4' + our LoRA vs transformers' Llama with bitsandbytes
+    Linear4bit (CPU, blocksize 64) + peft. The NF4 codes are bit-exact, so logits and LoRA grads agree to 1e-5."""
+    from lora_testlib import bnb_quantize
+
+    pytest.importorskip("kernels")
+    kw = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    ours = checkpoint.load_model(str(hf_dir), quantize="nf4", dtype=torch.float32, double_quant=double_quant)
+    assert type(ours.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"
+    inject_lora(ours, LoraConfig(**kw)).eval()
+    randomize_lora(ours)
+    hf = bnb_quantize(tiny_llama(tie_word_embeddings=True), double_quant=double_quant)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kw)).eval()
+    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v.detach().clone()
+                                            for k, v in adapter_state_dict(ours).items()})
+    ids = tokens()
+    out_ours, out_theirs = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, 1e-5, "QLoRA logits")
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    trainable = {k: p for k, p in ours.named_parameters() if p.requires_grad}
+    assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
+    for k, p in trainable.items():
+        assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"QLoRA grad of {k}")
