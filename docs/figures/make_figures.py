@@ -1,0 +1,185 @@
+"""Draw the tour's figures from code and measured results, so they stay true.
+
+    python docs/figures/make_figures.py [--only NAME ...]
+
+nf4_levels.png        the 16 NF4 levels over the standard normal density
+quant_error.png       |error| histograms of NF4, FP4 and int4 (blocksize 64) on the embedded model's weights
+roofline.png          the NF4 matmul's measured points against the H100 roofline (benchmarks/results/kernels-*.json)
+memory_breakdown.png  where a 7B QLoRA step's GPU memory goes (benchmarks/results/e2e-*.json)
+loss_curve.png        train/eval loss of the default `python -m train.run` (its loss_history.json)
+A figure whose input does not exist yet is skipped with a message.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def nf4_levels(path):
+    from nf4.tables import NF4_TABLE, nf4_thresholds
+    plt = _plt()
+    # scale the table so that its levels sit where they came from: the quantiles of N(0, 1)
+    scale = float(torch.special.ndtri(torch.tensor(0.9677083, dtype=torch.float64)))
+    xs = torch.linspace(-3.2, 3.2, 400)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(xs, torch.exp(-xs ** 2 / 2) / math.sqrt(2 * math.pi), color="0.3", label="N(0, 1) density")
+    for i, v in enumerate(NF4_TABLE):
+        ax.axvline(v * scale, color="tab:blue", lw=1.2, label="NF4 level x Phi^-1(0.9677)" if i == 0 else None)
+    for i, t in enumerate(nf4_thresholds().tolist()):
+        ax.axvline(t * scale, color="tab:orange", lw=0.6, ls="--", label="decision threshold" if i == 0 else None)
+    ax.set_xlabel("weight / absmax, in units of the normal quantile")
+    ax.set_yticks([])
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("NF4: 16 levels, dense where normally distributed weights are dense")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def int4_absmax(w, blocksize=64):
+    """Symmetric int4 with one absmax per block: levels k/7, k = -7..7 (round to nearest)."""
+    flat = w.reshape(-1, blocksize)
+    absmax = flat.abs().amax(1, keepdim=True).clamp(min=1e-12)
+    return (torch.round(flat / absmax * 7).clamp(-7, 7) / 7 * absmax).reshape(w.shape)
+
+
+def quant_error(path):
+    from safetensors import safe_open
+
+    from llama import embedded_model_dir
+    from nf4 import dequantize_4bit, quantize_4bit
+    plt = _plt()
+    model_dir = embedded_model_dir()
+    errs = {"NF4": [], "FP4": [], "int4": []}
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        names = [k for k in f.keys() if k.endswith("proj.weight") and ".layers." in k]
+        for name in names[::7]:  # a sample of layers and projection types
+            w = f.get_tensor(name).float()
+            w = w[:, : (w.shape[1] // 64) * 64]
+            for label, qt in (("NF4", "nf4"), ("FP4", "fp4")):
+                p, a = quantize_4bit(w, 64, qt)
+                errs[label].append(((dequantize_4bit(p, a, w.shape, 64, qt) - w) / w.std()).reshape(-1))
+            errs["int4"].append(((int4_absmax(w) - w) / w.std()).reshape(-1))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, parts in errs.items():
+        e = torch.cat(parts).abs()
+        ax.hist(e.numpy(), bins=200, range=(0, 0.6), histtype="step", lw=1.4,
+                label=f"{label}: mean |err| = {e.mean():.4f} sigma")
+    ax.set_yscale("log")
+    ax.set_xlabel("|dequantized - original| / std(weight), blocksize 64")
+    ax.set_ylabel("weights")
+    ax.set_title(f"4-bit error on SmolLM2-135M-Instruct ({len(errs['NF4'])} projection matrices)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return {k: float(torch.cat(v).abs().mean()) for k, v in errs.items()}
+
+
+def _latest(pattern):
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", pattern)))
+    return files[-1] if files else None
+
+
+def roofline(path):
+    src = _latest("kernels-*.json")
+    if src is None:
+        print("roofline: no benchmarks/results/kernels-*.json yet, skipped")
+        return
+    data = json.load(open(src))
+    points = [r for r in data.get("matmul", data.get("results", [])) if isinstance(r, dict) and "tflops" in r]
+    if not points:
+        print(f"roofline: {src} has no matmul points with 'tflops' and 'intensity', skipped")
+        return
+    plt = _plt()
+    peak_tflops = data.get("peak_tflops", 700.0)
+    bw_tbs = data.get("copy_bandwidth_tbs", 3.0)
+    xs = [2 ** i for i in range(-2, 14)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(xs, [min(peak_tflops, bw_tbs * x) for x in xs], color="0.3", label=f"roof: {bw_tbs:.2f} TB/s, {peak_tflops:.0f} TFLOP/s")
+    for impl, marker in (("ours", "o"), ("bnb", "x"), ("bf16", "s")):
+        pts = [p for p in points if p.get("impl") == impl]
+        if pts:
+            ax.scatter([p["intensity"] for p in pts], [p["tflops"] for p in pts], marker=marker, label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=10)
+    ax.set_xlabel("FLOP per byte moved")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"NF4 matmul on {data.get('gpu', 'GPU')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def memory_breakdown(path):
+    src = _latest("e2e-*.json")
+    if src is None:
+        print("memory_breakdown: no benchmarks/results/e2e-*.json yet, skipped")
+        return
+    data = json.load(open(src))
+    parts = data.get("memory_breakdown_gib")
+    if not parts:
+        print(f"memory_breakdown: {src} has no 'memory_breakdown_gib', skipped")
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    left = 0.0
+    for name, gib in parts.items():
+        ax.barh([0], [gib], left=left, label=f"{name} {gib:.2f} GiB")
+        left += gib
+    ax.set_yticks([])
+    ax.set_xlabel("GiB")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.set_title(f"7B QLoRA step, peak GPU memory by owner ({data.get('gpu', 'GPU')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def loss_curve(path):
+    candidates = sorted(glob.glob(os.path.join(ROOT, "**", "loss_history.json"), recursive=True))
+    if not candidates:
+        print("loss_curve: no loss_history.json from `python -m train.run` yet, skipped")
+        return
+    hist = json.load(open(candidates[-1]))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = hist.get("train", [])
+    ax.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
+    ev = hist.get("eval", [])
+    if ev:
+        ax.plot([p["step"] for p in ev], [p["loss"] for p in ev], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+FIGURES = {"nf4_levels": nf4_levels, "quant_error": quant_error, "roofline": roofline,
+           "memory_breakdown": memory_breakdown, "loss_curve": loss_curve}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(FIGURES), help="draw only these figures")
+    parser.add_argument("--out", default=HERE, help="output directory (default: docs/figures)")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.only or FIGURES:
+        result = FIGURES[name](os.path.join(args.out, f"{name}.png"))
+        print(f"{name}: done" + (f" {result}" if result else ""))
+
+
+if __name__ == "__main__":
+    main()
