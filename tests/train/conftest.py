@@ -18,3 +18,14 @@ class ByteTokenizer:
 @pytest.fixture
 def byte_tok():
     return ByteTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: with 2 shared cores, one intra-op thread is ~10x faster than two fighting for them."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
