@@ -88,4 +88,5 @@ def bnb_quantize(model, compute_dtype=torch.float32, double_quant=False):
                 q.weight = q.weight._quantize("cpu")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
+    model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets; peft then uses lora.bnb layers
     return model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
-from lora_testlib import assert_close, make_pair, peft, randomize_lora, tiny_llama, tokens
+from .lora_testlib import assert_close, make_pair, peft, randomize_lora, tiny_llama, tokens
 
 KW = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import LoraConfig, inject_lora, load_adapter, save_adapter
-from lora_testlib import randomize_lora, tiny_llama
+from .lora_testlib import randomize_lora, tiny_llama
 
 
 def test_target_modules_matching_nothing_lists_module_names():

@@ -3,7 +3,7 @@ import dataclasses
 import json
 
 from lora import LoraConfig
-from lora_testlib import peft
+from .lora_testlib import peft
 
 
 def test_fields_and_defaults_are_peft_s():

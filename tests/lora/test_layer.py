@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora import LoRALinear, lora_scaling
-from lora_testlib import assert_close
+from .lora_testlib import assert_close
 
 
 def test_init_is_peft_init_and_starts_as_the_base():

@@ -6,7 +6,7 @@ import torch
 
 from lora import (LoraConfig, inject_lora, lora_layers, merge_and_unload, merge_layer, save_merged_checkpoint,
                   unmerge_layer)
-from lora_testlib import assert_close, make_pair, randomize_lora, tiny_llama, tokens, transformers
+from .lora_testlib import assert_close, make_pair, randomize_lora, tiny_llama, tokens, transformers
 
 KW = dict(r=4, lora_alpha=8, target_modules="all-linear")
 

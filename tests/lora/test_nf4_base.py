@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lora import (LoraConfig, count_parameters, inject_lora, lora_layers, merge_and_unload, save_adapter,
                   trainable_parameters_report)
-from lora_testlib import assert_close, bnb_quantize, peft, randomize_lora, tiny_llama, tokens
+from .lora_testlib import assert_close, bnb_quantize, peft, randomize_lora, tiny_llama, tokens
 
 nf4 = pytest.importorskip("nf4")
 
@@ -166,7 +166,7 @@ def test_requantizing_a_zero_update_is_lossless(cls):
 @pytest.mark.parametrize("cls", NF4_CLASSES, ids=lambda c: c.__name__)
 def test_dequantize_then_merge_gives_a_dense_model(cls, tmp_path):
     from lora import dequantize_linears, save_merged_checkpoint
-    from lora_testlib import transformers
+    from .lora_testlib import transformers
 
     qmodel = inject_lora(quantize_model(tiny_llama(attention_bias=True), cls), LoraConfig(r=4, lora_alpha=8))
     randomize_lora(qmodel)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora import LoraConfig, adapter_state_dict, inject_lora, lora_layers, merge_and_unload, save_adapter
-from lora_testlib import assert_close, peft, peft_key, randomize_lora, tiny_llama, tokens
+from .lora_testlib import assert_close, peft, peft_key, randomize_lora, tiny_llama, tokens
 
 checkpoint = pytest.importorskip("llama.checkpoint")
 
@@ -58,7 +58,7 @@ def test_adapter_from_our_llama_loads_in_peft_and_merges(hf_dir, tmp_path):
 @pytest.mark.parametrize("with_base_dir", [True, False])
 def test_merged_checkpoint_of_our_llama_loads_in_transformers(hf_dir, tmp_path, with_base_dir):
     from lora import save_merged_checkpoint
-    from lora_testlib import transformers
+    from .lora_testlib import transformers
 
     ours = checkpoint.load_model(str(hf_dir), dtype=torch.float32)
     inject_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -77,7 +77,7 @@ def test_merged_checkpoint_of_our_llama_loads_in_transformers(hf_dir, tmp_path, 
 def test_qlora_our_llama_nf4_matches_transformers_bitsandbytes_peft(hf_dir, double_quant):
     """The QLoRA stack: our Llama loaded with quantize='nf4' + our LoRA vs transformers' Llama with bitsandbytes
     Linear4bit (CPU, blocksize 64) + peft. The NF4 codes are bit-exact, so logits and LoRA grads agree to 1e-5."""
-    from lora_testlib import bnb_quantize
+    from .lora_testlib import bnb_quantize
 
     pytest.importorskip("kernels")
     kw = dict(r=4, lora_alpha=8, target_modules="all-linear")
@@ -99,3 +99,9 @@ def test_qlora_our_llama_nf4_matches_transformers_bitsandbytes_peft(hf_dir, doub
     assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
     for k, p in trainable.items():
         assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"QLoRA grad of {k}")
+    # merging into the 4-bit base: both re-quantize deq(Q) + s B A; the codes agree, so the logits do
+    with torch.no_grad():
+        merged, report = merge_and_unload(ours, return_report=True)
+        theirs_merged = theirs.merge_and_unload()
+        assert_close(merged(ids).logits, theirs_merged(ids).logits, 1e-5, "re-quantized merged logits vs peft")
+    assert len(report) == 14 and all(0 < r["rel_err"] < 0.2 for r in report.values())

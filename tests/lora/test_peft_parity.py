@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora import trainable_parameters_report
-from lora_testlib import assert_close, make_pair, peft_key, tokens
+from .lora_testlib import assert_close, make_pair, peft_key, tokens
 
 CASES = {
     "default q,v": dict(r=4, lora_alpha=8),
