@@ -24,7 +24,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from kernels import nf4_matmul as mm  # noqa: E402
+import importlib  # noqa: E402
+
+mm = importlib.import_module("kernels.nf4_matmul")
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
 MS = [1, 4, 16, 64, 256, 4096, 8192]
@@ -149,7 +151,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   commit=commit, torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
-                  copy_tb_s=copy_tb, blocksize=BLOCKSIZE, dequant_gemm_min_m=mm.DEQUANT_GEMM_MIN_M,
+                  copy_tb_s=copy_tb, blocksize=BLOCKSIZE,
+                  chosen_paths={str(k): v for k, v in mm.chosen_paths().items()},
                   check_failures=failures, targets=targets, rows=rows)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels-{gpu}.json")

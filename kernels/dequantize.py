@@ -6,7 +6,7 @@
 with code_{2j} the high and code_{2j+1} the low nibble of byte j. Bit-exact with `nf4.dequantize_4bit`
 (and so with bitsandbytes' CUDA kernel). Memory traffic per element: 0.5 B read + 2 B (bf16) written.
 
-Layers: `_dequantize_kernel` (one program = BLOCK bytes = 2 * BLOCK outputs), the launcher
+Layers: `_dequantize_kernel` (one program = a tile of whole 4-bit blocks), the launcher
 `dequantize_4bit_triton`, and the public dispatcher `dequantize_4bit` (CUDA -> Triton, CPU -> nf4).
 """
 import math
@@ -28,26 +28,28 @@ def _dequantize_kernel(
     # pointers
     packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, out_ptr,
     # sizes
-    n, n_bytes,
+    n, n_bytes, n_blocks,
     # constexpr
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, ROWS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid * BLOCK + tl.arange(0, BLOCK)                                   # byte index, (BLOCK,)
-    jmask = j < n_bytes
-    byte = tl.load(packed_ptr + j, mask=jmask, other=0)
-    # elements 2j and 2j+1 share a 4-bit block (blocksize is even)
-    scale = load_scales((2 * j) // BLOCKSIZE, jmask, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                        DOUBLE_QUANT, USE_PTX)
+    """One program = ROWS consecutive 4-bit blocks: a (ROWS, BLOCKSIZE/2) tile of bytes, one scale a row."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (ROWS * (BLOCKSIZE // 2))                     # first byte of the tile
+    r = tl.arange(0, ROWS)
+    boff = r[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (ROWS, BS/2)
+    byte = tl.load(packed_ptr + base + boff, mask=boff < n_bytes - base, other=0)
+    rows = pid * ROWS + r
+    scale = load_scales(rows, rows < n_blocks, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                        DOUBLE_QUANT, USE_PTX)[:, None]                     # (ROWS, 1)
     hi, lo = unpack_values(byte, table_ptr)
-    # (BLOCK, 2) -> (2 * BLOCK,): out[2j] = hi[j], out[2j+1] = lo[j]
-    vals = tl.reshape(tl.join(hi * scale, lo * scale), (2 * BLOCK,))
-    i = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + i, vals.to(out_ptr.dtype.element_ty), mask=i < n)
+    # (ROWS, BS/2, 2) -> (ROWS, BS): out[2j] = hi[j], out[2j+1] = lo[j]
+    vals = tl.reshape(tl.join(hi * scale, lo * scale), (ROWS, BLOCKSIZE))
+    eoff = r[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + 2 * base + eoff, vals.to(out_ptr.dtype.element_ty), mask=eoff < n - 2 * base)
 
 
 def dequantize_4bit_triton(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16,
-                           nested=None, out=None, block_bytes=2048, num_warps=4):
+                           nested=None, out=None, block_bytes=4096, num_warps=4):
     """Triton dequantization. Give `absmax` (float32 per block) or `nested` (a DoubleQuantState) for the
     scales. `out` (optional) is a preallocated tensor of `shape` and `dtype` (a reusable scratch)."""
     check_quant_args(blocksize, quant_type)
@@ -63,10 +65,12 @@ def dequantize_4bit_triton(packed, absmax, shape, blocksize=64, quant_type="nf4"
                          f"{tuple(out.shape)}")
     a, q, a2, code8, offset, dq = scale_args(absmax, nested, packed.device)
     n_bytes = packed.numel()
-    grid = (triton.cdiv(n_bytes, block_bytes),)
+    n_blocks = -(-n // blocksize)
+    rows = max(1, block_bytes // (blocksize // 2))
+    grid = (triton.cdiv(n_blocks, rows),)
     _dequantize_kernel[grid](packed, a, q, a2, code8, offset, code_table_on(quant_type, packed.device), out,
-                             n, n_bytes, BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, USE_PTX=use_ptx(packed),
-                             BLOCK=block_bytes, num_warps=num_warps)
+                             n, n_bytes, n_blocks, BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, USE_PTX=use_ptx(packed),
+                             ROWS=rows, num_warps=num_warps)
     return out.view(shape)
 
 

@@ -1,7 +1,7 @@
 """The public NF4 linear: `nf4_linear` (an autograd Function) and the `NF4Linear` module.
 
     y = x @ dequant(W).T + bias            x (..., in) -> y (..., out)
-    grad_x    = grad_y @ dequant(W)        (fused kernel, never a dequantized copy for M < DEQUANT_GEMM_MIN_M)
+    grad_x    = grad_y @ dequant(W)        (fused kernel, or dequantize + cuBLAS where that measured faster)
     grad_bias = sum over leading dims of grad_y
     no gradient for W (frozen 4-bit base weight, as in QLoRA)
 

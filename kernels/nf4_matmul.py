@@ -15,8 +15,9 @@ Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
 - decode, M <= 16: `_nf4_gemv_kernel` for M = 1 (CUDA-core dot products, memory-bound) and the tiled
   kernel with BM = 16 and small BN otherwise (many programs streaming the weight);
 - GEMM, M > 16: the same tiled kernel with GEMM tiles, autotuned;
-- M >= DEQUANT_GEMM_MIN_M: dequantize into a scratch tensor (the caching allocator reuses it between
-  calls) + cuBLAS, the documented fallback where it measured faster (see README "Kernel benchmarks").
+- dequantize into a scratch tensor (the caching allocator reuses it between calls) + cuBLAS: the
+  documented fallback, used where it measures faster (large M; see README "Kernel benchmarks").
+The choice between them is timed once per (M bucket, shape, scales, dtype) on the GPU (`_pick`).
 CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
 """
 import math
@@ -30,8 +31,6 @@ from ._common import check_triton_device, code_table_on, interpreting, load_scal
     unpack_values, use_ptx
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 
-# M at and above which the CUDA forward/backward dequantize to scratch + cuBLAS (measured, README)
-DEQUANT_GEMM_MIN_M = 1024
 DECODE_MAX_M = 16
 
 
@@ -343,18 +342,61 @@ def _triton_ok(x, qw):
             and qw.shape[0] * qw.shape[1] < 2**31)
 
 
+_path_cache = {}
+
+
+def _m_bucket(M):
+    return M if M <= DECODE_MAX_M else 1 << (M - 1).bit_length()
+
+
+def _pick(key, candidates):
+    """Name of the fastest candidate for `key`, timed once on the GPU (like Triton's autotuner, one level
+    up: fused kernel vs dequantize + cuBLAS). The interpreter, CUDA-graph capture and forced paths take
+    the first candidate."""
+    if key in _path_cache:
+        return _path_cache[key]
+    names = list(candidates)
+    if len(names) == 1 or interpreting() or not torch.cuda.is_available() or \
+            torch.cuda.is_current_stream_capturing():
+        return names[0]
+    times = {}
+    for name in names:
+        try:
+            times[name] = triton.testing.do_bench(candidates[name], warmup=5, rep=25, return_mode="median")
+        except Exception:  # a config that fails to compile or run on this GPU is simply not chosen
+            times[name] = float("inf")
+    _path_cache[key] = min(names, key=times.get)
+    return _path_cache[key]
+
+
+def _forward_candidates(x2, qw, bias):
+    M = x2.shape[0]
+    c = {}
+    if M == 1:
+        c["gemv"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv")
+    if M <= DECODE_MAX_M:
+        c["decode"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode")
+    else:
+        c["gemm"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemm")
+    if M > 1:
+        c["dequant"] = lambda: nf4_matmul_dequant(x2, qw, bias)
+    return c
+
+
 def nf4_matmul(x, qw, bias=None, backend=None):
     """y = x @ W.T (+ bias): x (..., K), W a QuantizedWeight4bit [N, K] -> y (..., N) in x.dtype.
-    backend: None (CUDA -> Triton, CPU -> torch reference), "triton" or "torch"."""
+    backend: None (CUDA -> Triton, CPU -> torch reference), "triton" or "torch".
+    On CUDA the path (gemv / decode / fused GEMM / dequantize + cuBLAS) is the fastest measured for this
+    (M bucket, N, K, scales, dtype) on first use."""
     backend = backend or ("triton" if x.is_cuda else "torch")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
     if backend == "torch" or not _triton_ok(x, qw):
         y = F.linear(x2, dequantize_weight(qw, x.dtype), bias)
-    elif x2.shape[0] >= DEQUANT_GEMM_MIN_M:
-        y = nf4_matmul_dequant(x2, qw, bias)
     else:
-        y = nf4_matmul_fused(x2, qw, bias)
+        cands = _forward_candidates(x2, qw, bias)
+        key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
+        y = cands[_pick(key, cands)]()
     return y.reshape(*lead, qw.shape[0])
 
 
@@ -365,8 +407,15 @@ def nf4_matmul_t(g, qw, backend=None):
     g2 = g.reshape(-1, g.shape[-1])
     if backend == "torch" or not _triton_ok(g, qw):
         gx = g2 @ dequantize_weight(qw, g.dtype)
-    elif g2.shape[0] >= DEQUANT_GEMM_MIN_M:
-        gx = nf4_matmul_t_dequant(g2, qw)
     else:
-        gx = nf4_matmul_t_fused(g2, qw)
+        cands = {"fused": lambda: nf4_matmul_t_fused(g2, qw)}
+        if g2.shape[0] > 1:
+            cands["dequant"] = lambda: nf4_matmul_t_dequant(g2, qw)
+        key = ("bwd", _m_bucket(g2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, g.dtype)
+        gx = cands[_pick(key, cands)]()
     return gx.reshape(*lead, qw.shape[1])
+
+
+def chosen_paths():
+    """{key: path} chosen so far on this process's GPU (for benchmarks and debugging)."""
+    return dict(_path_cache)

@@ -18,6 +18,8 @@ Layers: `_quantize_kernel`, `_quantize_8bit_kernel`, the launchers `quantize_4bi
 On a GPU the reciprocal is the PTX instruction itself; under TRITON_INTERPRET=1 the launcher computes
 absmax and `nf4.reciprocal_f32(absmax)` in torch first and the kernel reads that reciprocal instead.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -61,24 +63,26 @@ def _quantize_kernel(
     # constexpr
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, IS_NF4: tl.constexpr, USE_PTX: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS)                                  # 4-bit block index, (ROWS,)
-    p = tl.arange(0, BLOCKSIZE // 2)                                        # pair index in a block
-    e = rows[:, None] * BLOCKSIZE + 2 * p[None, :]                          # even element, (ROWS, BS/2)
-    xe = tl.load(x_ptr + e, mask=e < n, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + e + 1, mask=e + 1 < n, other=0.0).to(tl.float32)
-    xe = tl.where(tl.abs(xe) < 1.1754943508222875e-38, 0.0, xe)             # flush denormals
-    xo = tl.where(tl.abs(xo) < 1.1754943508222875e-38, 0.0, xo)
-    amax = tl.maximum(tl.max(_nan_to_neg_max_abs(xe), axis=1), tl.max(_nan_to_neg_max_abs(xo), axis=1))
+    """One program = ROWS consecutive 4-bit blocks, loaded as a contiguous (ROWS, BLOCKSIZE) tile."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * (ROWS * BLOCKSIZE)                            # first element of the tile
+    r = tl.arange(0, ROWS)
+    off = r[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]         # (ROWS, BLOCKSIZE), int32
+    remaining = n - base
+    x = tl.load(x_ptr + base + off, mask=off < remaining, other=0.0).to(tl.float32)
+    x = tl.where(tl.abs(x) < 1.1754943508222875e-38, 0.0, x)                # flush denormals
+    amax = tl.max(_nan_to_neg_max_abs(x), axis=1)                           # (ROWS,)
+    rows = pid * ROWS + r
     tl.store(absmax_ptr + rows, amax, mask=rows < n_blocks)
     if USE_PTX:
         inv = rcp_approx(amax, USE_PTX)
     else:
         inv = tl.load(inv_ptr + rows, mask=rows < n_blocks, other=0.0)
-    ce = _codes(xe * inv[:, None], thr_ptr, IS_NF4)
-    co = _codes(xo * inv[:, None], thr_ptr, IS_NF4)
-    byte = (ce << 4) | co
-    tl.store(packed_ptr + e // 2, byte.to(tl.uint8), mask=e < n)
+    codes = _codes(x * inv[:, None], thr_ptr, IS_NF4)                       # (ROWS, BLOCKSIZE)
+    hi, lo = tl.split(tl.reshape(codes, (ROWS, BLOCKSIZE // 2, 2)))         # elements 2j, 2j+1
+    byte = (hi << 4) | lo
+    boff = r[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + base // 2 + boff, byte.to(tl.uint8), mask=2 * boff < remaining)
 
 
 @triton.jit
@@ -128,7 +132,12 @@ def _quantize_8bit_kernel(
 
 
 def _rows_for(blocksize: int) -> int:
-    return max(1, 4096 // blocksize)
+    return max(1, 2048 // blocksize)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_on(device: str) -> torch.Tensor:
+    return dynamic_map(signed=True).to(torch.device(device))
 
 
 def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps=4):
@@ -156,7 +165,7 @@ def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps
 def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
     """Triton double quantization of float32 scales (see module docstring)."""
     check_triton_device(absmax, "double_quantize_triton absmax")
-    code = dynamic_map(signed=True).to(absmax.device) if code is None else code.to(absmax.device, torch.float32)
+    code = _dynamic_map_on(str(absmax.device)) if code is None else code.to(absmax.device, torch.float32)
     a = absmax.float().contiguous().reshape(-1)
     n = a.numel()
     ptx = use_ptx(a)
@@ -171,7 +180,7 @@ def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(a - offset), NESTED_BLOCKSIZE))
     _quantize_8bit_kernel[(n2,)](a, offset, inv, code.contiguous(), q, absmax2, n, USE_PTX=ptx,
                                  BS=NESTED_BLOCKSIZE, num_warps=4)
-    return DoubleQuantState(q, absmax2, code, offset.reshape(()))
+    return DoubleQuantState(q, absmax2, code.clone(), offset.reshape(()))
 
 
 def quantize_4bit(x, blocksize=64, quant_type="nf4"):

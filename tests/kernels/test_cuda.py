@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
                 allow_module_level=True)
 
 import kernels  # noqa: E402
-from kernels import nf4_matmul as mm  # noqa: E402
+import importlib  # noqa: E402
+
+mm = importlib.import_module("kernels.nf4_matmul")
 
 try:
     import bitsandbytes as bnb
@@ -122,8 +124,8 @@ def test_nf4linear_cuda_autograd_and_moves():
 @pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed")
 @pytest.mark.parametrize("dq", [False, True])
 def test_state_dict_equals_bitsandbytes_linear4bit(dq):
-    lin = torch.nn.Linear(256, 96).to(torch.bfloat16)
-    ref = bnb.nn.Linear4bit(256, 96, compute_dtype=torch.bfloat16, compress_statistics=dq, quant_type="nf4")
+    lin = torch.nn.Linear(256, 96)
+    ref = bnb.nn.Linear4bit(256, 96, compute_dtype=torch.float32, compress_statistics=dq, quant_type="nf4")
     ref.load_state_dict(lin.state_dict())
     ref = ref.cuda()
     ours = kernels.NF4Linear.from_linear(lin.cuda(), double_quant=dq)
@@ -134,5 +136,5 @@ def test_state_dict_equals_bitsandbytes_linear4bit(dq):
             assert json.loads(bytes(sd[k].tolist())) == json.loads(bytes(sr[k].tolist()))
         else:
             assert_bits_equal(sd[k], sr[k], k)
-    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
-    assert rel_err(ours(x), ref(x)) < 1e-2
+    x = torch.randn(5, 256, device="cuda")
+    assert rel_err(ours(x), ref(x)) < 1e-4
