@@ -9,8 +9,9 @@ and the error the second quantization adds is reported per layer (relative Frobe
     rel_err       = ||deq(W') - (deq(Q) + dW)||_F / ||deq(Q) + dW||_F
     rel_err_delta = ||deq(W') - (deq(Q) + dW)||_F / ||dW||_F      (> 1 means the update is drowned)
 
-    model = merge_and_unload(load_adapter(dense_fp16_model, "adapter_dir") or dense_fp16_model)
-    save_merged_checkpoint(model, "out_dir", base_dir="base_model_dir")   # from_pretrained(out_dir) works
+    model = llama.checkpoint.load_model("base_dir", dtype=torch.float16)    # the dense base again, fp16
+    load_adapter(model, "adapter_dir")                                     # lora.adapter_io
+    save_merged_checkpoint(merge_and_unload(model), "out_dir", base_dir="base_dir")  # from_pretrained(out_dir)
 """
 from __future__ import annotations
 

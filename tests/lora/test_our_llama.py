@@ -105,3 +105,26 @@ def test_qlora_our_llama_nf4_matches_transformers_bitsandbytes_peft(hf_dir, doub
         theirs_merged = theirs.merge_and_unload()
         assert_close(merged(ids).logits, theirs_merged(ids).logits, 1e-5, "re-quantized merged logits vs peft")
     assert len(report) == 14 and all(0 < r["rel_err"] < 0.2 for r in report.values())
+
+
+def test_tutorial_flow_reload_fp16_merge_and_save(hf_dir, tmp_path):
+    """Train (fp32 adapter) -> save adapter -> reload the base in fp16 -> load adapter -> merge -> save -> transformers
+    loads it. Each merged weight is exactly fp16(fp32(W16) + s B A)."""
+    from lora import load_adapter, save_merged_checkpoint
+    from .lora_testlib import transformers
+
+    trained = checkpoint.load_model(str(hf_dir), dtype=torch.float32)
+    inject_lora(trained, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]))
+    randomize_lora(trained)
+    save_adapter(trained, str(tmp_path / "adapter"))
+    model = checkpoint.load_model(str(hf_dir), dtype=torch.float16)
+    load_adapter(model, str(tmp_path / "adapter"))
+    layers = dict(lora_layers(model))
+    expected = {n + ".weight": (l.base_layer.weight.float() + l.scaling * l.lora_B.weight @ l.lora_A.weight).half()
+                for n, l in layers.items()}
+    save_merged_checkpoint(merge_and_unload(model), str(tmp_path / "merged"), base_dir=str(hf_dir))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert reloaded.dtype == torch.float16 and len(expected) == 6
+    sd = reloaded.state_dict()
+    for k, w in expected.items():
+        assert torch.equal(sd[k], w), k
