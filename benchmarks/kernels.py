@@ -116,8 +116,10 @@ def main():
                        "dequant+cublas": lambda: mm.nf4_matmul_dequant(x, qw)}
                 if M == 1:
                     fwd["fused-gemv"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv")
+                    fwd["fused-gemv-blocked"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv_blocked")
                 if M <= 16:
                     fwd["fused-decode"] = lambda: mm.nf4_matmul_fused(x, qw, path="decode")
+                    fwd["fused-decode-blocked"] = lambda: mm.nf4_matmul_fused(x, qw, path="decode_blocked")
                 else:
                     fwd["fused-gemm"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemm")
                 fwd["bnb"] = lambda: bnb.matmul_4bit(x, bp.t(), quant_state=bqs)

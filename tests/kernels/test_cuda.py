@@ -93,7 +93,8 @@ def test_matmul_and_grad(M, dq):
     ref = x.double() @ wd.T + b.double()
     gref = g.double() @ wd
     assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2
-    paths = ["gemv", "decode"] if M == 1 else (["decode"] if M <= 16 else ["gemm"])
+    paths = (["gemv", "gemv_blocked", "decode", "decode_blocked"] if M == 1 else
+             (["decode", "decode_blocked"] if M <= 16 else ["gemm"]))
     for p in paths:
         assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=p), ref) < 1e-2, p
     assert rel_err(mm.nf4_matmul_dequant(x, qw, b), ref) < 1e-2
