@@ -14,7 +14,8 @@ parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / den
 from .adapter_io import adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .config import LoraConfig
 from .inject import (count_parameters, disable_adapters, find_target_modules, inject_lora, lora_layers,
-                     mark_only_lora_trainable, trainable_parameters, trainable_parameters_report)
+                     mark_only_lora_trainable, print_trainable_parameters, trainable_parameters,
+                     trainable_parameters_report)
 from .layer import LoRALinear, lora_scaling
 from .merge import (dequantize_linears, merge_adapter, merge_and_unload, merge_layer, save_merged_checkpoint,
                     unload, unmerge_layer)
@@ -22,7 +23,7 @@ from .merge import (dequantize_linears, merge_adapter, merge_and_unload, merge_l
 __all__ = [
     "LoraConfig", "LoRALinear", "lora_scaling", "inject_lora", "find_target_modules", "lora_layers",
     "mark_only_lora_trainable", "count_parameters", "trainable_parameters", "trainable_parameters_report",
-    "disable_adapters", "dequantize_linears", "adapter_state_dict",
-    "save_adapter", "load_adapter", "read_adapter_weights", "merge_layer", "unmerge_layer", "merge_adapter",
-    "unload", "merge_and_unload", "save_merged_checkpoint",
+    "print_trainable_parameters", "disable_adapters", "adapter_state_dict", "save_adapter", "load_adapter",
+    "read_adapter_weights", "merge_layer", "unmerge_layer", "merge_adapter", "unload", "merge_and_unload",
+    "dequantize_linears", "save_merged_checkpoint",
 ]

@@ -213,3 +213,8 @@ def trainable_parameters_report(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     pct = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print trainable_parameters_report(model), under peft's method name."""
+    print(trainable_parameters_report(model))
