@@ -113,11 +113,12 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
     """Autograd: (hidden (N, H), weight (V, H), labels (N,)) -> loss; grads computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, use_triton):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, use_triton, grad_enabled=True):
         N, H = hidden.shape
         V = weight.shape[0]
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh = ctx.needs_input_grad[0] and grad_enabled               # no gradient work under no_grad
+        need_dw = ctx.needs_input_grad[1] and grad_enabled
         n = (labels != ignore_index).sum()                                # () int64, no host sync
         if reduction == "mean":
             scale = 1.0 / n.clamp(min=1).to(torch.float32)               # () float32
@@ -152,7 +153,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         gh = None if dh is None else dh * dloss.to(dh.dtype)
         gw = None if dw is None else (dw * dloss).to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def default_chunk_size(N: int, V: int, H: int) -> int:
@@ -186,7 +187,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     if use_triton is None:
         use_triton = hidden.is_cuda
     loss = ChunkedCrossEntropyFunction.apply(h2.contiguous(), lm_head_weight, y.contiguous(), ignore_index,
-                                             int(chunk_size), reduction, use_triton)
+                                             int(chunk_size), reduction, use_triton, torch.is_grad_enabled())
     if reduction == "sum":
         return loss, int((y != ignore_index).sum())
     return loss

@@ -230,6 +230,8 @@ def test_chunked_cross_entropy_frozen_head_and_shapes():
     (dh64,) = torch.autograd.grad(loss64, (h64,))
     assert abs(loss.item() - loss64.item()) <= 1e-5 * loss64.item()
     assert_close(dh.view(20, -1), dh64, 1e-5, "chunked CE d hidden (frozen head)")
+    with torch.no_grad():                                                          # loss only, no gradient work
+        assert chunked_cross_entropy(h, weight, labels.view(4, 5), chunk_size=7, use_triton=True).item() == loss.item()
     with pytest.raises(ValueError, match="labels"):
         chunked_cross_entropy(hidden, weight, labels[:-1])
     with pytest.raises(ValueError, match="reduction"):
