@@ -21,6 +21,7 @@ Public: `adamw_step_` (one tensor; CUDA -> Triton, CPU -> `adamw_step_reference_
 same with train.adamw.adamw_update_'s signature, the name train.optim looks for), `adamw_step_multi_`
 (lists; CUDA -> one launch per dtype group), and the launchers `adamw_triton_`, `adamw_multi_triton_`.
 """
+import functools
 import math
 
 import torch
@@ -151,8 +152,10 @@ def adamw_triton_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decay_a
             dst.copy_(src)
 
 
-def _block_table(numels: tuple, block: int, device) -> torch.Tensor:
-    """(n_blocks, 2) int64 [tensor index, start element] covering every tensor in BLOCK steps."""
+@functools.lru_cache(maxsize=64)
+def _block_table(numels: tuple, block: int, device: torch.device) -> torch.Tensor:
+    """(n_blocks, 2) int64 [tensor index, start element] covering every tensor in BLOCK steps (cached: the
+    optimizer's tensor sizes do not change between steps)."""
     counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
     t = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)        # (n_blocks,)
     first = torch.cumsum(counts, 0) - counts                                                  # (n_tensors,)
