@@ -1,9 +1,7 @@
 """PEFT adapter files both ways: saved here -> peft loads it; saved by peft -> loaded here. Same logits."""
-import copy
 import json
 import os
 
-import pytest
 import torch
 
 from lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter

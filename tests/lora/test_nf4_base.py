@@ -3,7 +3,6 @@ into a re-quantized NF4 base with the quantization error reported.
 
 Runs against kernels.NF4Linear when it exists, and always against `RefNF4Linear`, a stand-in with the
 interface of docs/CONTRACTS.md built on nf4.QuantizedWeight4bit (y = x @ deq(Q).T + b)."""
-import copy
 import io
 from contextlib import redirect_stdout
 
