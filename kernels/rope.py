@@ -15,7 +15,7 @@ Arithmetic in float32, one rounding to x.dtype at the store (Hugging Face rounds
 q and k may have different head counts (GQA) and any strides (e.g. a transposed (B, T, H, D) projection).
 
 Layers: `_rope_kernel` (one program per (b, block of positions), all heads of one tensor), the launcher `rope_forward`
-(also the backward with `backward=True`), the autograd Function `RoPEFunction` (optionally in place), the
+(also the backward with `backward=True`), the autograd Function `RoPEFunction` (one tensor, optionally in place), the
 torch reference `apply_rope_reference`, and the dispatcher `apply_rope` (CUDA -> Triton, CPU -> reference).
 """
 import torch
@@ -103,23 +103,22 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: tor
 
 
 class RoPEFunction(torch.autograd.Function):
-    """Autograd over the Triton launcher for (q, k); cos/sin get no gradient. inplace=True writes into q, k."""
+    """Autograd over the Triton launcher for one tensor x (B, H, T, D); cos/sin get no gradient.
+    inplace=True writes into x (also when x is a view, e.g. a transposed projection: one output per Function,
+    as autograd requires for in-place ops on views)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, inplace=False):
-        q_out = rope_forward(q, cos, sin, out=q if inplace else None)
-        k_out = rope_forward(k, cos, sin, out=k if inplace else None)
+    def forward(ctx, x, cos, sin, inplace=False):
+        out = rope_forward(x, cos, sin, out=x if inplace else None)
         if inplace:
-            ctx.mark_dirty(q, k)
+            ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
-        return q_out, k_out
+        return out
 
     @staticmethod
-    def backward(ctx, dq, dk):
+    def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        dq = None if dq is None else rope_forward(dq, cos, sin, backward=True)
-        dk = None if dk is None else rope_forward(dk, cos, sin, backward=True)
-        return dq, dk, None, None, None
+        return rope_forward(dy, cos, sin, backward=True), None, None, None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,5 +138,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """RoPE on q (B, H, T, D) and k (B, H_kv, T, D) with cos/sin (T, D) or (B, T, D) -> (q_rot, k_rot).
     CUDA -> Triton (in place into q, k when inplace=True), CPU -> torch reference (always out of place)."""
     if q.is_cuda:
-        return RoPEFunction.apply(q, k, cos, sin, inplace)
+        return RoPEFunction.apply(q, cos, sin, inplace), RoPEFunction.apply(k, cos, sin, inplace)
     return apply_rope_reference(q, k, cos, sin)

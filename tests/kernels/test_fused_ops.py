@@ -106,12 +106,16 @@ def _rope_inputs(dtype, batched_cos, seed=0):
     return q, k, a.cos().to(dtype), a.sin().to(dtype)
 
 
+def rope_triton(q, k, cos, sin, inplace=False):
+    return RoPEFunction.apply(q, cos, sin, inplace), RoPEFunction.apply(k, cos, sin, inplace)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batched_cos", [False, True])
 def test_rope_triton_vs_reference(dtype, batched_cos):
     q, k, cos, sin = _rope_inputs(dtype, batched_cos)
     q, k = q.requires_grad_(), k.requires_grad_()
-    qo, ko = RoPEFunction.apply(q, k, cos, sin, False)
+    qo, ko = rope_triton(q, k, cos, sin)
     assert qo.stride() == q.stride()                                               # layout kept
     g = torch.Generator().manual_seed(1)
     dq, dk = torch.randn(qo.shape, generator=g).to(dtype), torch.randn(ko.shape, generator=g).to(dtype)
@@ -128,9 +132,9 @@ def test_rope_triton_vs_reference(dtype, batched_cos):
 def test_rope_inplace_and_backward_is_inverse():
     q, k, cos, sin = _rope_inputs(torch.float32, True)
     q = q.contiguous()
-    qo, ko = RoPEFunction.apply(q.clone(), k.clone(), cos, sin, False)
+    qo, ko = rope_triton(q.clone(), k.clone(), cos, sin)
     leaf_q, leaf_k = q.clone().requires_grad_(), k.clone().requires_grad_()
-    qi, ki = RoPEFunction.apply(leaf_q * 1, leaf_k * 1, cos, sin, True)           # in place on non-leaf copies
+    qi, ki = rope_triton(leaf_q * 1, leaf_k * 1, cos, sin, True)                  # in place on non-leaf copies
     assert torch.equal(qi, qo) and torch.equal(ki, ko)
     gq, gk = torch.autograd.grad((qi, ki), (leaf_q, leaf_k), (qo, ko))
     # the backward is the rotation by -a: applied to rope(x) it gives x back
@@ -138,12 +142,35 @@ def test_rope_inplace_and_backward_is_inverse():
     assert_close(gk, k, 1e-6, "rope backward(rope(k))")
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rope_on_projection_views_gradient_reaches_the_projection(inplace):
+    g = torch.Generator().manual_seed(2)
+    B, T, H, D = 2, 5, 3, 8
+    x = torch.randn(B, T, H * D, generator=g, requires_grad=True)
+    W = torch.randn(H * D, H * D, generator=g)
+    _, _, cos, sin = _rope_inputs(torch.float32, False)
+    cos, sin = cos[:T, :D], sin[:T, :D]                                            # (T, D)
+
+    def loss_and_grad(rope):
+        q = (x @ W).view(B, T, H, D).transpose(1, 2)                               # (B, H, T, D) views
+        k = (x * 2).view(B, T, H, D).transpose(1, 2)
+        qo, ko = rope(q, k, cos, sin)
+        loss = (qo * 3).sum() + (ko ** 2).sum()
+        (gx,) = torch.autograd.grad(loss, (x,))
+        return loss, gx
+
+    loss, gx = loss_and_grad(lambda q, k, c, s_: rope_triton(q, k, c, s_, inplace))
+    loss_ref, gx_ref = loss_and_grad(apply_rope_reference)
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    assert_close(gx, gx_ref, 1e-5, "rope d projection input")
+
+
 def test_rope_public_cpu_is_reference_and_bad_shape():
     q, k, cos, sin = _rope_inputs(torch.float32, False)
     for a, b in zip(apply_rope(q, k, cos, sin), apply_rope_reference(q, k, cos, sin)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="cos/sin"):
-        RoPEFunction.apply(q, k, cos[:-1], sin[:-1], False)
+        RoPEFunction.apply(q, cos[:-1], sin[:-1], False)
 
 
 # -------------------------------------------------------------------------------------------------- SwiGLU
