@@ -64,7 +64,8 @@ def _softmax_ce_kernel(
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
-        z_label = tl.load(base + label).to(tl.float32)
+        # a label outside [0, V) gives a NaN loss (torch raises; the trainer stops on NaN) instead of a stray read
+        z_label = tl.load(base + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
         tl.store(loss_ptr + row, lse - z_label)                           # lse - z[label]
         if COMPUTE_GRAD:
             # pass 2: dz = scale * (softmax(z) - onehot(label)), written over z

@@ -214,6 +214,11 @@ def test_softmax_ce_chunk_kernel_vs_torch(dtype):
     assert_close(loss_tri, loss_ref, tol, "softmax_ce loss rows")
     assert_close(z_tri, z_ref, tol, "softmax_ce dz")
     assert (z_tri[labels == -100] == 0).all() and (loss_tri[labels == -100] == 0).all()
+    # a label outside [0, V) (and not ignore_index) gives a NaN loss for its row only
+    bad = labels.clone()
+    bad[1] = z.shape[1]
+    loss_bad = softmax_ce_chunk_triton_(z.clone(), bad, scale)
+    assert torch.isnan(loss_bad[1]) and torch.isfinite(loss_bad[2:]).all()
     # the forward-only variant leaves the logits alone
     z_keep = z.clone()
     assert_close(softmax_ce_chunk_triton_(z_keep, labels, scale, compute_grad=False), loss_ref, tol, "loss only")
