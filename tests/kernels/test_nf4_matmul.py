@@ -1,0 +1,95 @@
+"""Fused NF4 matmul kernels in the interpreter against float64 math on the same dequantized weight.
+
+Tolerances (relative Frobenius error): float32 inputs 1e-5 (float32 accumulation over K <= 320),
+float16 inputs 2e-3 (the output's own float16 rounding is ~3e-4)."""
+import importlib
+
+import pytest
+import torch
+
+import nf4
+from kernels._common import interpreting
+
+from .helpers import rel_err
+
+mm = importlib.import_module("kernels.nf4_matmul")
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="CPU interpreter tests; test_cuda.py covers the GPU")
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def make(N, K, dq, quant_type="nf4", blocksize=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return nf4.QuantizedWeight4bit.from_tensor(torch.randn(N, K, generator=g), blocksize, quant_type, dq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("M,paths", [(1, ["gemv", "gemv_blocked", "decode", "decode_blocked"]),
+                                     (5, ["decode", "decode_blocked", "gemm"]), (19, ["gemm"])])
+def test_forward_paths(dtype, dq, M, paths):
+    N, K = 37, 192                         # odd N; K a multiple of 64 so the blocked paths apply
+    qw = make(N, K, dq, seed=M)
+    w = qw.dequantize(dtype).double()
+    x = torch.randn(M, K).to(dtype)
+    b = torch.randn(N).to(dtype)
+    ref = x.double() @ w.T + b.double()
+    for path in paths:
+        y = mm.nf4_matmul_fused(x, qw, b, path=path)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert rel_err(y, ref) < TOL[dtype], path
+    assert rel_err(mm.nf4_matmul_fused(x, qw), x.double() @ w.T) < TOL[dtype]  # no bias
+
+
+@pytest.mark.parametrize("quant_type,blocksize", [("nf4", 32), ("fp4", 64), ("nf4", 128)])
+def test_forward_rows_straddle_blocks(quant_type, blocksize):
+    """K = 200 is not a multiple of the blocksize: 4-bit blocks span two rows of W."""
+    qw = make(21, 200, False, quant_type, blocksize)
+    w = qw.dequantize(torch.float32).double()
+    x = torch.randn(3, 200)
+    assert rel_err(mm.nf4_matmul_fused(x, qw, path="decode"), x.double() @ w.T) < 1e-5
+    assert rel_err(mm.nf4_matmul_fused(x[:1], qw, path="gemv"), x[:1].double() @ w.T) < 1e-5
+    g = torch.randn(3, 21)
+    assert rel_err(mm.nf4_matmul_t_fused(g, qw), g.double() @ w) < 1e-5
+
+
+def test_split_k_and_strided_input():
+    qw = make(40, 256, True)
+    w = qw.dequantize(torch.float32).double()
+    x = torch.randn(256, 6).t()            # (6, 256), non-contiguous
+    cfg = dict(BM=16, BN=16, BK=64, SPLIT_K=3, GROUP_M=1)
+    assert rel_err(mm.nf4_matmul_fused(x, qw, config=cfg), x.double() @ w.T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("M", [1, 18])
+def test_grad_x(dtype, dq, M):
+    N, K = 45, 130
+    qw = make(N, K, dq, seed=M + 1)
+    w = qw.dequantize(dtype).double()
+    g = torch.randn(M, N).to(dtype)
+    ref = g.double() @ w
+    assert rel_err(mm.nf4_matmul_t_fused(g, qw), ref) < TOL[dtype]
+    cfg = dict(BM=16, BN=16, BK=32, SPLIT_N=2, GROUP_M=1)
+    assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=cfg), ref) < TOL[dtype]
+
+
+def test_dispatch():
+    qw = make(30, 128, False)
+    x = torch.randn(2, 3, 128)
+    ref = x.double() @ qw.dequantize(torch.float32).double().T
+    y_torch = mm.nf4_matmul(x, qw)                       # CPU tensor -> the torch reference
+    y_triton = mm.nf4_matmul(x, qw, backend="triton")    # forced: the interpreter
+    assert y_torch.shape == y_triton.shape == (2, 3, 30)
+    assert rel_err(y_torch, ref) < 1e-5 and rel_err(y_triton, ref) < 1e-5
+    assert rel_err(mm.nf4_matmul_dequant(x.reshape(6, 128), qw), ref.reshape(6, 30)) < 1e-5
+    gx = mm.nf4_matmul_t(torch.randn(2, 3, 30), qw, backend="triton")
+    assert gx.shape == (2, 3, 128)
+    # odd in_features has no fused kernel: the public function still answers (dequantize + matmul)
+    qodd = make(8, 33, False)
+    xo = torch.randn(4, 33)
+    assert rel_err(mm.nf4_matmul(xo, qodd, backend="triton"), xo.double() @ qodd.dequantize().double().T) < 1e-5
+    with pytest.raises(ValueError, match="even in_features"):
+        mm.nf4_matmul_fused(xo, qodd)
