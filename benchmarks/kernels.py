@@ -34,7 +34,7 @@ BLOCKSIZE = 64
 
 
 def bench(fn):
-    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3  # microseconds
+    return do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3  # microseconds
 
 
 def rel_err(a, b):
@@ -149,6 +149,13 @@ def main():
             del qw, bp, bqs, out, d, bd
             torch.cuda.empty_cache()
 
+            save(args, gpu, copy_tb, rows, failures, bnb)  # after every shape: a timeout keeps what was measured
+    md = save(args, gpu, copy_tb, rows, failures, bnb)
+    print(md)
+    print(f"check failures: {len(failures)}")
+
+
+def save(args, gpu, copy_tb, rows, failures, bnb):
     targets = make_targets(rows, copy_tb)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -163,8 +170,7 @@ def main():
     md = markdown(result)
     with open(os.path.join(args.out_dir, f"kernels-{gpu}.md"), "w") as f:
         f.write(md)
-    print(md)
-    print(f"wrote {path}; check failures: {len(failures)}")
+    return md
 
 
 bf16_cache = {}

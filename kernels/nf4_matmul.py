@@ -22,7 +22,7 @@ Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
 The choice between them is timed once per (M bucket, shape, scales, dtype) on the GPU (`_pick`).
 CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
 """
-import math
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -345,7 +345,10 @@ def _kernel(name):
             "decode_blocked": (_nf4_decode_blocked_kernel, _DECODE_BLOCKED_CONFIGS),
         }[name]
         keys = ["N", "K"] if name.startswith("gemv") else ["M", "N", "K"]
-        _tuned[name] = triton.autotune(configs, key=keys + ["DOUBLE_QUANT"])(base)
+        kw = {}
+        if "do_bench" in inspect.signature(triton.autotune).parameters:  # shorter timing than the default
+            kw["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+        _tuned[name] = triton.autotune(configs, key=keys + ["DOUBLE_QUANT"], **kw)(base)
     return _tuned[name]
 
 
