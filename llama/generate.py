@@ -27,11 +27,9 @@ from .kv_cache import KVCache
 from .model import LlamaForCausalLM
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if not temperature:
-        return logits.argmax(dim=-1)
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> fp32 logits / temperature with the tokens outside top-k and top-p set to -inf."""
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -42,7 +40,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         drop = cum <= 1.0 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)  # (B, V)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,): argmax when temperature is 0, else a draw from the filtered softmax."""
+    if not temperature:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from .llama_helpers import WORDS
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_intra_op_thread():
+    """Run these tests with one torch thread, restored afterwards. On the 2-core test machine two intra-op threads
+    stall whenever another process holds a core (a 32-token SmolLM2 decode went from 2 s to 10 s under load);
+    one thread is steady and about as fast for a 135M model at batch <= 3."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
