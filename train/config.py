@@ -53,7 +53,7 @@ class TrainConfig:
     lora_r: int = _f(64, "LoRA attention dimension (rank)")
     lora_alpha: int = _f(16, "LoRA scaling alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.1, "dropout probability on the LoRA input")
-    lora_target_modules: Optional[str] = _f(None, "comma-separated module names to adapt; none = q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    lora_target_modules: Optional[str] = _f(None, "comma-separated module names to adapt, or all-linear; none = peft's default for Llama (q_proj,v_proj), as in the tutorial")
     use_4bit: bool = _f(True, "quantize the base model's linear weights to 4 bits")
     bnb_4bit_compute_dtype: str = _f("float16", "compute dtype of 4-bit matmuls; bfloat16 is chosen automatically on GPUs with compute capability >= 8 when fp16/bf16 are not set")
     bnb_4bit_quant_type: str = _f("nf4", "4-bit code: nf4 or fp4")
@@ -86,7 +86,9 @@ class TrainConfig:
     seed: int = _f(42, "random seed (initialization, dropout, data order)")
     # --- run control -----------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    cpu_time_budget_minutes: float = _f(8.0, "on a CPU without --max_steps, cap the steps so the run ends within about this many minutes")
+    cpu_time_budget_minutes: float = _f(9.0, "on a CPU without --max_steps, cap the steps (and eval examples) so the whole run ends within about this many minutes")
+    cpu_use_4bit: bool = _f(False, "on a CPU, also quantize the base to 4 bits (slow: pure-torch dequantization every matmul); by default a CPU keeps the base dense and says so")
+    cpu_max_eval_examples: int = _f(48, "on a CPU, eval loss uses at most this many held-out examples")
     resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'latest' for the newest under output_dir")
     merge: bool = _f(False, "also write the base model with the adapter merged in (dense safetensors)")
     push_to_hub: bool = _f(False, "upload the adapter to the hub (needs a network and a token)")
@@ -113,7 +115,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("save_steps", "eval_steps", "warmup_steps", "num_sample_prompts", "max_new_tokens"):
+        for name in ("save_steps", "eval_steps", "warmup_steps", "num_sample_prompts", "max_new_tokens",
+                     "cpu_max_eval_examples"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
         for name in ("lora_dropout", "warmup_ratio", "eval_fraction"):
@@ -139,10 +142,13 @@ class TrainConfig:
         return self
 
     @property
-    def target_modules(self) -> list[str]:
-        if self.lora_target_modules:
-            return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
-        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    def target_modules(self) -> Optional[list[str] | str]:
+        """None (peft's default for the model type), "all-linear", or a list of module names."""
+        if not self.lora_target_modules:
+            return None
+        if self.lora_target_modules.strip().lower() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     @property
     def adapter_dir(self) -> str:

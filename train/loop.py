@@ -46,6 +46,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)
     log_history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    stopped_by_deadline: bool = False
     last_checkpoint: Optional[str] = None
     train_seconds: float = 0.0
 
@@ -204,7 +205,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / max(n_items, 1), float(gn), tokens
 
-    def train(self, resume_from: Optional[str] = None) -> TrainResult:
+    def train(self, resume_from: Optional[str] = None, deadline: Optional[float] = None) -> TrainResult:
+        """Run to max_steps (or until `deadline`, a time.time() value, would be passed by one more step)."""
         cfg = self.cfg
         check_writable(cfg.output_dir)
         if resume_from:
@@ -216,7 +218,14 @@ class Trainer:
         if self.logger:
             self.logger.start(self.max_steps, self.global_step)
         try:
+            run_start, run_step0 = time.time(), self.global_step
             while self.global_step < self.max_steps:
+                done = self.global_step - run_step0
+                if deadline is not None and done > 0 and time.time() + (time.time() - run_start) / done > deadline:
+                    self.result.stopped_by_deadline = True
+                    if self.logger:
+                        self.logger.info(f"time budget reached: stopping at step {self.global_step} of {self.max_steps}")
+                    break
                 lr = self.optimizer.param_groups[0]["lr"]
                 snapshot = (self.epoch, self.micro_in_epoch)
                 loss, gn, tokens = self._one_step()
