@@ -220,6 +220,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     log = logger.info
     try:
         return _run(cfg, logger, log, t_start)
+    except KeyboardInterrupt:
+        log("interrupted outside the training loop (loading, eval or sampling); nothing to save")
+        return 130
     except (ConfigError, DataError, TrainingError) as e:
         log(f"error: {e}")
         return 1
@@ -268,7 +271,17 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
 
     on_cpu = device.type == "cpu"
     eval_cap = cfg.cpu_max_eval_examples if on_cpu else None
-    trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device, logger=logger)
+    resumed_steps = None
+    if cfg.resume and cfg.max_steps <= 0:  # continue to the step count the interrupted run was going for
+        from .checkpoint import latest_checkpoint
+
+        cp = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
+        state_file = os.path.join(cp or "", "trainer_state.json")
+        if cp and os.path.isfile(state_file):
+            with open(state_file) as fh:
+                resumed_steps = json.load(fh).get("max_steps")
+    trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device, logger=logger,
+                      max_steps=resumed_steps)
     full_steps = trainer.max_steps
 
     t = time.time()

@@ -54,7 +54,7 @@ def _args(model_dir, data, out, *extra):
 
 def test_end_to_end(tiny_model_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(_args(tiny_model_dir, jsonl, out, "--lora_target_modules", "all-linear"))
+    rc = main(_args(tiny_model_dir, jsonl, out, "--lora_target_modules", "all-linear", "--merge"))
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "eval loss: before" in text and "--- sample 1:" in text and "after:" in text
@@ -66,8 +66,8 @@ def test_end_to_end(tiny_model_dir, jsonl, tmp_path, capsys):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["losses"]) == 4
     assert summary["eval_loss_after"] < summary["eval_loss_before"]  # lr 1e-2 on a tiny model: it learns
-    # the adapter loads into peft
-    peft = pytest.importorskip("peft")
+    merged = out / "qlora-adapter-merged"
+    assert os.path.isfile(merged / "config.json") and any(f.endswith(".safetensors") for f in os.listdir(merged))
     from safetensors.torch import load_file
     sd = load_file(str(adapter / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.layers.") for k in sd)
