@@ -25,15 +25,26 @@ from .paged import PAGE_THRESHOLD, paged_zeros, prefetch
 UpdateFn = Callable[..., None]
 
 
-def _device_update_fn(device: torch.device) -> UpdateFn:
-    """The Triton AdamW kernel on CUDA when the kernels package exports one, else the torch reference."""
-    if device.type == "cuda":
-        try:
-            from kernels import adamw_update_ as triton_update  # noqa: WPS433 (optional, owned by kernels/)
+def _kernels_attr(name: str):
+    """kernels.<name> or kernels.adamw.<name> (the Triton AdamW, owned by kernels/), or None."""
+    try:
+        import kernels
 
-            return triton_update
-        except ImportError:
-            pass
+        if hasattr(kernels, name):
+            return getattr(kernels, name)
+        from kernels import adamw as kadamw
+
+        return getattr(kadamw, name, None)
+    except ImportError:
+        return None
+
+
+def _device_update_fn(device: torch.device) -> UpdateFn:
+    """The Triton AdamW kernel on CUDA when the kernels package provides one, else the torch reference."""
+    if device.type == "cuda":
+        fn = _kernels_attr("adamw_update_")
+        if fn is not None:
+            return fn
     return adamw_update_
 
 
@@ -113,6 +124,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
+            multi: dict[tuple, list] = {}  # CUDA 32-bit states: one Triton launch over all of them
+            multi_fn = _kernels_attr("adamw_step_multi_") if self.update_fn is None else None
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -136,9 +149,16 @@ class PagedAdamW(torch.optim.Optimizer):
                     adamw8bit_update_(p, g, state["state1"], state["state2"], state["absmax1"], state["absmax2"],
                                       self.code1, self.code2, state["step"], group["lr"], b1, b2, group["eps"],
                                       group["weight_decay"], decay_after=decay_after, update_fn=fn)
+                elif p.device.type == "cuda" and multi_fn is not None:
+                    multi.setdefault((p.device, state["step"], decay_after), []).append(
+                        (p, g, state["state1"], state["state2"]))
                 else:
                     fn(p, g, state["state1"], state["state2"], state["step"], group["lr"], b1, b2, group["eps"],
                        group["weight_decay"], decay_after=decay_after)
+            for (_, step, decay_after), items in multi.items():
+                ps, gs, ms, vs = (list(x) for x in zip(*items))
+                multi_fn(ps, gs, ms, vs, step, group["lr"], b1, b2, group["eps"], group["weight_decay"],
+                         decay_after=decay_after)
         return loss
 
     # ---------------------------------------------------------------------------------------------------

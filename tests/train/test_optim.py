@@ -200,3 +200,23 @@ def test_build_optimizer_names_and_errors():
         build_optimizer("paged_adamw_32bit", [frozen], cfg)
     with pytest.raises(ValueError, match="beta"):
         PagedAdamW32bit([p], betas=(1.0, 0.999))
+
+
+def test_cpu_states_are_plain_tensors_and_paging_is_cuda_only():
+    from train.paged import paged_zeros
+
+    t = paged_zeros((3, 4), torch.float32, "cpu")
+    assert t.shape == (3, 4) and not getattr(t, "is_paged", False) and t.abs().sum() == 0
+    ps, opt = _run(PagedAdamW32bit, _params(14, [(400, 300)]), _grads(15, [(400, 300)], 1), **HP)
+    assert not getattr(opt.state[ps[0]]["state1"], "is_paged", False)  # >= 1e5 elements, but on the CPU
+
+
+def test_kernels_adamw_reference_is_a_drop_in_update_fn():
+    """kernels/ (Triton AdamW, owned there) exposes the same signature; its CPU reference must agree bit for bit."""
+    kadamw = pytest.importorskip("kernels.adamw")
+    params, grads = _params(16, SHAPES), _grads(17, SHAPES, 5)
+    for decay_after in (False, True):
+        a, _ = _run(PagedAdamW32bit, params, grads, decay_after=decay_after, **HP)
+        b, _ = _run(PagedAdamW32bit, params, grads, decay_after=decay_after, update_fn=kadamw.adamw_update_, **HP)
+        for x, y in zip(a, b):
+            assert torch.equal(x.data, y.data)
