@@ -34,6 +34,7 @@ SINGLE_NAME = "model.safetensors"
 # keys some checkpoints carry that hold nothing to load (old transformers saved the RoPE table)
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 QUANTIZE_TYPES = (None, "nf4", "fp4")
+QUANT_STATE_KEY = ".weight.quant_state.bitsandbytes__"  # marks a linear saved in bitsandbytes' Linear4bit form
 
 
 class CheckpointError(ValueError):
@@ -106,11 +107,29 @@ def read_headers(model_dir: Path, files: dict[str, list[str] | None]) -> dict[st
     return where
 
 
-def check_keys(model: nn.Module, where: dict[str, tuple[str, tuple[int, ...]]], model_dir: Path) -> None:
-    """Every parameter present with its shape, nothing unexpected (tied ``lm_head.weight`` may be absent)."""
+def quantized_prefixes(where: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    """Linears stored pre-quantized in bitsandbytes' Linear4bit form: ``{module name: number of keys under
+    "<name>.weight"}``, found by their ``<name>.weight.quant_state.bitsandbytes__<nf4|fp4>`` key."""
+    names = {k.split(QUANT_STATE_KEY)[0].removesuffix(".weight") for k in where if QUANT_STATE_KEY in k}
+    return {n: sum(1 for k in where if k == n + ".weight" or k.startswith(n + ".weight.")) for n in names}
+
+
+def _quantized_owner(key: str, quantized: dict[str, int]) -> str | None:
+    """The pre-quantized linear a key belongs to ("a.q_proj.weight.absmax" -> "a.q_proj"), else None."""
+    head, sep, _ = key.partition(".weight")
+    return head if sep and head in quantized and (key == head + ".weight" or key.startswith(head + ".weight.")) \
+        else None
+
+
+def check_keys(model: nn.Module, where: dict[str, tuple[str, tuple[int, ...]]], model_dir: Path,
+               quantized: dict[str, int] | None = None) -> None:
+    """Every parameter present with its shape, nothing unexpected (tied ``lm_head.weight`` may be absent).
+    A pre-quantized linear's ``weight`` is its set of Linear4bit keys; their shapes are checked when it is built."""
+    quantized = quantized or {}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = model.args.tie_word_embeddings
-    found = {k for k in where if not IGNORED_KEYS.fullmatch(k)}
+    found = {k for k in where if not IGNORED_KEYS.fullmatch(k) and _quantized_owner(k, quantized) is None}
+    found |= {n + ".weight" for n in quantized}
     missing = sorted(set(expected) - found - ({"lm_head.weight"} if tied else set()))
     unexpected = sorted(found - set(expected))
     if missing or unexpected:
@@ -122,10 +141,11 @@ def check_keys(model: nn.Module, where: dict[str, tuple[str, tuple[int, ...]]], 
                        f"{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError("; ".join(msg))
     for k in found:
-        fname, shape = where[k]
-        if shape != expected[k]:
-            raise CheckpointError(f"{model_dir / fname}: tensor {k!r} has shape {list(shape)}, "
-                                  f"the model expects {list(expected[k])}")
+        if _quantized_owner(k, quantized) is None:
+            fname, shape = where[k]
+            if shape != expected[k]:
+                raise CheckpointError(f"{model_dir / fname}: tensor {k!r} has shape {list(shape)}, "
+                                      f"the model expects {list(expected[k])}")
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -155,14 +175,16 @@ def load_model(path: str | os.PathLike | None = None, quantize: str | None = Non
     where = read_headers(model_dir, files)
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
-    check_keys(model, where, model_dir)
+    quantized = quantized_prefixes(where)
+    check_keys(model, where, model_dir, quantized)
 
     nf4_linear = None
-    if quantize is not None:
-        from kernels import NF4Linear  # imported here: only quantized loading needs the 4-bit kernels
+    if quantize is not None or quantized:
+        from kernels import NF4Linear  # imported here: only 4-bit models need the kernels
 
         nf4_linear = NF4Linear
     device = torch.device(device)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized linears whose keys are still arriving
     for fname in files:
         path_ = model_dir / fname
         try:
@@ -171,10 +193,18 @@ def load_model(path: str | os.PathLike | None = None, quantize: str | None = Non
                     if IGNORED_KEYS.fullmatch(key) or (args.tie_word_embeddings and key == "lm_head.weight"):
                         continue
                     t = f.get_tensor(key)
+                    owner = _quantized_owner(key, quantized)
+                    if owner is not None:  # keep bitsandbytes' dtypes (uint8 codes, fp32 scales)
+                        part = pending.setdefault(owner, {})
+                        part["weight" + key[len(owner) + len(".weight"):]] = t
+                        if len(part) == quantized[owner]:
+                            _load_prequantized(model, owner, pending.pop(owner), nf4_linear, device, dtype, path_)
+                        continue
                     t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                    if nf4_linear is not None and _is_quantized_linear(key):
+                    if quantize is not None and _is_quantized_linear(key):
                         _quantize_in_place(model, key, t, nf4_linear, quantize, blocksize, double_quant, dtype)
-                    elif nf4_linear is not None and key.endswith("_proj.bias"):
+                    elif nf4_linear is not None and key.endswith("_proj.bias") and \
+                            isinstance(model.get_submodule(key.rpartition(".")[0]), nf4_linear):
                         _set_bias(model, key, t)
                     else:
                         _set_param(model, key, t)
@@ -202,6 +232,26 @@ def _quantize_in_place(model, key, weight, nf4_linear, quant_type, blocksize, do
     setattr(parent, child, new)
 
 
+def _load_prequantized(model, name, sd, nf4_linear, device, dtype, path) -> None:
+    """Build ``kernels.NF4Linear`` for linear ``name`` from its bitsandbytes Linear4bit tensors ``sd``."""
+    from nf4 import QuantizedWeight4bit
+
+    old = model.get_submodule(name)
+    try:
+        qw = QuantizedWeight4bit.from_bnb_state_dict(sd, "weight")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: 4-bit weight {name}.weight: {e}") from e
+    if tuple(qw.shape) != tuple(old.weight.shape):
+        raise CheckpointError(f"{path}: tensor {name + '.weight'!r} has shape {list(qw.shape)} (4-bit), "
+                              f"the model expects {list(old.weight.shape)}")
+    bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+    new = nf4_linear(qw.to(device), bias=bias, compute_dtype=dtype)
+    if old.bias is not None and bias is None:
+        new.bias = nn.Parameter(torch.empty(old.bias.shape, device="meta"))  # the bias key arrives later
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
 def _set_bias(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module = model.get_submodule(key.rpartition(".")[0])
     module.bias = nn.Parameter(value)
@@ -218,6 +268,21 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
 
 
+def _bnb_quantization_config(model: nn.Module, q4: dict, compute_dtype: torch.dtype) -> dict:
+    """transformers' BitsAndBytesConfig for a model whose 4-bit linears are saved in Linear4bit form."""
+    qws = [m.qweight for m in q4.values()]
+    kinds = {(qw.quant_type, qw.blocksize, qw.double_quant) for qw in qws}
+    if len(kinds) != 1 or next(iter(kinds))[1] != 64:
+        raise ValueError(f"cannot describe 4-bit linears {sorted(kinds)} with one BitsAndBytesConfig "
+                         "(it needs one quant type, one double-quant setting, blocksize 64)")
+    quant_type, _, double_quant = kinds.pop()
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": dense or None}
+
+
 def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` and the weights in Hugging Face layout: one ``model.safetensors`` when everything fits in
@@ -229,11 +294,12 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_size:
     sd = model.state_dict()
     if model.args.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    q4 = {n: m for n, m in model.named_modules() if hasattr(m, "qweight")}  # kernels.NF4Linear modules
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     for k, t in sd.items():
         t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and _quantized_owner(k, q4) is None:
             t = t.to(dtype)
         t = t.contiguous()
         n = t.numel() * t.element_size()
@@ -256,5 +322,8 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_size:
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     cfg = model.args.to_dict()
     cfg["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+    cfg.pop("quantization_config", None)  # from the checkpoint this model was loaded from, if any
+    if q4:
+        cfg["quantization_config"] = _bnb_quantization_config(model, q4, dtype or model.dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
