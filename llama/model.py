@@ -226,6 +226,10 @@ class LlamaForCausalLM(nn.Module):
         """Share one (V, C) matrix between the embedding and the LM head."""
         self.lm_head.weight = self.model.embed_tokens.weight
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations (training only)."""
+        self.model.gradient_checkpointing = True
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device

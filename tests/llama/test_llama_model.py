@@ -77,7 +77,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ours(ids, labels=ids).loss.backward()
     ref = {k: p.grad.clone() for k, p in ours.named_parameters()}
     ours.zero_grad()
-    ours.model.gradient_checkpointing = True
+    ours.gradient_checkpointing_enable()
     ours(ids, labels=ids).loss.backward()
     for k, p in ours.named_parameters():
         assert_close(p.grad, ref[k], 1e-6, f"checkpointed grad of {k}")
