@@ -1,6 +1,7 @@
 """NF4 kernel benchmark: ours vs bitsandbytes 0.50 vs bf16 cuBLAS, in one run on one GPU.
 
-    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results]
+    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results] [--commit ID]
+    python benchmarks/kernels.py --report benchmarks/results/kernels-<gpu>.json   # table + plot again
 
 Weight shapes [out, in] of Llama-2-7B/70B, M in {1, 4, 16, 64, 256, 4096, 8192}, blocksize 64, NF4,
 double quantization off and on, bf16. Every timed variant is checked first (bit equality for
@@ -55,6 +56,7 @@ def copy_bandwidth():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 4096}")
+    ap.add_argument("--commit", default="", help="commit id to record where the tree has no .git (device runs)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     import bitsandbytes as bnb
@@ -157,7 +159,8 @@ def main():
 
 def save(args, gpu, copy_tb, rows, failures, bnb):
     targets = make_targets(rows, copy_tb)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
     result = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   commit=commit, torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
                   copy_tb_s=copy_tb, blocksize=BLOCKSIZE,
@@ -230,5 +233,38 @@ def markdown(res):
     return "\n".join(lines) + "\n"
 
 
+def plot(res, png_path):
+    """Time relative to bf16 cuBLAS (forward) per weight shape and M: ours, best fused kernel, bitsandbytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in res["rows"] if r["op"] == "matmul" and not r["dq"]]
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [int(v) for v in s.split("x")])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.4), sharey=True)
+    for ax, shape in zip(axes, shapes):
+        rs = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["M"])
+        ms = [r["M"] for r in rs]
+        for key, label in (("fwd ours", "ours (dispatch)"), ("fwd bnb", "bitsandbytes")):
+            ax.plot(ms, [r[key] / r["fwd bf16"] for r in rs], marker="o", label=label)
+        ax.plot(ms, [min(v for k, v in r.items() if k.startswith("fwd fused")) / r["fwd bf16"] for r in rs],
+                marker="x", label="best fused kernel")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(shape, fontsize=9)
+        ax.set_xlabel("M (rows of x)")
+    axes[0].set_ylabel("time / bf16 cuBLAS (x @ W.T)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"NF4 matmul forward, {res['gpu']}, blocksize 64, no double quant", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":   # re-render the table and plot of a results file
+        res = json.load(open(sys.argv[2]))
+        base = os.path.splitext(sys.argv[2])[0]
+        open(base + ".md", "w").write(markdown(res))
+        plot(res, base + ".png")
+    else:
+        main()

@@ -514,8 +514,7 @@ def _forward_candidates(x2, qw, bias):
         c["decode"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode")
     else:
         c["gemm"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemm")
-    if M > 1:
-        c["dequant"] = lambda: nf4_matmul_dequant(x2, qw, bias)
+    c["dequant"] = lambda: nf4_matmul_dequant(x2, qw, bias)
     return c
 
 
@@ -544,9 +543,7 @@ def nf4_matmul_t(g, qw, backend=None):
     if backend == "torch" or not _triton_ok(g, qw):
         gx = g2 @ dequantize_weight(qw, g.dtype)
     else:
-        cands = {"fused": lambda: nf4_matmul_t_fused(g2, qw)}
-        if g2.shape[0] > 1:
-            cands["dequant"] = lambda: nf4_matmul_t_dequant(g2, qw)
+        cands = {"fused": lambda: nf4_matmul_t_fused(g2, qw), "dequant": lambda: nf4_matmul_t_dequant(g2, qw)}
         key = ("bwd", _m_bucket(g2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, g.dtype)
         gx = cands[_pick(key, cands)]()
     return gx.reshape(*lead, qw.shape[1])

@@ -81,7 +81,7 @@ def test_bit_exact_with_bitsandbytes(dq):
 
 
 @pytest.mark.parametrize("dq", [False, True])
-@pytest.mark.parametrize("M", [1, 5, 16, 33, 300, 1500])
+@pytest.mark.parametrize("M", [1, 5, 33, 1500])
 def test_matmul_and_grad(M, dq):
     N, K = 1000, 768
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
@@ -101,7 +101,8 @@ def test_matmul_and_grad(M, dq):
     assert rel_err(kernels.nf4_matmul_t(g, qw), gref) < 1e-2
     assert rel_err(mm.nf4_matmul_t_fused(g, qw), gref) < 1e-2
     assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=dict(BM=16, BN=64, BK=64, SPLIT_N=4, GROUP_M=1)), gref) < 1e-2
-    assert rel_err(mm.nf4_matmul_fused(x, qw, b, config=dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1)), ref) < 1e-2
+    split = dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1)
+    assert rel_err(mm.nf4_matmul_fused(x, qw, b, path="decode", config=split), ref) < 1e-2
 
 
 def test_nf4linear_cuda_autograd_and_moves():
