@@ -86,9 +86,9 @@ class TrainConfig:
     seed: int = _f(42, "random seed (initialization, dropout, data order)")
     # --- run control -----------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    cpu_time_budget_minutes: float = _f(9.0, "on a CPU without --max_steps, cap the steps (and eval examples) so the whole run ends within about this many minutes")
+    cpu_time_budget_minutes: float = _f(8.0, "on a CPU without --max_steps, cap the steps (and eval examples) so the whole run ends within about this many minutes")
     cpu_use_4bit: bool = _f(False, "on a CPU, also quantize the base to 4 bits (slow: pure-torch dequantization every matmul); by default a CPU keeps the base dense and says so")
-    cpu_max_eval_examples: int = _f(48, "on a CPU, eval loss uses at most this many held-out examples")
+    cpu_max_eval_examples: int = _f(32, "on a CPU, eval loss uses at most this many held-out examples")
     resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'latest' for the newest under output_dir")
     merge: bool = _f(False, "also write the base model with the adapter merged in (dense safetensors)")
     push_to_hub: bool = _f(False, "upload the adapter to the hub (needs a network and a token)")

@@ -260,6 +260,14 @@ class Trainer:
                     win_loss, win_steps, win_tokens, win_t = 0.0, 0, 0, time.time()
                 if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < self.max_steps:
                     self.save()
+            if win_steps and self.result.stopped_by_deadline:  # the partial logging window
+                rec = {"step": self.global_step, "loss": win_loss / win_steps,
+                       "learning_rate": self.result.learning_rates[-1], "grad_norm": self.result.grad_norms[-1],
+                       "tokens_per_second": win_tokens / max(time.time() - win_t, 1e-9),
+                       "peak_memory_mb": peak_memory_mb(self.device)}
+                self.result.log_history.append(rec)
+                if self.logger:
+                    self.logger.log(rec)
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
             # the position may have advanced for a step that did not finish; the checkpoint must point at it

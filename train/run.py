@@ -217,7 +217,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logger = RunLogger(cfg.output_dir, cfg.report_to) if _writable_parent(cfg.output_dir) else RunLogger(None, "none")
-    log = logger.info
+
+    def log(msg: str) -> None:
+        el = int(time.time() - t_start)
+        logger.info(f"[{el // 60:02d}:{el % 60:02d}] {msg}" if msg else "")
+
     try:
         return _run(cfg, logger, log, t_start)
     except KeyboardInterrupt:
@@ -289,15 +293,17 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
     eval_seconds = time.time() - t
     n_eval = min(len(eval_ds), eval_cap or len(eval_ds)) if eval_ds is not None else 0
     eval_tokens = sum(eval_ds.lengths[:n_eval]) if eval_ds is not None else 0
-    log(f"eval loss before training: {eval_before:.4f}" + (f" ({n_eval} held-out examples)" if n_eval else ""))
+    log(f"eval loss before training: {eval_before:.4f}" + (f" ({n_eval} held-out examples, {eval_seconds:.0f}s)"
+                                                              if n_eval else ""))
     t = time.time()
     before = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens)
     gen_seconds = time.time() - t
+    log(f"sample generations before training: {len(samples)} in {gen_seconds:.0f}s")
 
     deadline = None
     if on_cpu and cfg.max_steps <= 0 and not cfg.resume:
         budget = cfg.cpu_time_budget_minutes * 60
-        reserve = eval_seconds + gen_seconds + 20.0  # after-training eval, samples and saving
+        reserve = 1.5 * (eval_seconds + gen_seconds) + 30.0  # after-training eval, samples, saving (+ slack)
         left = budget - (time.time() - t_start) - reserve
         if eval_tokens:
             cap = estimate_cpu_steps(cfg, eval_seconds, eval_tokens, train_ds, left)
@@ -313,8 +319,10 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
         f"examples, optim {cfg.optim}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), device {device}")
     result = trainer.train(resume_from=cfg.resume, deadline=deadline)
 
+    log(f"trained {result.global_step} steps in {result.train_seconds:.0f}s")
     eval_after = trainer.evaluate(max_examples=eval_cap) if eval_ds is not None else float("nan")
     after = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens)
+    log("eval and sample generations after training done")
     out_adapter = save_adapter(model, cfg.adapter_dir, lcfg)
     curve = save_loss_curve(result.losses, os.path.join(cfg.output_dir, "loss_curve.png"),
                             eval_points=[(0, eval_before), (result.global_step, eval_after)]

@@ -208,3 +208,11 @@ def test_keep_last_n_and_logging(tmp_path, byte_tok):
     rec = res.log_history[0]
     assert set(rec) >= {"loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"}
     assert rec["loss"] == pytest.approx(sum(res.losses[:4]) / 4)
+
+
+def test_deadline_stops_early_and_logs_the_partial_window(tmp_path, byte_tok):
+    import time
+    res = Trainer(tiny_model(11), cfg_for(tmp_path, max_steps=10, logging_steps=5), tiny_data(byte_tok, n=16),
+                  pad_id=2).train(deadline=time.time())
+    assert res.stopped_by_deadline and res.global_step == 1 and len(res.losses) == 1
+    assert res.log_history[-1]["step"] == 1
