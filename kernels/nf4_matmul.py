@@ -308,17 +308,24 @@ _GEMV_CONFIGS = [
     _cfg(8, 3, BN=16, BK=512),
     _cfg(4, 3, BN=32, BK=256),
 ]
+# the first four were measured (README, commit fe3f76a); the larger tiles after them were added later to put
+# more weight bytes in flight per SM (the measured M = 1 kernel was latency-bound) and are not yet measured
 _GEMV_BLOCKED_CONFIGS = [
     _cfg(4, 4, BN=8, NB=4),
     _cfg(4, 4, BN=16, NB=4),
     _cfg(4, 3, BN=16, NB=8),
     _cfg(8, 3, BN=32, NB=4),
+    _cfg(4, 3, BN=32, NB=8),
+    _cfg(4, 3, BN=16, NB=16),
+    _cfg(8, 3, BN=32, NB=16),
 ]
 _DECODE_BLOCKED_CONFIGS = [
     _cfg(4, 4, BM=16, BN=16, NB=4),
     _cfg(4, 4, BM=16, BN=32, NB=4),
     _cfg(4, 3, BM=16, BN=32, NB=8),
     _cfg(4, 4, BM=16, BN=64, NB=4),
+    _cfg(4, 3, BM=16, BN=64, NB=8),
+    _cfg(8, 3, BM=16, BN=128, NB=4),
 ]
 _GEMM_T_CONFIGS = [
     _cfg(8, 3, BM=128, BN=64, BK=128, SPLIT_N=1, GROUP_M=8),
