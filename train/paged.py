@@ -39,11 +39,11 @@ def _find_cudart() -> ctypes.CDLL:
     candidates: list[str] = []
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     candidates += sorted(glob.glob(os.path.join(torch_lib, "libcudart*.so*")))
-    try:
-        import nvidia.cuda_runtime as ncr  # the pip wheel torch depends on
+    try:  # the nvidia-cuda-runtime wheel torch depends on: nvidia/cuda_runtime/lib (12), nvidia/cu13/lib (13)
+        import nvidia
 
-        for base in list(getattr(ncr, "__path__", [])):
-            candidates += sorted(glob.glob(os.path.join(base, "lib", "libcudart.so*")))
+        for base in list(getattr(nvidia, "__path__", [])):
+            candidates += sorted(glob.glob(os.path.join(base, "**", "libcudart.so*"), recursive=True))
     except ImportError:
         pass
     candidates += ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"]
