@@ -87,12 +87,14 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     out = torch.empty((B, 0), dtype=torch.long, device=model.device)
     step_ids = ids
+    padded = not bool(mask.all())  # without padding the model needs no mask: causal SDPA, positions 0, 1, ...
     for _ in range(max_new_tokens):
+        step_mask = mask if padded else None
         if cache is not None:
-            logits = model(step_ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+            logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
         else:
             full = torch.cat([ids, out], dim=1)  # (B, P + t)
-            logits = model(full, attention_mask=mask, logits_to_keep=1).logits[:, -1]  # (B, V)
+            logits = model(full, attention_mask=step_mask, logits_to_keep=1).logits[:, -1]  # (B, V)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)  # (B, t+1)

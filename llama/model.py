@@ -150,8 +150,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, T: int, de
     empty (an all-masked row would make NaNs that then leak through 0 * NaN). None means "plain causal"."""
     S = past + T
     if attention_mask is None:
-        if past == 0 or T == 1:
-            return None if past == 0 else torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
+        if past == 0 or T == 1:  # plain causal (is_causal=True), or one query that sees every key
+            return None
         keys = torch.arange(S, device=device)
         return (keys[None, :] <= past + torch.arange(T, device=device)[:, None])[None, None]  # (1, 1, T, S)
     if attention_mask.shape[-1] != S:
