@@ -115,3 +115,29 @@ def test_split_is_deterministic_and_disjoint():
     a2, b2 = split_train_eval(recs, 0.1, seed=3)
     assert a == a2 and b == b2 and len(b) == 10
     assert not {r["text"] for r in a} & {r["text"] for r in b}
+
+
+def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
+    """No network in tests: snapshot_download is replaced by a local snapshot, then by a failure."""
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(RECS), tmp_path / "data" / "train-00000-of-00001.parquet")
+    seen = {}
+
+    def fake_download(repo_id, repo_type=None, allow_patterns=None):
+        seen.update(repo_id=repo_id, repo_type=repo_type)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert len(load_records("mlabonne/guanaco-llama2-1k")) == 3
+    assert seen == {"repo_id": "mlabonne/guanaco-llama2-1k", "repo_type": "dataset"}
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match="not a local path and the hub download failed"):
+        load_records("owner/some-dataset")
