@@ -10,7 +10,9 @@ Loading is streamed and all-or-nothing:
 3. read the tensors one file at a time; each is moved to ``device`` / ``dtype`` and put in place of its meta
    parameter. With ``quantize="nf4"`` (or ``"fp4"``) every linear layer except ``lm_head`` becomes a
    ``kernels.NF4Linear`` as soon as its weight arrives, so host memory peaks near one shard and device memory near
-   the quantized model.
+   the quantized model. A checkpoint saved 4-bit in bitsandbytes' ``Linear4bit`` form (``weight`` uint8 codes,
+   ``weight.absmax``, ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ...; what transformers and
+   :func:`save_model` write for a 4-bit model) loads into ``kernels.NF4Linear`` without requantizing.
 
 A failure at any step raises; the caller never receives a partly loaded model.
 """
