@@ -41,8 +41,3 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as filled (called once per forward pass, after the last layer)."""
         self.length += n
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (e.g. drop finished sequences)."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
