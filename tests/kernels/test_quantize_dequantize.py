@@ -82,3 +82,19 @@ def test_dequantize_into_scratch_and_shape():
     assert_bits_equal(out, nf4.dequantize_4bit(packed, absmax, w.shape, 64, "nf4", torch.float32), "scratch")
     with pytest.raises(ValueError, match="out"):
         dequantize_4bit_triton(packed, absmax, w.shape, 64, "nf4", torch.float16, out=scratch)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_at_thresholds(quant_type):
+    """Values exactly on every threshold and one ulp either side, in blocks with absmax 1 (so xs == x):
+    the strict `xs > T` must hold for the search over thresholds."""
+    from kernels._common import thresholds_on
+    t = thresholds_on(quant_type, torch.device("cpu"))
+    vals = torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))])
+    vals = torch.cat([vals, -vals]) if quant_type == "fp4" else vals
+    blocks = vals.split(63)
+    x = torch.cat([torch.cat([b, torch.ones(64 - b.numel())]) for b in blocks])  # absmax 1 in every block
+    packed, absmax = quantize_4bit_triton(x, 64, quant_type)
+    ref_packed, ref_absmax = nf4.quantize_4bit(x, 64, quant_type)
+    assert_bits_equal(absmax, ref_absmax, "absmax")
+    assert_bits_equal(packed, ref_packed, "codes at thresholds")
