@@ -80,29 +80,49 @@ def test_bit_exact_with_bitsandbytes(dq):
     assert_bits_equal(kernels.dequantize_weight(qw, torch.bfloat16), bF.dequantize_4bit(bp, bqs), "dequant vs bnb")
 
 
-@pytest.mark.parametrize("dq", [False, True])
-@pytest.mark.parametrize("M", [1, 5, 33, 1500])
-def test_matmul_and_grad(M, dq):
-    N, K = 1000, 768
+# explicit configs: every path compiles once, without autotuning (keeps this file at a couple of minutes)
+CONFIGS = {
+    "gemv": dict(BN=16, BK=256), "gemv_blocked": dict(BN=16, NB=4),
+    "decode": dict(BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1), "decode_blocked": dict(BM=16, BN=32, NB=4),
+    "gemm": dict(BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=3),
+    "split_k": dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1),
+}
+T_CONFIGS = [dict(BM=64, BN=64, BK=128, SPLIT_N=1, GROUP_M=8), dict(BM=16, BN=64, BK=64, SPLIT_N=4, GROUP_M=1)]
+
+
+def _setup(M, dq, N=1000, K=768):
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     qw = kernels.quantize_weight(w, 64, "nf4", dq)
     wd = qw.dequantize(torch.bfloat16).double()
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ wd.T + b.double()
-    gref = g.double() @ wd
-    assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2
+    return qw, x, b, g, x.double() @ wd.T + b.double(), g.double() @ wd
+
+
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 33, 1500])
+def test_matmul_and_grad(M, dq):
+    qw, x, b, g, ref, gref = _setup(M, dq)
     paths = (["gemv", "gemv_blocked", "decode", "decode_blocked"] if M == 1 else
-             (["decode", "decode_blocked"] if M <= 16 else ["gemm"]))
+             (["decode", "decode_blocked", "gemm"] if M <= 16 else ["gemm"]))
     for p in paths:
-        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=p), ref) < 1e-2, p
+        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=p, config=CONFIGS[p]), ref) < 1e-2, p
+    if M <= 16:
+        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path="decode", config=CONFIGS["split_k"]), ref) < 1e-2
     assert rel_err(mm.nf4_matmul_dequant(x, qw, b), ref) < 1e-2
+    assert rel_err(mm.nf4_matmul_t_dequant(g, qw), gref) < 1e-2
+    for cfg in T_CONFIGS:
+        assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=cfg), gref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("M", [1, 300])
+def test_public_dispatch(M):
+    """nf4_matmul / nf4_matmul_t time their candidate paths once, then reuse the choice."""
+    qw, x, b, g, ref, gref = _setup(M, False)
+    assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2
+    assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2    # cached path
     assert rel_err(kernels.nf4_matmul_t(g, qw), gref) < 1e-2
-    assert rel_err(mm.nf4_matmul_t_fused(g, qw), gref) < 1e-2
-    assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=dict(BM=16, BN=64, BK=64, SPLIT_N=4, GROUP_M=1)), gref) < 1e-2
-    split = dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1)
-    assert rel_err(mm.nf4_matmul_fused(x, qw, b, path="decode", config=split), ref) < 1e-2
 
 
 def test_nf4linear_cuda_autograd_and_moves():
