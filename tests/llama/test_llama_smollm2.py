@@ -79,3 +79,27 @@ def test_batched_left_padded_equals_one_by_one(smollm, prompt_ids, greedy_32):
 
 def test_kv_cache_equals_recomputation(smollm, prompt_ids, greedy_32):
     assert generate(smollm, prompt_ids, max_new_tokens=12, use_cache=False) == [g[:12] for g in greedy_32]
+
+
+def test_embedded_import_is_atomic_and_announced_once(tmp_path, monkeypatch, capsys):
+    """The conversion writes into a temporary directory renamed into place; a partial directory is replaced; the
+    progress message appears only when converting. (gguf_to_hf is stubbed: the real one ran for the fixtures.)"""
+    from llama import gguf_import
+
+    calls = []
+
+    def fake_gguf_to_hf(src, out):
+        calls.append(out)
+        assert out.parent == tmp_path and out.name.startswith(".smollm2-135m-instruct-")  # a temporary directory
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (out / name).write_text("{}")
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf_import, "gguf_to_hf", fake_gguf_to_hf)
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    (tmp_path / "smollm2-135m-instruct" / "config.json").write_text("partial")  # an interrupted copy
+    d = gguf_import.embedded_model_dir()
+    assert d == tmp_path / "smollm2-135m-instruct" and (d / "model.safetensors").is_file()
+    assert gguf_import.embedded_model_dir() == d and len(calls) == 1
+    assert capsys.readouterr().err.count("importing SmolLM2-135M-Instruct.Q4_1.gguf") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no temporary left behind
