@@ -186,6 +186,7 @@ class ActivationOffloader:
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
 
     def save(self, i: int, x: torch.Tensor) -> None:
+        self.fetched.pop(i, None)               # a prefetch left over from an interrupted backward
         buf = self.host.get(i)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self.host[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
@@ -303,8 +304,11 @@ class CPUEmbedding(nn.Embedding):
     """A frozen embedding kept in (pinned) host memory: rows are gathered on the CPU and copied to `device`."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids.cpu(), self.weight)                             # (B, T, C) on the host
-        return rows.to(self._device, non_blocking=True)
+        ids_h = ids.reshape(-1).cpu()
+        rows = torch.empty((ids_h.numel(), self.weight.shape[1]), dtype=self.weight.dtype,
+                           pin_memory=self.weight.is_pinned())
+        torch.index_select(self.weight, 0, ids_h, out=rows)                    # (B*T, C) on the host
+        return rows.to(self._device, non_blocking=True).view(*ids.shape, -1)   # (B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------- switch
