@@ -314,6 +314,9 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
                               max_steps=cap)
             log(f"CPU: capping training at {cap} of {full_steps} steps ({cfg.num_train_epochs:g} epoch(s)) to finish in "
                 f"about {cfg.cpu_time_budget_minutes:g} minutes; on a GPU, or with --max_steps, the whole run is done")
+            if cap < 10:
+                log(f"CPU: only {cap} step(s) fit the budget on this (busy or slow) machine; the model will barely "
+                    f"change. Pass --max_steps 50 (or --cpu_time_budget_minutes 20) to see it learn")
         deadline = t_start + budget - reserve
     log(f"training: {trainer.max_steps} steps x {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} "
         f"examples, optim {cfg.optim}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), device {device}")
