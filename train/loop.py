@@ -18,7 +18,6 @@ Steps per epoch = ceil(micro-batches / accumulation); total = max_steps, or ceil
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field

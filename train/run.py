@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, TrainConfig, parse_args
-from .data import (RESPONSE_MARKERS, DataError, TokenizedDataset, chatml, llama2_chat, load_records, pack,
+from .data import (RESPONSE_MARKERS, DataError, TokenizedDataset, llama2_chat, load_records, pack,
                    records_to_texts, split_train_eval, tokenize_texts)
 from .logging_utils import RunLogger, save_loss_curve
 from .loop import Trainer, TrainingError

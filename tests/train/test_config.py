@@ -1,7 +1,7 @@
 """TrainConfig: tutorial defaults, YAML + flag precedence, --help, clear errors."""
 import pytest
 
-from train.config import ConfigError, TrainConfig, build_arg_parser, parse_args
+from train.config import ConfigError, TrainConfig, parse_args
 
 
 def test_defaults_are_the_tutorials():

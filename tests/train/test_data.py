@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from train.data import (IGNORE_INDEX, DataError, chatml, collate, load_records, pack, records_to_texts,
                         split_train_eval, tokenize_texts)

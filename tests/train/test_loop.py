@@ -10,7 +10,7 @@ from lora import LoraConfig, inject_lora
 from train import checkpoint as ckpt_mod
 from train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from train.config import TrainConfig
-from train.data import collate, tokenize_texts
+from train.data import tokenize_texts
 from train.dataset_builtin import builtin_dataset
 from train.loop import Trainer, TrainingError
 
