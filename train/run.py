@@ -305,22 +305,27 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
         budget = cfg.cpu_time_budget_minutes * 60
         reserve = 1.5 * (eval_seconds + gen_seconds) + 30.0  # after-training eval, samples, saving (+ slack)
         left = budget - (time.time() - t_start) - reserve
-        if eval_tokens:
-            cap = estimate_cpu_steps(cfg, eval_seconds, eval_tokens, train_ds, left)
+        if cfg.lr_scheduler_type == "constant":
+            # a constant schedule does not depend on the step count: train until the measured step time says
+            # the next step would overrun the budget (robust to a busy machine)
+            log(f"CPU: training stops when the time budget is reached (the whole run in about "
+                f"{cfg.cpu_time_budget_minutes:g} minutes); on a GPU, or with --max_steps, all {full_steps} steps run")
         else:
-            cap = full_steps
-        if cap < full_steps:
-            trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device, logger=logger,
-                              max_steps=cap)
-            log(f"CPU: capping training at {cap} of {full_steps} steps ({cfg.num_train_epochs:g} epoch(s)) to finish in "
-                f"about {cfg.cpu_time_budget_minutes:g} minutes; on a GPU, or with --max_steps, the whole run is done")
-            if cap < 10:
-                log(f"CPU: only {cap} step(s) fit the budget on this (busy or slow) machine; the model will barely "
-                    f"change. Pass --max_steps 50 (or --cpu_time_budget_minutes 20) to see it learn")
+            cap = estimate_cpu_steps(cfg, eval_seconds, eval_tokens, train_ds, left) if eval_tokens else full_steps
+            if cap < full_steps:
+                trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device,
+                                  logger=logger, max_steps=cap)
+                log(f"CPU: capping training at {cap} of {full_steps} steps ({cfg.num_train_epochs:g} epoch(s)) so the "
+                    f"{cfg.lr_scheduler_type} schedule ends within about {cfg.cpu_time_budget_minutes:g} minutes; on "
+                    f"a GPU, or with --max_steps, the whole run is done")
         deadline = t_start + budget - reserve
     log(f"training: {trainer.max_steps} steps x {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} "
         f"examples, optim {cfg.optim}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), device {device}")
     result = trainer.train(resume_from=cfg.resume, deadline=deadline)
+    if result.stopped_by_deadline:
+        log(f"CPU: time budget reached after {result.global_step} of {full_steps} steps"
+            + ("; the model will barely change in so few steps: pass --max_steps 50 (or --cpu_time_budget_minutes 20)"
+               if result.global_step < 10 else ""))
 
     log(f"trained {result.global_step} steps in {result.train_seconds:.0f}s")
     eval_after = trainer.evaluate(max_examples=eval_cap) if eval_ds is not None else float("nan")
