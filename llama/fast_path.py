@@ -58,7 +58,12 @@ class FastAttention(Attention):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        q, k = _kernels()[1].apply_rope(q, k, cos, sin, inplace=x.is_cuda)
+        if x.is_cuda:   # in place only into our fused LoRA outputs (a view made inside a custom Function can't be)
+            RoPE = _kernels()[1].RoPEFunction
+            q = RoPE.apply(q, cos, sin, _fused_lora_output(self.q_proj))
+            k = RoPE.apply(k, cos, sin, _fused_lora_output(self.k_proj))
+        else:
+            q, k = _kernels()[1].apply_rope(q, k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)               # (B, T, H*D)
@@ -94,6 +99,73 @@ def _base_backward(base: nn.Module, dy: torch.Tensor) -> torch.Tensor:
     return dy @ base.weight.to(dy.dtype)
 
 
+def _fused_lora_output(proj: nn.Module) -> bool:
+    """True when `proj` returns a fresh (non-view) tensor from LoRAFunction (RoPE may then write into it)."""
+    f = proj.__dict__.get("forward")
+    return getattr(f, "__func__", None) is _fast_lora_forward and proj.lora_B.bias is None and not proj.merged \
+        and not proj.disable_adapter
+
+
+# Dropout with a regenerated mask, in Triton on CUDA: keep_i = (philox_uniform(seed, i) >= p); one pass per use.
+# (A candidate for kernels/; it lives here while the fast path is its only user.)
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dropout_kernel(x_ptr, out_ptr, n, p, scale, seed, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+        # out = dropout(x) = x * keep * scale  (ACCUMULATE: out += x * keep * scale)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)           # int32: n < 2**31
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        keep = tl.rand(seed, offs) >= p                                  # P(keep) = 1 - p
+        y = tl.where(keep, x * scale, 0.0)
+        if ACCUMULATE:
+            y += tl.load(out_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+except Exception:  # noqa: BLE001  (no triton: the torch mask path below is used)
+    _dropout_kernel = None
+
+_TRITON_DROPOUT = {"ok": None}
+
+
+def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dropout(x) with the mask of `seed` (out=None) or out += dropout(x); x, out contiguous, same shape."""
+    n = x.numel()
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty_like(x)
+    BLOCK = 4096
+    _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, p, 1.0 / (1.0 - p), seed, ACCUMULATE=accumulate,
+                                              BLOCK=BLOCK, num_warps=8)
+    return out
+
+
+def _use_triton_dropout(x: torch.Tensor) -> bool:
+    if _dropout_kernel is None or not x.is_cuda or not x.is_contiguous() or x.numel() >= 2**31:
+        return False
+    if _TRITON_DROPOUT["ok"] is None:                                    # first use: check it against its contract
+        try:
+            t = torch.randn(4096, 33, device=x.device, dtype=x.dtype)
+            y = _dropout_triton(t, 0.25, 7)
+            y2 = _dropout_triton(t, 0.25, 7)
+            kept = y != 0
+            frac = kept.float().mean().item()
+            ok = torch.equal(y, y2) and 0.72 < frac < 0.78 and \
+                torch.equal(y[kept], (t.float()[kept] * (1 / 0.75)).to(x.dtype))
+        except Exception:  # noqa: BLE001
+            ok = False
+        _TRITON_DROPOUT["ok"] = bool(ok)
+    return _TRITON_DROPOUT["ok"]
+
+
+def _dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """xd = (x * keep) * 1/(1-p), keep regenerated from seed (Triton on CUDA, a torch mask elsewhere)."""
+    if _use_triton_dropout(x2):
+        return _dropout_triton(x2, p, seed)
+    return torch.mul(x2, _keep_mask(x2.shape, p, seed, x2.device, x2.dtype)).mul_(1.0 / (1.0 - p))
+
+
 def _keep_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     """Dropout keep-mask (0/1 in dtype, P(1) = 1 - p), reproducible from `seed` (regenerated in backward)."""
     gen = torch.Generator(device=device)
@@ -116,10 +188,7 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x2, A, B, base, scaling, p, seed):
         c = x2.dtype
         Ac, Bc = A.to(c), B.to(c)
-        if p > 0.0:
-            xd = torch.mul(x2, _keep_mask(x2.shape, p, seed, x2.device, c)).mul_(1.0 / (1.0 - p))  # (N, in)
-        else:
-            xd = x2
+        xd = _dropout(x2, p, seed) if p > 0.0 else x2                       # (N, in)
         xa = xd @ Ac.t()                                                    # (N, r)
         y = torch.addmm(_base_forward(base, x2), xa, Bc.t(), alpha=scaling)  # (N, out)
         ctx.save_for_backward(x2, xa, A, B)
@@ -132,19 +201,25 @@ class LoRAFunction(torch.autograd.Function):
         s, p, c = ctx.scaling, ctx.p, x2.dtype
         dy = dy.to(c)
         Ac, Bc = A.to(c), B.to(c)
-        keep = _keep_mask(x2.shape, p, ctx.seed, x2.device, c) if p > 0.0 else None
+        triton_drop = p > 0.0 and _use_triton_dropout(x2)
+        keep = _keep_mask(x2.shape, p, ctx.seed, x2.device, c) if p > 0.0 and not triton_drop else None
         dB = (dy.t() @ xa).float().mul_(s) if ctx.needs_input_grad[2] else None   # (out, r)
         dxa = (dy @ Bc).mul_(s)                                                    # (N, r)
         dA = None
         if ctx.needs_input_grad[1]:
-            xd = x2 if keep is None else torch.mul(x2, keep).mul_(1.0 / (1.0 - p))
+            xd = _dropout(x2, p, ctx.seed) if p > 0.0 else x2
             dA = (dxa.t() @ xd).float()                                          # (r, in)
         dx = None
         if ctx.needs_input_grad[0]:
             dl = dxa @ Ac                                                        # (N, in)
-            if keep is not None:
-                dl.mul_(keep).mul_(1.0 / (1.0 - p))
-            dx = _base_backward(ctx.base, dy).add_(dl)
+            dx = _base_backward(ctx.base, dy)
+            if triton_drop and dx.is_contiguous() and dx.dtype == dl.dtype:
+                _dropout_triton(dl, p, ctx.seed, out=dx)                         # dx += dropout(dl), same mask
+            else:
+                if p > 0.0:
+                    keep = keep if keep is not None else _keep_mask(x2.shape, p, ctx.seed, x2.device, c)
+                    dl.mul_(keep).mul_(1.0 / (1.0 - p))
+                dx.add_(dl)
         return dx, (dA.to(A.dtype) if dA is not None else None), (dB.to(B.dtype) if dB is not None else None), \
             None, None, None, None
 
@@ -166,7 +241,7 @@ def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.base_layer.compute_dtype
     x2 = x.reshape(-1, shape[-1]).to(c)                                      # (N, in)
     p = float(self.lora_dropout.p) if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0        # from the CPU generator
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0    # from the CPU generator
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p, seed)
     return y.view(*shape[:-1], y.shape[-1]).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else c)
