@@ -209,6 +209,7 @@ class LoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             xd = _dropout(x2, p, ctx.seed) if p > 0.0 else x2
             dA = (dxa.t() @ xd).float()                                          # (r, in)
+            del xd
         dx = None
         if ctx.needs_input_grad[0]:
             dl = dxa @ Ac                                                        # (N, in)
@@ -391,11 +392,12 @@ _SWAPS = ((RMSNorm, FastRMSNorm), (Attention, FastAttention), (MLP, FastMLP), (D
           (LlamaForCausalLM, FastLlamaForCausalLM))
 
 
-def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool = False, offload: bool = False,
+def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False, offload: bool = False,
                      fused_lora: bool = True, offload_embeddings: bool = False) -> LlamaForCausalLM:
     """Swap the fused modules into `model` in place (and return it).
 
-    checkpointing: recompute each decoder layer in backward, keeping only its input (B, T, C).
+    checkpointing: recompute each decoder layer in backward, keeping only its input (B, T, C); an int k
+    checkpoints the first k layers only (the rest keep their activations: less recompute, more memory).
     offload: keep those inputs in pinned host memory (CUDA only; copies overlap compute on a side stream).
     fused_lora: LoRALinear layers use `LoRAFunction` (dropout fused, mask regenerated, no fp32 input copy).
     offload_embeddings: a frozen input embedding moves to pinned host memory (CUDA only; exact, saves V*C*2 bytes).
@@ -408,9 +410,12 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool = False, offlo
         if fused_lora and type(m).__name__ == "LoRALinear" and type(m) is _lora_class():
             m.forward = _fast_lora_forward.__get__(m)
     model.model.gradient_checkpointing = False
-    offloader = ActivationOffloader(device) if (checkpointing and offload and device.type == "cuda") else None
-    for layer in model.model.layers:
-        layer._fast_checkpoint = checkpointing
+    n_layers = len(model.model.layers)
+    n_ckpt = n_layers if checkpointing is True else 0 if checkpointing is False else max(0, min(int(checkpointing),
+                                                                                              n_layers))
+    offloader = ActivationOffloader(device) if (n_ckpt and offload and device.type == "cuda") else None
+    for i, layer in enumerate(model.model.layers):
+        layer._fast_checkpoint = i < n_ckpt
         layer._offloader = offloader
         layer._grad_anchor = torch.zeros((), device=device, requires_grad=True)
     emb = model.model.embed_tokens
@@ -419,7 +424,8 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool = False, offlo
         emb.weight = nn.Parameter(emb.weight.detach().cpu().pin_memory(), requires_grad=False)
         emb.__class__ = CPUEmbedding
         emb._device = device
-    model._fast_path = dict(checkpointing=checkpointing, offload=offloader is not None, fused_lora=fused_lora,
+    model._fast_path = dict(checkpointed_layers=f"{n_ckpt} of {n_layers}", offload=offloader is not None,
+                            fused_lora=fused_lora,
                             offload_embeddings=type(emb) is CPUEmbedding)
     return model
 
