@@ -34,6 +34,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this folder also holds benchmarks/kernels.py, which must not shadow the `kernels` package
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
