@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from nf4.double_quant import dynamic_map
+
 BLOCKSIZE_8BIT = 256
 
 
@@ -42,31 +44,10 @@ BLOCKSIZE_8BIT = 256
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """256 sorted float32 values: a dynamic exponent (10^-6 .. 10^0) times a linear fraction; 0 and 1 included.
 
-    Signed: min -0.99296875, code[127] = 0, max 1.0. Unsigned: code[0] = 0, max 1.0.
+    Signed: min -0.99296875, code[127] = 0, max 1.0. Unsigned: code[0] = 0, max 1.0. The same maps as double
+    quantization uses (nf4.double_quant.dynamic_map, which builds them).
     """
-    data: list[float] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data.append(0)
-    data.append(1.0)
-    assert len(data) == 2 ** total_bits
-    data += [0] * (256 - len(data))
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    return dynamic_map(signed, max_exponent_bits, total_bits)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
