@@ -670,11 +670,13 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's hash, or E2E_COMMIT (the device copy of the tree may have no usable .git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        out = ""
+    return out if len(out) == 40 else os.environ.get("E2E_COMMIT", "unknown")
 
 
 def targets(results) -> list[dict]:
@@ -801,13 +803,16 @@ def main(argv=None):
             try:
                 res, extra = run_stack(stack, args, device, setting, variant, a.steps, dq)
                 entry[key] = res
-                if extra.get("memory_breakdown_gib") and (setting == "b" or "memory_breakdown_gib" not in results):
-                    results["memory_breakdown_gib"] = extra["memory_breakdown_gib"]
+                if extra.get("memory_breakdown_gib"):
+                    res["memory_breakdown_gib"] = extra["memory_breakdown_gib"]
             except Exception as e:  # noqa: BLE001
                 entry[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
                 log(f"  {key} ({setting}) FAILED: {type(e).__name__}: {e}")
                 free(device)
         summarize_setting(entry)
+        prim = entry.get(entry.get("primary", {}).get("name", ""), {})
+        if prim.get("memory_breakdown_gib") and (setting == "b" or "memory_breakdown_gib" not in results):
+            results["memory_breakdown_gib"] = dict(prim["memory_breakdown_gib"], variant=f"({setting}) {prim['name']}")
         save()
     if "losscheck" in todo and "ours" in stacks:
         lc_args = args if a.size == "tiny" else ModelArgs.from_name("llama-2-7b", num_hidden_layers=4)

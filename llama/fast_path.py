@@ -36,9 +36,10 @@ from .model import Attention, CausalLMOutput, DecoderLayer, LlamaForCausalLM, Ll
 
 # ----------------------------------------------------------------------------------------------- fused ops
 def _kernels():
-    """The fused-op modules of `kernels` (imported lazily: llama imports kernels only where it needs them)."""
-    from kernels import cross_entropy, rms_norm, rope, swiglu
-    return rms_norm, rope, swiglu, cross_entropy
+    """The fused-op modules of `kernels` (imported lazily: llama imports kernels only where it needs them).
+    By module path: the package re-exports functions with the same names as these modules."""
+    import importlib
+    return tuple(importlib.import_module(f"kernels.{m}") for m in ("rms_norm", "rope", "swiglu", "cross_entropy"))
 
 
 class FastRMSNorm(RMSNorm):
