@@ -175,3 +175,32 @@ def test_fast_path_nf4_base():
     for name in grads_p:
         scale = grads_p[name].abs().max().item()
         assert_close(grads_f[name], grads_p[name], 1e-4, 1e-5 * scale, f"grad {name} (nf4 base)")
+
+
+def test_triton_dropout_kernel_in_interpreter():
+    """The Triton dropout of the fused LoRA node, in Triton's CPU interpreter (a subprocess, since
+    TRITON_INTERPRET is read when kernels are decorated): same seed -> same mask, P(keep) = 1 - p, kept values
+    scaled by 1/(1-p) exactly as torch rounds x * scale, and the accumulate form adds exactly that."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from llama import fast_path as fp\n"
+        "x = torch.randn(3001, 37)\n"
+        "y = fp._dropout_triton(x, 0.1, 12345); y2 = fp._dropout_triton(x, 0.1, 12345)\n"
+        "z = fp._dropout_triton(x, 0.1, 999)\n"
+        "k = y != 0\n"
+        "assert torch.equal(y, y2), 'same seed, different output'\n"
+        "assert 0.89 < k.float().mean().item() < 0.91, k.float().mean()\n"
+        "assert torch.equal(y[k], x[k] * (1 / 0.9)), 'kept values not x / (1 - p)'\n"
+        "assert not torch.equal(z != 0, k), 'different seeds gave the same mask'\n"
+        "acc = torch.randn(3001, 37); a0 = acc.clone()\n"
+        "fp._dropout_triton(x, 0.1, 12345, out=acc)\n"
+        "assert torch.allclose(acc, a0 + y, rtol=0, atol=1e-6), 'accumulate form'\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
