@@ -79,8 +79,12 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    trainer_state: dict, save_total_limit: int = 3) -> str:
-    """Write checkpoint-{step} atomically and rotate; returns its path. Raises CheckpointError on failure."""
+                    trainer_state: dict, save_total_limit: int = 3, trainable: Optional[dict] = None,
+                    optimizer_state: Optional[dict] = None, adapter_writer=None) -> str:
+    """Write checkpoint-{step} atomically and rotate; returns its path. Raises CheckpointError on failure.
+
+    Distributed runs (train.distributed) pass what rank 0 writes, gathered from every rank: `trainable`
+    (full tensors by name), `optimizer_state` (a full state dict) and `adapter_writer(directory)`."""
     from safetensors.torch import save_file
 
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -89,12 +93,16 @@ def save_checkpoint(output_dir: str, step: int, model: torch.nn.Module, optimize
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        if any(True for _ in _lora_layers(model)):
+        if adapter_writer is not None:
+            adapter_writer(os.path.join(tmp, "adapter"))
+        elif any(True for _ in _lora_layers(model)):
             from lora import save_adapter
 
             save_adapter(model, os.path.join(tmp, "adapter"))
-        save_file(trainable_state_dict(model), os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file(trainable if trainable is not None else trainable_state_dict(model),
+                  os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                   os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
@@ -130,8 +138,11 @@ def _lora_layers(model):
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    restore_rng: bool = True) -> dict:
-    """Load a checkpoint written by save_checkpoint into the given objects; returns trainer_state."""
+                    restore_rng: bool = True, distributed: bool = False) -> dict:
+    """Load a checkpoint written by save_checkpoint into the given objects; returns trainer_state.
+
+    distributed: every rank reads the (full, gathered) files and keeps its shard of FSDP2 parameters and
+    optimizer states (train.distributed.load_param_ / optimizer_state_for_load)."""
     from safetensors.torch import load_file
 
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
@@ -144,11 +155,18 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, scheduler, sca
         if missing or unknown:
             raise CheckpointError(f"{path}: trainable parameters differ from the model's: missing {missing[:5]}, "
                                   f"unknown {unknown[:5]} (was it written with other LoRA settings?)")
-        with torch.no_grad():
+        osd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+        if distributed:
+            from .distributed import load_param_, optimizer_state_for_load
+
             for n, t in sd.items():
-                params[n].copy_(t.to(params[n].device))
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
-                                             weights_only=False))
+                load_param_(params[n], t)
+            osd = optimizer_state_for_load(optimizer, osd)
+        else:
+            with torch.no_grad():
+                for n, t in sd.items():
+                    params[n].copy_(t.to(params[n].device))
+        optimizer.load_state_dict(osd)
         scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
         if scaler is not None and scaler.is_enabled() and os.path.isfile(os.path.join(path, "scaler.pt")):
             scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))

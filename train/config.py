@@ -23,6 +23,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
 REPORT_TO = ("tensorboard", "none")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "none")
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,7 @@ class TrainConfig:
     seed: int = _f(42, "random seed (initialization, dropout, data order)")
     # --- run control -----------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    distributed: str = _f("auto", "under torchrun (WORLD_SIZE > 1): ddp (data parallel, a full model copy per GPU), fsdp (FSDP2 fully_shard: NF4 codes, their scales and the LoRA weights sharded across ranks), auto (ddp when the model takes under half a GPU, else fsdp; ddp on a CPU) or none (ignore torchrun's variables: each process trains alone)")
     cpu_time_budget_minutes: float = _f(8.0, "on a CPU without --max_steps, cap the steps (and eval examples) so the whole run ends within about this many minutes")
     cpu_use_4bit: bool = _f(False, "on a CPU, also quantize the base to 4 bits (slow: pure-torch dequantization every matmul); by default a CPU keeps the base dense and says so")
     cpu_max_eval_examples: int = _f(32, "on a CPU, eval loss uses at most this many held-out examples")
@@ -107,7 +109,7 @@ class TrainConfig:
 
         choices = {"optim": OPTIMIZERS, "lr_scheduler_type": SCHEDULERS,
                    "bnb_4bit_compute_dtype": COMPUTE_DTYPES, "bnb_4bit_quant_type": QUANT_TYPES,
-                   "report_to": REPORT_TO}
+                   "report_to": REPORT_TO, "distributed": DISTRIBUTED}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, "one of " + ", ".join(allowed))

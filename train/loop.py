@@ -17,6 +17,7 @@ Steps per epoch = ceil(micro-batches / accumulation); total = max_steps, or ceil
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -71,14 +72,20 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg, train_dataset: TokenizedDataset,
                  eval_dataset: Optional[TokenizedDataset] = None, pad_id: int = 0,
                  device: torch.device | str = "cpu", max_steps: Optional[int] = None,
-                 logger=None, on_step: Optional[Callable[[int, float], None]] = None):
-        self.model, self.cfg = model, cfg
+                 logger=None, on_step: Optional[Callable[[int, float], None]] = None, dist=None):
+        from .distributed import DistContext, unwrap
+
+        self.model, self.cfg = model, cfg            # model: the module to call (DDP / FSDP2-wrapped under torchrun)
+        self.raw_model = unwrap(model)               # the same parameters under their checkpoint names
+        self.dist = dist if dist is not None else DistContext()
+        self.world = self.dist.world_size if self.dist.active else 1
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.pad_id, self.device = pad_id, torch.device(device)
         self.logger = logger
         self.on_step = on_step  # test hook: called after each optimizer step (step, loss)
         bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        self.micro_per_epoch = math.ceil(len(train_dataset) / bs)
+        # a (global) micro-batch is bs * world examples, rank r computing its r-th slice (train.distributed)
+        self.micro_per_epoch = math.ceil(len(train_dataset) / (bs * self.world))
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / accum))
         if max_steps is not None and max_steps > 0:
             self.max_steps = max_steps
@@ -87,7 +94,7 @@ class Trainer:
         else:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         if cfg.group_by_length:
-            self.sampler = LengthGroupedSampler(train_dataset.lengths, bs * accum, seed=cfg.seed)
+            self.sampler = LengthGroupedSampler(train_dataset.lengths, bs * accum * self.world, seed=cfg.seed)
         else:
             self.sampler = RandomSampler(len(train_dataset), seed=cfg.seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -112,12 +119,13 @@ class Trainer:
             return self._batches
         self.sampler.set_epoch(epoch)
         order = self.sampler.order()
-        bs = self.cfg.per_device_train_batch_size
+        bs = self.cfg.per_device_train_batch_size * self.world
         self._batches_epoch, self._batches = epoch, [order[i: i + bs] for i in range(0, len(order), bs)]
         return self._batches
 
     def _next_step_batches(self) -> list[dict]:
-        """The micro-batches of the next optimizer step (collated), advancing epoch/micro position."""
+        """This rank's micro-batches of the next optimizer step (collated), advancing epoch/micro position.
+        Sets self._step_items: label tokens of the whole (global) step, the loss normaliser."""
         accum = self.cfg.gradient_accumulation_steps
         if self.micro_in_epoch >= self.micro_per_epoch:
             self.epoch += 1
@@ -125,7 +133,23 @@ class Trainer:
         batches = self._epoch_batches(self.epoch)
         chunk = batches[self.micro_in_epoch: self.micro_in_epoch + accum]
         self.micro_in_epoch += len(chunk)
-        return [collate([self.train_dataset[i] for i in idx], self.pad_id) for idx in chunk]
+        ds = self.train_dataset
+        self._step_items = sum(sum(1 for x in ds[i]["labels"][1:] if x != IGNORE_INDEX) for idx in chunk for i in idx)
+        if self.world > 1:
+            from .distributed import empty_example, rank_slice
+
+            mine = [rank_slice(idx, self.dist.rank, self.world) for idx in chunk]
+            return [collate([ds[i] for i in idx] if idx else [empty_example(self.pad_id)], self.pad_id)
+                    for idx in mine]
+        return [collate([ds[i] for i in idx], self.pad_id) for idx in chunk]
+
+    def _sync(self, last: bool):
+        """DDP / FSDP2: reduce gradients only on the step's last micro-batch."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        from .distributed import no_sync
+
+        return no_sync(self.model, last)
 
     def trainer_state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
@@ -135,8 +159,25 @@ class Trainer:
                 "config": self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else {}}
 
     def save(self) -> str:
-        path = save_checkpoint(self.cfg.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
-                               self.scaler, self.trainer_state(), self.cfg.save_total_limit)
+        if self.world > 1:  # gather on every rank (collectives), write once
+            import os
+
+            from .checkpoint import _lora_layers
+            from .distributed import gather_adapter, gather_optimizer_state, gather_trainable, save_adapter_tensors
+
+            adapter = gather_adapter(self.model) if any(True for _ in _lora_layers(self.raw_model)) else None
+            trainable, optim = gather_trainable(self.model), gather_optimizer_state(self.optimizer)
+            path = os.path.join(self.cfg.output_dir, f"checkpoint-{self.global_step}")
+            if self.dist.is_main:
+                path = save_checkpoint(self.cfg.output_dir, self.global_step, self.raw_model, self.optimizer,
+                                       self.scheduler, self.scaler, self.trainer_state(), self.cfg.save_total_limit,
+                                       trainable=trainable, optimizer_state=optim,
+                                       adapter_writer=None if adapter is None else
+                                       (lambda d: save_adapter_tensors(adapter[0], adapter[1], d)))
+            self.dist.barrier()
+        else:
+            path = save_checkpoint(self.cfg.output_dir, self.global_step, self.model, self.optimizer,
+                                   self.scheduler, self.scaler, self.trainer_state(), self.cfg.save_total_limit)
         self.result.last_checkpoint = path
         return path
 
@@ -146,7 +187,8 @@ class Trainer:
             if found is None:
                 raise TrainingError(f"--resume latest: no checkpoint-N directory under {self.cfg.output_dir}")
             path = found
-        st = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        st = load_checkpoint(path, self.raw_model, self.optimizer, self.scheduler, self.scaler,
+                             distributed=self.world > 1)
         self.global_step, self.epoch, self.micro_in_epoch = st["global_step"], st["epoch"], st["micro_in_epoch"]
         self.result.losses, self.result.learning_rates = list(st["losses"]), list(st["learning_rates"])
         self.result.grad_norms, self.result.log_history = list(st["grad_norms"]), list(st["log_history"])
@@ -179,21 +221,33 @@ class Trainer:
     def _one_step(self) -> tuple[float, float, int]:
         """Forward/backward over the step's micro-batches, clip, update. Returns (loss, grad_norm, tokens)."""
         batches = self._next_step_batches()
-        n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_items = self._step_items  # label tokens of the whole step, all ranks (see the module docstring)
         loss_sum, tokens = 0.0, 0
-        for b in batches:
+        for k, b in enumerate(batches):
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
-            with self._autocast():
-                logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
-            s, _ = token_loss_sum(logits, b["labels"])
-            loss = s / max(n_items, 1)
-            if not torch.isfinite(loss):
-                return float("nan"), float("nan"), tokens
-            self.scaler.scale(loss).backward()
+            with self._sync(last=k == len(batches) - 1):
+                with self._autocast():
+                    logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
+                s, _ = token_loss_sum(logits, b["labels"])
+                # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient
+                loss = s / max(n_items, 1) * self.world
+                bad = not bool(torch.isfinite(loss))
+                if self.world > 1:
+                    bad = self.dist.any(bad)
+                if bad:
+                    return float("nan"), float("nan"), tokens
+                self.scaler.scale(loss).backward()
             loss_sum += float(s.detach())
             tokens += int(mask.sum())
+        if self.world > 1:
+            loss_sum, tokens = self.dist.all_reduce([loss_sum, float(tokens)])
+            tokens = int(tokens)
         self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
+        if self.world > 1:
+            from .distributed import clip_grad_norm_
+
+            gn = clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
             gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in self.params
@@ -220,7 +274,10 @@ class Trainer:
             run_start, run_step0 = time.time(), self.global_step
             while self.global_step < self.max_steps:
                 done = self.global_step - run_step0
-                if deadline is not None and done > 0 and time.time() + (time.time() - run_start) / done > deadline:
+                late = deadline is not None and done > 0 and time.time() + (time.time() - run_start) / done > deadline
+                if self.world > 1 and deadline is not None:
+                    late = self.dist.any(late)  # every rank stops at the same step
+                if late:
                     self.result.stopped_by_deadline = True
                     if self.logger:
                         self.logger.info(f"time budget reached: stopping at step {self.global_step} of {self.max_steps}")

@@ -1,0 +1,179 @@
+"""torch.distributed on the CPU (gloo, 2 processes): DDP and FSDP2 give the single-process losses.
+
+One process with per_device_train_batch_size = 2 * 2 and two processes with 2 each see the same global batches
+(train.distributed.rank_slice); their step losses must agree within LOSS_RTOL (float32: only the order of
+the gradient sums differs), for a dense and an NF4 base, plus the saved adapter and a resume under DDP.
+All scenarios run in one spawn of 2 processes (process start-up is most of the cost on 2 cores).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from llama import LlamaForCausalLM, ModelArgs
+from lora import LoraConfig, inject_lora
+from train.config import TrainConfig
+from train.data import tokenize_texts
+from train.dataset_builtin import builtin_dataset
+from train.distributed import DistContext, empty_example, rank_slice
+
+from .conftest import ByteTokenizer
+
+ARGS = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+LOSS_RTOL = 1e-5      # float32 step losses, 2 processes vs 1 (measured differences ~1e-7)
+WEIGHT_ATOL = 1e-6    # adapter tensors after the steps
+STEPS = 3
+PER_DEVICE, ACCUM, WORLD = 2, 2, 2
+
+
+def tiny_model(nf4: bool):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelArgs(**ARGS))
+    if nf4:
+        from kernels import NF4Linear
+
+        for name, m in list(model.named_modules()):
+            if isinstance(m, torch.nn.Linear) and name.endswith("_proj"):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, NF4Linear.from_linear(m))
+    inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # B = 0 at init would make the first steps' LoRA gradients trivial: randomize
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model
+
+
+def tiny_data(n=40):
+    train, _ = builtin_dataset()
+    return tokenize_texts([r["text"] for r in train[:n]], ByteTokenizer(), max_seq_length=40)
+
+
+def make_cfg(out, per_device, **kw):
+    base = dict(output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=ACCUM,
+                learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1, max_steps=STEPS, logging_steps=1,
+                save_steps=0, report_to="none", optim="adamw_torch", lora_dropout=0.0, seed=3,
+                gradient_checkpointing=False, max_grad_norm=0.3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_once(out, nf4, mode="none", ctx=None, per_device=PER_DEVICE * WORLD, resume=None, **kw):
+    from train.distributed import wrap_model
+    from train.loop import Trainer
+
+    model = tiny_model(nf4)
+    if ctx is not None:
+        ctx.mode = mode
+        model = wrap_model(model, ctx, torch.device("cpu"))
+    trainer = Trainer(model, make_cfg(out, per_device, **kw), tiny_data(), pad_id=2, dist=ctx)
+    res = trainer.train(resume_from=resume)
+    return res, trainer
+
+
+def _worker(rank, world, port, out_root, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from train.distributed import init_distributed, write_adapter
+
+    try:
+        ctx = init_distributed("ddp", "cpu")
+        results = {}
+        for mode in ("ddp", "fsdp"):
+            for nf4 in (False, True):
+                out = os.path.join(out_root, f"{mode}-{int(nf4)}")
+                res, tr = train_once(out, nf4, mode, ctx, per_device=PER_DEVICE)
+                write_adapter(tr.model, os.path.join(out, "adapter"), ctx)
+                results[(mode, nf4)] = res.losses
+        # resume under DDP: 2 steps, checkpoint, a fresh model resumed to STEPS
+        out = os.path.join(out_root, "resume")
+        train_once(out, False, "ddp", ctx, per_device=PER_DEVICE, max_steps=STEPS, save_steps=2)
+        # train_once saved checkpoint-2 on the way; start over from it
+        res, _ = train_once(out + "-b", False, "ddp", ctx, per_device=PER_DEVICE, resume=os.path.join(out, "checkpoint-2"))
+        results["resume"] = res.losses
+        queue.put((rank, results, None))
+    except Exception as e:  # report instead of hanging the parent
+        import traceback
+
+        queue.put((rank, None, traceback.format_exc()))
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dist"))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, WORLD, port, root, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(WORLD):
+            rank, results, err = queue.get(timeout=240)
+            assert err is None, f"rank {rank} failed:\n{err}"
+            got[rank] = results
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return root, got
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_rank_slices_partition_the_global_batch():
+    idx = list(range(7))
+    parts = [rank_slice(idx, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert rank_slice([5], 1, 2) == [] and empty_example(2)["labels"] == [-100, -100]
+    assert not DistContext().active and DistContext().all_reduce([1.0]) == [1.0]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_same_losses_as_one_process(two_process_run, tmp_path, mode, nf4):
+    root, got = two_process_run
+    single, tr = train_once(str(tmp_path / "single"), nf4)
+    for rank in range(WORLD):
+        dist = got[rank][(mode, nf4)]
+        assert len(dist) == STEPS
+        torch.testing.assert_close(torch.tensor(dist), torch.tensor(single.losses), rtol=LOSS_RTOL, atol=0)
+    # the adapter, gathered and written once by rank 0, equals the single process's after the same steps
+    from lora import save_adapter
+    from lora.adapter_io import read_adapter_weights
+
+    save_adapter(tr.model, str(tmp_path / "adapter"))
+    ours, theirs = read_adapter_weights(str(tmp_path / "adapter")), read_adapter_weights(
+        os.path.join(root, f"{mode}-{int(nf4)}", "adapter"))
+    assert sorted(ours) == sorted(theirs) and len(ours) == 2 * 7 * 2
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
+
+
+def test_checkpoint_written_once_and_resume_under_ddp(two_process_run, tmp_path):
+    root, got = two_process_run
+    out = os.path.join(root, "resume")
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # rank 0 only; no temporary or per-rank leftovers
+    assert sorted(os.listdir(os.path.join(out, "checkpoint-2"))) == [
+        "adapter", "optimizer.pt", "rng_state.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
+    single, _ = train_once(str(tmp_path / "single"), False)
+    resumed = got[0]["resume"]
+    assert len(resumed) == STEPS  # the 2 restored losses + 1 new step
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(single.losses), rtol=LOSS_RTOL, atol=0)
+    assert got[1]["resume"] == resumed

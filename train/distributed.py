@@ -1,0 +1,362 @@
+"""Data-parallel (DDP) and sharded (FSDP2) training on torch.distributed, for `torchrun -m train.run`.
+
+    torchrun --nproc-per-node 4 -m train.run --distributed fsdp --model_name ... --max_steps 100
+
+One process per GPU (per CPU process with the gloo backend). torchrun sets RANK, LOCAL_RANK, WORLD_SIZE;
+`init_distributed` opens the process group (nccl on CUDA, gloo on the CPU) and pins the process to
+cuda:LOCAL_RANK. Everything else is the single-process run with four hooks:
+
+1. data: the global micro-batch is per_device_train_batch_size * world_size examples, cut from the same
+   sampler order a single process with that batch size would use; rank r takes the r-th contiguous slice
+   (`rank_slice`). The loss normaliser n_items (label tokens of the whole optimizer step) is computed by
+   every rank from the global batch, so no communication is needed for it:
+       loss_r = sum_{t in slice r} CE_t / n_items(step) * world_size
+   DDP and FSDP2 average gradients over ranks (divide by world_size), which gives exactly the gradient of
+   the single-process loss sum_t CE_t / n_items. Logged losses are all-reduced sums / n_items.
+2. model: `wrap_model` - DDP(model) for ddp; for fsdp, FSDP2 `fully_shard` on every NF4 linear (with
+   `make_shardable`, its packed codes and absmax scales become frozen parameters, sharded on dim 0 and
+   all-gathered uint8/fp32 as they are: their mixed-precision policy casts nothing), then on every decoder
+   layer and the root (LoRA A/B, norms, embeddings; on a GPU with bf16/fp16 the policy all-gathers the
+   params in that dtype and reduces gradients in fp32).
+3. state: checkpoints and the adapter are written once, by rank 0, from full (gathered) tensors
+   (`full_tensor` of every DTensor); resume loads the full files on every rank and keeps each rank's shard
+   (`load_param_`, `optimizer_state_for_load`).
+4. control: decisions that end the loop (time budget, non-finite loss) are all-reduced so every rank
+   leaves at the same step.
+
+Reading the base checkpoint: every rank streams the safetensors files (the OS page cache serves the
+ranks of one host from a single copy of the file) and quantizes each linear as it arrives; fully_shard
+then frees every shard but the rank's own. Device memory peaks near one full NF4 copy of the model while
+loading (~35 GB for 70B), then holds 1/world_size of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kernels import NF4Linear
+from nf4 import QuantizedWeight4bit
+from nf4.double_quant import DoubleQuantState
+
+MODES = ("auto", "ddp", "fsdp", "none")
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: mode "none" (one process), "ddp" or "fsdp"; rank / world size."""
+
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode in ("ddp", "fsdp") and self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of each value over ranks (float64 on the CPU for gloo, on the GPU for nccl)."""
+        if not self.active:
+            return list(values)
+        dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else
+                                     torch.distributed.ReduceOp.SUM)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank."""
+        return bool(self.all_reduce([float(flag)], op="max")[0]) if self.active else flag
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(requested: str, device_type: str) -> DistContext:
+    """Open the process group when torchrun started this process (WORLD_SIZE > 1) and requested != "none".
+
+    The mode stays "auto" until `choose_mode` sees the model; device_type "cuda" -> nccl, else gloo."""
+    world = env_world_size()
+    if requested == "none" or world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return DistContext(mode=requested, rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take on the device: parameters, buffers and NF4 codes + scales."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for m in model.modules():
+        qw = m.__dict__.get("qweight")
+        if qw is not None and hasattr(qw, "nbytes"):
+            total += qw.nbytes()
+    return total
+
+
+def choose_mode(ctx: DistContext, model: nn.Module, device: torch.device, log=print) -> DistContext:
+    """Resolve "auto": fsdp when the weights take more than half of one GPU's memory, else ddp (always ddp
+    on the CPU). Logs the choice."""
+    if not ctx.active and ctx.mode != "auto":
+        return ctx
+    nbytes = model_bytes(model)
+    if ctx.mode == "auto":
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            ctx.mode = "fsdp" if nbytes > 0.5 * total else "ddp"
+            why = f"weights {nbytes / 2**30:.1f} GiB vs {total / 2**30:.0f} GiB per GPU"
+        else:
+            ctx.mode, why = "ddp", "CPU"
+        log(f"distributed: auto -> {ctx.mode} ({why})")
+    log(f"distributed: {ctx.mode}, {ctx.world_size} processes ({ctx.backend}); weights {nbytes / 2**20:.1f} MiB "
+        f"per process" + (f" before sharding, ~{nbytes / ctx.world_size / 2**20:.1f} MiB after" if ctx.mode == "fsdp"
+                          else ""))
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+def rank_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank r's contiguous part of a global micro-batch: sizes differ by at most one (np.array_split)."""
+    n = len(indices)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return indices[start: start + base + (1 if rank < extra else 0)]
+
+
+def empty_example(pad_id: int) -> dict:
+    """Stand-in for a rank whose slice of a short last batch is empty: no label, so no loss and no gradient
+    (every rank must still run forward/backward for the collectives to meet)."""
+    return {"input_ids": [pad_id, pad_id], "labels": [-100, -100]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model
+def make_shardable(module: nn.Module) -> nn.Module:
+    """Turn a kernels.NF4Linear into a ShardableNF4Linear in place (its codes and scales become parameters)."""
+    if isinstance(module, ShardableNF4Linear) or not isinstance(module, NF4Linear):
+        return module
+    qw = module.__dict__.pop("qweight")
+    module.__class__ = ShardableNF4Linear
+    module.qweight = qw
+    return module
+
+
+class ShardableNF4Linear(NF4Linear):
+    """NF4Linear whose packed codes and block scales are registered, frozen nn.Parameters
+    (`weight_packed` uint8 ((n+1)//2, 1); `weight_scales` fp32 absmax (n_blocks,), or the uint8 8-bit
+    scales when double-quantized) so FSDP2 can shard and all-gather them. `qweight` is rebuilt from them
+    on each access (inside forward FSDP2 has put the all-gathered tensors there); the state dict stays
+    bitsandbytes Linear4bit's (the two parameters are not in it)."""
+
+    @property
+    def qweight(self) -> QuantizedWeight4bit:
+        meta = self.__dict__["_qmeta"]
+        packed, scales = self._parameters["weight_packed"], self._parameters["weight_scales"]
+        nested = None if meta["nested"] is None else DoubleQuantState(scales, *meta["nested"])
+        return QuantizedWeight4bit(packed, scales if nested is None else None, meta["shape"], meta["dtype"],
+                                   meta["blocksize"], meta["quant_type"], nested)
+
+    @qweight.setter
+    def qweight(self, qw: QuantizedWeight4bit) -> None:
+        n = qw.nested
+        self.__dict__["_qmeta"] = dict(shape=qw.shape, dtype=qw.dtype, blocksize=qw.blocksize,
+                                       quant_type=qw.quant_type,
+                                       nested=None if n is None else (n.absmax2, n.code, n.offset, n.blocksize))
+        self._parameters["weight_packed"] = nn.Parameter(qw.packed, requires_grad=False)
+        self._parameters["weight_scales"] = nn.Parameter(qw.absmax if n is None else n.q, requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        meta = self.__dict__["_qmeta"]
+        dtype = self.compute_dtype or meta["dtype"]
+        scales = self._parameters.pop("weight_scales")   # fp32 scales: moved, never cast (uint8 codes
+        try:                                               # are not cast by .to(dtype) anyway)
+            nn.Module._apply(self, fn, recurse)
+        finally:
+            self._parameters["weight_scales"] = scales
+        probe = fn(torch.empty(0, dtype=dtype, device=scales.device))
+        if probe.device != scales.device:
+            self._parameters["weight_scales"] = nn.Parameter(scales.detach().to(probe.device), requires_grad=False)
+            if meta["nested"] is not None:
+                meta["nested"] = tuple(t.to(probe.device) if torch.is_tensor(t) else t for t in meta["nested"])
+        if probe.dtype.is_floating_point and probe.dtype != dtype:
+            self.compute_dtype = probe.dtype
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "weight_packed", None)
+        destination.pop(prefix + "weight_scales", None)
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
+               compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """DDP(model) or the FSDP2-sharded model (the same object, its parameters now DTensor shards)."""
+    if not ctx.active:
+        return model
+    if ctx.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (ctx.world_size,))
+    keep = MixedPrecisionPolicy()  # no casts: NF4 codes stay uint8, scales fp32
+    mp = keep
+    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for m in list(model.modules()):
+        if isinstance(m, NF4Linear):
+            make_shardable(m)
+            fully_shard(m, mesh=mesh, mp_policy=keep)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    for layer in (layers or []):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the checkpoint's (DDP's `.module`; FSDP2 keeps the names)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def no_sync(model: nn.Module, last_micro_batch: bool):
+    """DDP: skip the gradient all-reduce on accumulation micro-batches but the last; FSDP2: no
+    reduce-scatter until the last (set_requires_gradient_sync)."""
+    if last_micro_batch:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and type(model).__name__ == "DistributedDataParallel":
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gradients
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ for plain or DTensor (FSDP2) gradients: the norm is of the full gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    full = total.full_tensor() if hasattr(total, "full_tensor") else total
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, full)
+    return full
+
+
+# ------------------------------------------------------------------------------------------------------------
+# state: gathered for saving, re-sharded for loading
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (a collective for a DTensor: every rank must call it)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: full tensor} of every trainable parameter (names without DDP's `module.`)."""
+    return {n: full(p) for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every DTensor state gathered to a full CPU tensor."""
+    sd = optimizer.state_dict()
+    for st in sd["state"].values():
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and hasattr(v, "full_tensor"):
+                st[k] = full(v)
+    return sd
+
+
+def load_param_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param.copy_(value) where param may be a DTensor shard: keep this rank's part of the full value."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh,
+                                      param.placements, src_data_rank=None)
+        param.copy_(value.to(param.device) if not hasattr(value, "device_mesh") else value)
+
+
+def optimizer_state_for_load(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """A full optimizer state dict with each per-parameter tensor shaped like its (DTensor) parameter
+    re-sharded like that parameter; plain parameters keep plain tensors."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    for idx, p in zip(ids, params):
+        st = sd["state"].get(idx)
+        if st is None or not hasattr(p, "device_mesh"):
+            continue
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
+                st[k] = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                          src_data_rank=None)
+    return sd
+
+
+def gather_adapter(model: nn.Module, config=None) -> tuple[dict[str, torch.Tensor], object]:
+    """(adapter tensors in PEFT file form, LoraConfig), gathered: a collective, every rank calls it."""
+    from lora.adapter_io import PEFT_PREFIX, _model_config, adapter_state_dict
+
+    raw = unwrap(model)
+    config = config or _model_config(raw)
+    return {PEFT_PREFIX + k: full(v) for k, v in adapter_state_dict(raw, config).items()}, config
+
+
+def save_adapter_tensors(tensors: dict[str, torch.Tensor], config, directory: str) -> str:
+    """What lora.save_adapter writes, from tensors already gathered (rank 0 calls it)."""
+    from lora.adapter_io import ADAPTER_WEIGHTS, _atomic_save_safetensors
+
+    os.makedirs(directory, exist_ok=True)
+    _atomic_save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
+    config.save(directory)
+    return directory
+
+
+def write_adapter(model: nn.Module, directory: str, ctx: DistContext, config=None) -> str:
+    """save_adapter for a DDP / FSDP2 model: gathered on every rank, written by rank 0; all ranks return
+    when the files exist."""
+    tensors, config = gather_adapter(model, config)
+    if ctx.is_main:
+        save_adapter_tensors(tensors, config, directory)
+    ctx.barrier()
+    return directory
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.active and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
