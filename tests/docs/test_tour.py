@@ -21,7 +21,8 @@ def test_tour_exists_and_is_linked_from_readme():
 
 
 @pytest.mark.parametrize("chapter", [os.path.basename(c) for c in CHAPTERS])
-def test_chapter_snippets_run(chapter, capsys):
+def test_chapter_snippets_run(chapter, monkeypatch):
+    monkeypatch.chdir(ROOT)  # snippets read results files relative to the repository root
     blocks = python_blocks(os.path.join(ROOT, "docs", "tour", chapter))
     namespace = {"__name__": f"tour_{chapter}"}
     for i, block in enumerate(blocks):
