@@ -203,6 +203,11 @@ class ShardableNF4Linear(NF4Linear):
             self.compute_dtype = probe.dtype
         return self
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        # FSDP2 hooks its pre-backward all-gather on this output; an in-place op on a view would drop it
+        return y.clone() if y._is_view() else y
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "weight_packed", None)
@@ -290,12 +295,31 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every DTensor state gathered to a full CPU tensor."""
+    """optimizer.state_dict() with every per-parameter state of a sharded (DTensor) parameter gathered to a
+    full CPU tensor: DTensor states (torch AdamW) and plain local-shard states (PagedAdamW keeps its states
+    shaped like the shard). A collective: every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
     sd = optimizer.state_dict()
-    for st in sd["state"].values():
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    for idx, p in zip(ids, params):
+        if idx not in sd["state"]:
+            continue
+        st = sd["state"][idx] = dict(sd["state"][idx])  # state_dict() shares the live per-parameter dicts
         for k, v in list(st.items()):
-            if torch.is_tensor(v) and hasattr(v, "full_tensor"):
+            if not torch.is_tensor(v):
+                continue
+            if hasattr(v, "full_tensor"):
                 st[k] = full(v)
+            elif hasattr(p, "_local_tensor") and v.dim() > 0:
+                if v.shape != p._local_tensor.shape:
+                    raise RuntimeError(f"optimizer state {k!r} of a sharded parameter {tuple(p.shape)} has shape "
+                                       f"{tuple(v.shape)}, not its shard's {tuple(p._local_tensor.shape)}: blockwise "
+                                       "8-bit states cannot be gathered; use --optim paged_adamw_32bit or adamw_torch "
+                                       "with --distributed fsdp")
+                st[k] = full(DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                                run_check=False))
     return sd
 
 
@@ -311,10 +335,11 @@ def load_param_(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def optimizer_state_for_load(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
-    """A full optimizer state dict with each per-parameter tensor shaped like its (DTensor) parameter
-    re-sharded like that parameter; plain parameters keep plain tensors."""
+    """A full optimizer state dict with each per-parameter tensor shaped like its (DTensor) parameter cut to
+    this rank's shard: a DTensor for torch optimizers, the plain local shard for PagedAdamW."""
     from torch.distributed.tensor import distribute_tensor
 
+    local_states = not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     for idx, p in zip(ids, params):
@@ -323,8 +348,9 @@ def optimizer_state_for_load(optimizer: torch.optim.Optimizer, sd: dict) -> dict
             continue
         for k, v in list(st.items()):
             if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
-                st[k] = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                          src_data_rank=None)
+                d = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                      src_data_rank=None)
+                st[k] = d.to_local() if local_states else d
     return sd
 
 

@@ -90,6 +90,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
+        p = _local(p)  # FSDP2: states are shaped like this rank's shard
         state["step"] = 0
         if self.optim_bits == 8 and p.numel() >= self.min_8bit_size:
             state["state1"] = self._buffer(p, torch.uint8)
@@ -134,6 +135,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if "state1" not in state:
                     state = self._init_state(p)
+                p, grad = _local(p), _local(p.grad)  # FSDP2 DTensors: update this rank's shard in place
                 for key in ("state1", "state2"):
                     prefetch(state[key], p.device)
                 state["step"] += 1
@@ -142,7 +144,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     raise RuntimeError(f"PagedAdamW needs contiguous parameters; got shape {tuple(p.shape)} "
                                        f"with strides {p.stride()}")
-                g = p.grad.contiguous()
+                g = grad.contiguous()
                 if state["state1"].dtype == torch.uint8:
                     if self.code1.device != p.device:
                         self.code1, self.code2 = self.code1.to(p.device), self.code2.to(p.device)
@@ -173,6 +175,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if idx not in saved:
                 continue
             state = self.state[p]
+            p = _local(p)
             state["step"] = int(saved[idx]["step"])
             for key in ("state1", "state2", "absmax1", "absmax2"):
                 if key not in saved[idx]:
@@ -181,6 +184,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 buf = self._buffer(p, src.dtype) if key.startswith("state") else torch.empty_like(src, device=p.device)
                 buf.copy_(src.reshape(buf.shape))
                 state[key] = buf
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor sharing its storage); any other tensor as is."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
 class PagedAdamW32bit(PagedAdamW):

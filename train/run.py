@@ -216,14 +216,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logger = RunLogger(cfg.output_dir, cfg.report_to) if _writable_parent(cfg.output_dir) else RunLogger(None, "none")
+    from .distributed import init_distributed, shutdown
+
+    try:  # under torchrun (WORLD_SIZE > 1): one process per GPU; rank 0 alone logs and writes
+        ctx = init_distributed(cfg.distributed, resolve_device(cfg).type)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        logger = RunLogger(cfg.output_dir, cfg.report_to) if _writable_parent(cfg.output_dir) else RunLogger(None, "none")
+    else:
+        logger = RunLogger(None, "none", use_tqdm=False, stream=open(os.devnull, "w"))
 
     def log(msg: str) -> None:
         el = int(time.time() - t_start)
         logger.info(f"[{el // 60:02d}:{el % 60:02d}] {msg}" if msg else "")
 
     try:
-        return _run(cfg, logger, log, t_start)
+        return _run(cfg, logger, log, t_start, ctx)
     except KeyboardInterrupt:
         log("interrupted outside the training loop (loading, eval or sampling); nothing to save")
         return 130
@@ -239,6 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
     finally:
         logger.close()
+        shutdown(ctx)
 
 
 def _writable_parent(path: str) -> bool:
@@ -249,11 +260,15 @@ def _writable_parent(path: str) -> bool:
         return False
 
 
-def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
+def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> int:
     from .checkpoint import check_writable
+    from .distributed import DistContext, choose_mode, wrap_model, write_adapter
 
+    ctx = ctx or DistContext()
     check_writable(cfg.output_dir)
     device = resolve_device(cfg)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     seed_everything(cfg.seed)
     dtype = resolve_precision(cfg, device, log)
     from llama import load_tokenizer
@@ -272,6 +287,16 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
     log(trainable_parameters_report(model))
     if hasattr(model, "model") and hasattr(model.model, "gradient_checkpointing"):
         model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    if ctx.active:
+        ctx = choose_mode(ctx, model, device, log)
+        log(f"data: each optimizer step = {cfg.gradient_accumulation_steps} micro-batch(es) of "
+            f"{cfg.per_device_train_batch_size} x {ctx.world_size} examples, rank r training on its r-th slice")
+    wrapped = wrap_model(model, ctx, device, dtype)  # DDP / FSDP2 under torchrun, else the model itself
+    if ctx.active:
+        torch.manual_seed(cfg.seed + ctx.rank)  # same LoRA init everywhere (above), own dropout masks per rank
+    sample_here = ctx.is_main and ctx.mode != "fsdp"  # FSDP2: generation would need every rank in lockstep
+    if ctx.active and ctx.mode == "fsdp" and samples:
+        log("FSDP: sample generations are skipped (the sharded model generates only with every rank in lockstep)")
 
     on_cpu = device.type == "cpu"
     eval_cap = cfg.cpu_max_eval_examples if on_cpu else None
@@ -284,8 +309,8 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
         if cp and os.path.isfile(state_file):
             with open(state_file) as fh:
                 resumed_steps = json.load(fh).get("max_steps")
-    trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device, logger=logger,
-                      max_steps=resumed_steps)
+    trainer = Trainer(wrapped, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device, logger=logger,
+                      max_steps=resumed_steps, dist=ctx)
     full_steps = trainer.max_steps
 
     t = time.time()
@@ -296,7 +321,7 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
     log(f"eval loss before training: {eval_before:.4f}" + (f" ({n_eval} held-out examples, {eval_seconds:.0f}s)"
                                                               if n_eval else ""))
     t = time.time()
-    before = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens)
+    before = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens) if sample_here else []
     gen_seconds = time.time() - t
     log(f"sample generations before training: {len(samples)} in {gen_seconds:.0f}s")
 
@@ -312,14 +337,15 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
                 f"{cfg.cpu_time_budget_minutes:g} minutes); on a GPU, or with --max_steps, all {full_steps} steps run")
         else:
             cap = estimate_cpu_steps(cfg, eval_seconds, eval_tokens, train_ds, left) if eval_tokens else full_steps
+            cap = int(-ctx.all_reduce([-cap], op="max")[0])  # the smallest over ranks: all stop together
             if cap < full_steps:
-                trainer = Trainer(model, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device,
-                                  logger=logger, max_steps=cap)
+                trainer = Trainer(wrapped, cfg, train_ds, eval_ds, pad_id=adapter.pad_id, device=device,
+                                  logger=logger, max_steps=cap, dist=ctx)
                 log(f"CPU: capping training at {cap} of {full_steps} steps ({cfg.num_train_epochs:g} epoch(s)) so the "
                     f"{cfg.lr_scheduler_type} schedule ends within about {cfg.cpu_time_budget_minutes:g} minutes; on "
                     f"a GPU, or with --max_steps, the whole run is done")
         deadline = t_start + budget - reserve
-    log(f"training: {trainer.max_steps} steps x {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} "
+    log(f"training: {trainer.max_steps} steps x {cfg.per_device_train_batch_size}" + (f" x {ctx.world_size} ranks" if ctx.active else "") + f" x {cfg.gradient_accumulation_steps} "
         f"examples, optim {cfg.optim}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), device {device}")
     result = trainer.train(resume_from=cfg.resume, deadline=deadline)
     if result.stopped_by_deadline:
@@ -329,9 +355,14 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float) -> int:
 
     log(f"trained {result.global_step} steps in {result.train_seconds:.0f}s")
     eval_after = trainer.evaluate(max_examples=eval_cap) if eval_ds is not None else float("nan")
-    after = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens)
+    after = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens) if sample_here else []
     log("eval and sample generations after training done")
-    out_adapter = save_adapter(model, cfg.adapter_dir, lcfg)
+    if ctx.active:  # gathered on every rank, written once by rank 0
+        out_adapter = write_adapter(wrapped, cfg.adapter_dir, ctx, lcfg)
+        if not ctx.is_main:
+            return 130 if result.interrupted else 0
+    else:
+        out_adapter = save_adapter(model, cfg.adapter_dir, lcfg)
     curve = save_loss_curve(result.losses, os.path.join(cfg.output_dir, "loss_curve.png"),
                             eval_points=[(0, eval_before), (result.global_step, eval_after)]
                             if math.isfinite(eval_before) else None)

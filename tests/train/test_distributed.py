@@ -177,3 +177,12 @@ def test_checkpoint_written_once_and_resume_under_ddp(two_process_run, tmp_path)
     assert len(resumed) == STEPS  # the 2 restored losses + 1 new step
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(single.losses), rtol=LOSS_RTOL, atol=0)
     assert got[1]["resume"] == resumed
+
+
+def test_config_field_and_help():
+    from train.config import ConfigError, build_arg_parser, parse_args
+
+    assert parse_args(["--distributed", "fsdp"]).distributed == "fsdp"
+    with pytest.raises(ConfigError, match="distributed"):
+        parse_args(["--distributed", "zero3"])
+    assert "FSDP2" in build_arg_parser().format_help()
