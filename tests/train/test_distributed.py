@@ -39,6 +39,7 @@ def tiny_model(nf4: bool):
             if isinstance(m, torch.nn.Linear) and name.endswith("_proj"):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, NF4Linear.from_linear(m))
+    model.model.gradient_checkpointing = True  # FSDP2 re-gathers inside the recompute
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
     with torch.no_grad():  # B = 0 at init would make the first steps' LoRA gradients trivial: randomize
         torch.manual_seed(1)
@@ -186,3 +187,26 @@ def test_config_field_and_help():
     with pytest.raises(ConfigError, match="distributed"):
         parse_args(["--distributed", "zero3"])
     assert "FSDP2" in build_arg_parser().format_help()
+
+
+def test_benchmark_arguments_and_targets():
+    """benchmarks/distributed.py: argument checks and the targets table (its runs are GPU jobs, not tests)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "distributed.py")
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parse_args(["--device", "cpu", "--gpus", "2,1", "--size", "tiny", "--rows", "ddp7b"])
+    assert a.gpu_counts == [1, 2] and a.size == "tiny"
+    for bad in (["--rows", "ddp8b"], ["--gpus", "a"], ["--gpus", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cpu", *bad])
+    rows = [{"row": "ddp7b", "gpus": 1, "tokens_per_s": 100.0}, {"row": "ddp7b", "gpus": 2, "tokens_per_s": 190.0},
+            {"row": "ddp7b", "gpus": 4, "tokens_per_s": 320.0}, {"row": "fsdp70b", "gpus": 1, "error": "OOM"}]
+    t = {x["name"]: x for x in bench.targets(rows)}
+    eff2 = t["ddp7b: DDP scaling efficiency at 2 GPUs"]
+    assert eff2["measured"] == 0.95 and eff2["met"] is True
+    assert t["ddp7b: DDP scaling efficiency at 4 GPUs"]["met"] is False  # 0.8 < 0.85
+    one = [x for x in t.values() if "ONE GPU" in x["name"]][0]
+    assert one["met"] is False and one["measured"] == "OOM"
