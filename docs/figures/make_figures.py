@@ -6,7 +6,7 @@ nf4_levels.png        the 16 NF4 levels over the standard normal density
 quant_error.png       |error| histograms of NF4, FP4 and int4 (blocksize 64) on the embedded model's weights
 roofline.png          the NF4 matmul's measured points against the H100 roofline (benchmarks/results/kernels-*.json)
 memory_breakdown.png  where a 7B QLoRA step's GPU memory goes (benchmarks/results/e2e-*.json)
-loss_curve.png        train/eval loss of the default `python -m train.run` (its loss_history.json)
+loss_curve.png        train/eval loss of the default `python -m train.run` (docs/figures/data/default_run_summary.json)
 A figure whose input does not exist yet is skipped with a message.
 """
 import argparse
@@ -166,21 +166,26 @@ def memory_breakdown(path):
 
 
 def loss_curve(path):
-    candidates = sorted(glob.glob(os.path.join(ROOT, "**", "loss_history.json"), recursive=True))
-    if not candidates:
-        print("loss_curve: no loss_history.json from `python -m train.run` yet, skipped")
+    """Train losses per step and eval loss before/after, from the default run's run_summary.json
+    (`python -m train.run` writes it to results/; a copy of one CPU run is kept in docs/figures/data/)."""
+    src = os.path.join(HERE, "data", "default_run_summary.json")
+    if not os.path.exists(src):
+        print(f"loss_curve: no {src} yet (copy results/run_summary.json of a default run there), skipped")
         return
-    hist = json.load(open(candidates[-1]))
+    run = json.load(open(src))
+    losses = run["losses"]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = hist.get("train", [])
-    ax.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
-    ev = hist.get("eval", [])
-    if ev:
-        ax.plot([p["step"] for p in ev], [p["loss"] for p in ev], "o-", label="eval loss")
-    ax.set_xlabel("step")
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="train loss (per step)")
+    k = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+    ax.plot(range(1, len(losses) + 1), smooth, lw=1.8, label=f"train loss ({k}-step mean)")
+    ax.plot([0, run["steps"]], [run["eval_loss_before"], run["eval_loss_after"]], "o--", color="tab:red",
+            label=f"held-out eval: {run['eval_loss_before']:.2f} -> {run['eval_loss_after']:.2f}")
+    ax.set_xlabel("step (batch 4)")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.set_title(f"python -m train.run (SmolLM2-135M, embedded data, {run['steps']} steps, CPU)", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
