@@ -93,10 +93,19 @@ def _worker(rank, world, port, out_root, queue):
                 results[(mode, nf4)] = res.losses
         # resume under DDP: 2 steps, checkpoint, a fresh model resumed to STEPS
         out = os.path.join(out_root, "resume")
-        train_once(out, False, "ddp", ctx, per_device=PER_DEVICE, max_steps=STEPS, save_steps=2)
-        # train_once saved checkpoint-2 on the way; start over from it
-        res, _ = train_once(out + "-b", False, "ddp", ctx, per_device=PER_DEVICE, resume=os.path.join(out, "checkpoint-2"))
+        # 4 steps: the 4th depends on the optimizer state restored at step 2, not only on the weights
+        res, _ = train_once(out, False, "ddp", ctx, per_device=PER_DEVICE, max_steps=4, save_steps=2)
+        results["ddp-whole"] = res.losses
+        res, _ = train_once(out + "-b", False, "ddp", ctx, per_device=PER_DEVICE, max_steps=4,
+                            resume=os.path.join(out, "checkpoint-2"))
         results["resume"] = res.losses
+        # resume under FSDP2 with the paged optimizer (states on each rank's shard, gathered into the checkpoint)
+        out = os.path.join(out_root, "resume-fsdp")
+        kw = dict(per_device=PER_DEVICE, optim="paged_adamw_32bit", max_steps=4)
+        res, _ = train_once(out, True, "fsdp", ctx, save_steps=2, **kw)
+        results["fsdp-paged"] = res.losses
+        res, _ = train_once(out + "-b", True, "fsdp", ctx, resume=os.path.join(out, "checkpoint-2"), **kw)
+        results["resume-fsdp"] = res.losses
         queue.put((rank, results, None))
     except Exception as e:  # report instead of hanging the parent
         import traceback
@@ -173,10 +182,11 @@ def test_checkpoint_written_once_and_resume_under_ddp(two_process_run, tmp_path)
     assert sorted(os.listdir(out)) == ["checkpoint-2"]  # rank 0 only; no temporary or per-rank leftovers
     assert sorted(os.listdir(os.path.join(out, "checkpoint-2"))) == [
         "adapter", "optimizer.pt", "rng_state.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
-    single, _ = train_once(str(tmp_path / "single"), False)
-    resumed = got[0]["resume"]
-    assert len(resumed) == STEPS  # the 2 restored losses + 1 new step
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(single.losses), rtol=LOSS_RTOL, atol=0)
+    single, _ = train_once(str(tmp_path / "single"), False, max_steps=4)
+    whole, resumed = got[0]["ddp-whole"], got[0]["resume"]
+    assert len(resumed) == 4  # the 2 restored losses + 2 new steps
+    torch.testing.assert_close(torch.tensor(whole), torch.tensor(single.losses), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=LOSS_RTOL, atol=0)
     assert got[1]["resume"] == resumed
 
 
@@ -210,3 +220,12 @@ def test_benchmark_arguments_and_targets():
     assert t["ddp7b: DDP scaling efficiency at 4 GPUs"]["met"] is False  # 0.8 < 0.85
     one = [x for x in t.values() if "ONE GPU" in x["name"]][0]
     assert one["met"] is False and one["measured"] == "OOM"
+
+
+def test_resume_under_fsdp_with_paged_optimizer(two_process_run):
+    """FSDP2 + PagedAdamW32bit: a run resumed from the gathered checkpoint-2 repeats the uninterrupted losses."""
+    _, got = two_process_run
+    whole, resumed = got[0]["fsdp-paged"], got[0]["resume-fsdp"]
+    assert len(whole) == len(resumed) == 4
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=LOSS_RTOL, atol=0)
+    assert got[1]["resume-fsdp"] == resumed
