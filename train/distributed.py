@@ -32,6 +32,7 @@ loading (~35 GB for 70B), then holds 1/world_size of it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -58,7 +59,7 @@ class DistContext:
 
     @property
     def active(self) -> bool:
-        return self.mode in ("ddp", "fsdp") and self.world_size > 1
+        return self.mode != "none" and self.world_size > 1  # "auto" until choose_mode resolves it
 
     @property
     def is_main(self) -> bool:
@@ -189,17 +190,20 @@ class ShardableNF4Linear(NF4Linear):
     def _apply(self, fn, recurse=True):
         meta = self.__dict__["_qmeta"]
         dtype = self.compute_dtype or meta["dtype"]
-        scales = self._parameters.pop("weight_scales")   # fp32 scales: moved, never cast (uint8 codes
-        try:                                               # are not cast by .to(dtype) anyway)
+        scales = self._parameters["weight_scales"]
+        probe = fn(torch.empty(0, dtype=dtype, device=scales.device))
+        casts = probe.dtype != dtype and probe.dtype.is_floating_point
+        if casts:  # .to(dtype): the fp32 scales must not be cast (uint8 codes never are); they only move
+            self._parameters.pop("weight_scales")
+        try:
             nn.Module._apply(self, fn, recurse)
         finally:
-            self._parameters["weight_scales"] = scales
-        probe = fn(torch.empty(0, dtype=dtype, device=scales.device))
-        if probe.device != scales.device:
-            self._parameters["weight_scales"] = nn.Parameter(scales.detach().to(probe.device), requires_grad=False)
-            if meta["nested"] is not None:
-                meta["nested"] = tuple(t.to(probe.device) if torch.is_tensor(t) else t for t in meta["nested"])
-        if probe.dtype.is_floating_point and probe.dtype != dtype:
+            if casts:
+                self._parameters["weight_scales"] = nn.Parameter(scales.detach().to(probe.device),
+                                                                 requires_grad=False)
+        if meta["nested"] is not None and probe.device != meta["nested"][0].device:
+            meta["nested"] = tuple(t.to(probe.device) if torch.is_tensor(t) else t for t in meta["nested"])
+        if casts:
             self.compute_dtype = probe.dtype
         return self
 
@@ -239,6 +243,117 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
     for layer in (layers or []):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_model_sharded(path, ctx: DistContext, device: torch.device, dtype: torch.dtype, quantize: Optional[str],
+                       lora_config, seed: int, blocksize: int = 64) -> Optional[nn.Module]:
+    """FSDP2 loading where each rank reads only its rows of each tensor from the safetensors files.
+
+    The model (NF4 linears as ShardableNF4Linear, LoRA injected) is built on the meta device, sharded with
+    `wrap_model`, materialized with `to_empty`, and each rank fills its dim-0 shard: a dense tensor's rows
+    [r*c, (r+1)*c) (c = ceil(rows / world), torch.chunk's split, what FSDP2's Shard(0) keeps) through
+    safetensors `get_slice`; an NF4 linear's rows [r*out/world, (r+1)*out/world) are read and quantized on
+    the rank, and their codes and absmax scales are exactly its shard of `weight_packed` / `weight_scales`
+    when out % world == 0 and in % (2*blocksize) == 0 (whole bytes and whole blocks per row; otherwise the
+    whole weight is read and quantized, and the rank keeps its chunk). LoRA A/B are drawn from `seed` with the
+    same generator calls as inject_lora on `device` (so the run equals a single-process one), then cut.
+    Returns None where this path does not apply (pre-quantized or biased linears): the caller loads normally.
+    """
+    from safetensors import safe_open
+
+    from kernels import quantize_weight
+    from llama.checkpoint import IGNORED_KEYS, check_keys, quantized_prefixes, read_headers, resolve_model_dir, \
+        weight_files
+    from llama.config import ModelArgs
+    from llama.model import LlamaForCausalLM
+    from lora import inject_lora, lora_layers
+
+    model_dir = resolve_model_dir(path)
+    args = ModelArgs.from_json(model_dir)
+    files = weight_files(model_dir)
+    where = read_headers(model_dir, files)
+    if quantized_prefixes(where):
+        return None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    check_keys(model, where, model_dir)
+    quantized = set()
+    if quantize is not None:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Linear) and name.endswith("_proj"):  # llama.checkpoint's rule: not lm_head
+                if m.bias is not None:
+                    return None
+                n = m.in_features * m.out_features
+                qw = QuantizedWeight4bit(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="meta"),
+                                         torch.empty(-(-n // blocksize), device="meta"),
+                                         (m.out_features, m.in_features), dtype, blocksize, quantize)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, make_shardable(NF4Linear(qw, None, compute_dtype=dtype)))
+                quantized.add(name + ".weight")
+    inject_lora(model, lora_config)
+    wrap_model(model, ctx, device, dtype)
+    model.to_empty(device=device)
+    W, r = ctx.world_size, ctx.rank
+    params = dict(model.named_parameters())
+
+    def rows(n: int) -> tuple[int, int]:
+        c = -(-n // W)
+        start = min(r * c, n)
+        return start, min(start + c, n)
+
+    def put(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if tuple(local.shape) != tuple(value.shape):
+            raise RuntimeError(f"sharded load of {what}: rank {r} got {tuple(value.shape)} for a shard of "
+                               f"{tuple(local.shape)}")
+        with torch.no_grad():
+            local.copy_(value.to(local.device, local.dtype))
+
+    with torch.no_grad():
+        for fname in files:
+            with safe_open(str(model_dir / fname), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if IGNORED_KEYS.fullmatch(key) or (args.tie_word_embeddings and key == "lm_head.weight"):
+                        continue
+                    if key in quantized:
+                        prefix = key[: -len(".weight")]
+                        mod = model.get_submodule(prefix)
+                        lin = mod.base_layer if hasattr(mod, "base_layer") else mod
+                        pname = prefix + (".base_layer" if lin is not mod else "")
+                        out_f, in_f = lin.out_features, lin.in_features
+                        if out_f % W == 0 and in_f % (2 * blocksize) == 0:  # this rank's rows only
+                            k = out_f // W
+                            w = f.get_slice(key)[r * k:(r + 1) * k].to(device, dtype)
+                            qw = quantize_weight(w, blocksize, quantize, False)
+                            packed, scales = qw.packed, qw.absmax
+                        else:  # whole weight, keep this rank's chunk of codes and scales
+                            qw = quantize_weight(f.get_tensor(key).to(device, dtype), blocksize, quantize, False)
+                            a, b = rows(qw.packed.shape[0])
+                            c, d = rows(qw.absmax.shape[0])
+                            packed, scales = qw.packed[a:b], qw.absmax[c:d]
+                        put(params[pname + ".weight_packed"], packed, key)
+                        put(params[pname + ".weight_scales"], scales, key)
+                    else:
+                        name = key if key in params else key.replace(".weight", ".base_layer.weight")
+                        p = params[name]
+                        a, b = rows(p.shape[0])
+                        put(p, f.get_slice(key)[a:b], key)
+        # LoRA: inject_lora's generator calls, on `device`, from `seed` (what train.run does after seeding)
+        torch.manual_seed(seed)
+        for name, layer in lora_layers(model):
+            A = nn.Linear(layer.in_features, layer.r, bias=False, device=device, dtype=torch.float32)
+            B = nn.Linear(layer.r, layer.out_features, bias=layer.lora_B.bias is not None, device=device,
+                          dtype=torch.float32)
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+            for mod, full_mod in ((layer.lora_A, A), (layer.lora_B, B)):
+                for pn, p in mod.named_parameters():
+                    v = getattr(full_mod, pn)
+                    if pn == "bias":
+                        v = torch.zeros_like(v)
+                    a, b = rows(v.shape[0])
+                    put(p, v[a:b], f"{name}.{pn}")
     return model
 
 

@@ -274,7 +274,9 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
     from llama import load_tokenizer
     from lora import LoraConfig, inject_lora, save_adapter, trainable_parameters_report
 
-    model = load_base_model(cfg, device, dtype, log)
+    # --distributed fsdp: each rank reads only its rows of the checkpoint (after the data, with the LoRA config)
+    sharded = ctx.active and ctx.mode == "fsdp"
+    model = None if sharded else load_base_model(cfg, device, dtype, log)
     tok = load_tokenizer(cfg.model_name)
     adapter = TokenizerAdapter(tok)
     train_ds, eval_ds, samples = build_data(cfg, tok, adapter, device, log)
@@ -283,7 +285,23 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM",
                       base_model_name_or_path=cfg.model_name or "HuggingFaceTB/SmolLM2-135M-Instruct")
-    inject_lora(model, lcfg)
+    if sharded:
+        from .distributed import load_model_sharded
+
+        t = time.time()
+        quantize = cfg.bnb_4bit_quant_type if cfg.use_4bit and (device.type == "cuda" or cfg.cpu_use_4bit) else None
+        model = load_model_sharded(cfg.model_name, ctx, device, dtype, quantize, lcfg, cfg.seed)
+        if model is None:
+            log("FSDP: this checkpoint (pre-quantized or biased linears) loads whole on every rank, then is sharded")
+            sharded = False
+            model = load_base_model(cfg, device, dtype, log)
+            seed_everything(cfg.seed)
+        else:
+            log(f"model: {cfg.model_name or 'embedded SmolLM2-135M-Instruct'}, FSDP2-sharded while loading (each "
+                f"rank read and quantized only its rows), {'NF4 ' if quantize else ''}{dtype}, "
+                f"{time.time() - t:.1f}s")
+    if not sharded:
+        inject_lora(model, lcfg)
     log(trainable_parameters_report(model))
     if hasattr(model, "model") and hasattr(model.model, "gradient_checkpointing"):
         model.model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -291,7 +309,8 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
         ctx = choose_mode(ctx, model, device, log)
         log(f"data: each optimizer step = {cfg.gradient_accumulation_steps} micro-batch(es) of "
             f"{cfg.per_device_train_batch_size} x {ctx.world_size} examples, rank r training on its r-th slice")
-    wrapped = wrap_model(model, ctx, device, dtype)  # DDP / FSDP2 under torchrun, else the model itself
+    # DDP / FSDP2 under torchrun (a sharded load is wrapped already), else the model itself
+    wrapped = model if sharded else wrap_model(model, ctx, device, dtype)
     if ctx.active:
         torch.manual_seed(cfg.seed + ctx.rank)  # same LoRA init everywhere (above), own dropout masks per rank
     sample_here = ctx.is_main and ctx.mode != "fsdp"  # FSDP2: generation would need every rank in lockstep

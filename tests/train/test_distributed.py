@@ -17,7 +17,7 @@ from lora import LoraConfig, inject_lora
 from train.config import TrainConfig
 from train.data import tokenize_texts
 from train.dataset_builtin import builtin_dataset
-from train.distributed import DistContext, empty_example, rank_slice
+from train.distributed import DistContext, empty_example, rank_slice, wrap_model
 
 from .conftest import ByteTokenizer
 
@@ -106,6 +106,26 @@ def _worker(rank, world, port, out_root, queue):
         results["fsdp-paged"] = res.losses
         res, _ = train_once(out + "-b", True, "fsdp", ctx, resume=os.path.join(out, "checkpoint-2"), **kw)
         results["resume-fsdp"] = res.losses
+        # each rank reads only its rows of the checkpoint: the same shards as loading whole, then sharding
+        from llama import load_model
+        from train.distributed import load_model_sharded
+
+        lc = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        for sub in ("rows", "whole"):  # hidden 128: NF4 rows read per rank; hidden 64: whole weight, then cut
+            d = os.path.join(out_root, "ckpt-" + sub)
+            for quant in ("nf4", None):
+                m1 = load_model(d, quantize=quant)
+                torch.manual_seed(5)
+                inject_lora(m1, lc)
+                ctx.mode = "fsdp"
+                wrap_model(m1, ctx, torch.device("cpu"))
+                m2 = load_model_sharded(d, ctx, torch.device("cpu"), torch.float32, quant, lc, seed=5)
+                p1, p2 = dict(m1.named_parameters()), dict(m2.named_parameters())
+                same = list(p1) == list(p2) and all(torch.equal(p1[n].to_local(), p2[n].to_local()) for n in p1)
+                ids = torch.randint(0, ARGS["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    same = same and torch.equal(m1(ids).logits, m2(ids).logits)
+                results[("sharded-load", sub, quant)] = same
         queue.put((rank, results, None))
     except Exception as e:  # report instead of hanging the parent
         import traceback
@@ -126,6 +146,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist"))
+    from llama import save_model
+
+    for sub, hidden in (("rows", 128), ("whole", 64)):
+        torch.manual_seed(0)
+        save_model(LlamaForCausalLM(ModelArgs(**dict(ARGS, hidden_size=hidden, tie_word_embeddings=True))),
+                   os.path.join(root, "ckpt-" + sub))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -229,3 +255,12 @@ def test_resume_under_fsdp_with_paged_optimizer(two_process_run):
     assert len(whole) == len(resumed) == 4
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=LOSS_RTOL, atol=0)
     assert got[1]["resume-fsdp"] == resumed
+
+
+@pytest.mark.parametrize("sub", ["rows", "whole"])
+@pytest.mark.parametrize("quant", ["nf4", None], ids=["nf4", "dense"])
+def test_each_rank_reads_only_its_shard(two_process_run, sub, quant):
+    """load_model_sharded (rows read with safetensors get_slice, NF4 quantized per rank) gives every rank the
+    same shards and logits as loading the whole model and then sharding it."""
+    _, got = two_process_run
+    assert got[0][("sharded-load", sub, quant)] and got[1][("sharded-load", sub, quant)]
