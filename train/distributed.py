@@ -24,10 +24,13 @@ cuda:LOCAL_RANK. Everything else is the single-process run with four hooks:
 4. control: decisions that end the loop (time budget, non-finite loss) are all-reduced so every rank
    leaves at the same step.
 
-Reading the base checkpoint: every rank streams the safetensors files (the OS page cache serves the
-ranks of one host from a single copy of the file) and quantizes each linear as it arrives; fully_shard
-then frees every shard but the rank's own. Device memory peaks near one full NF4 copy of the model while
-loading (~35 GB for 70B), then holds 1/world_size of it.
+Reading the base checkpoint: with --distributed fsdp, `load_model_sharded` builds the model on the meta
+device, shards it, and each rank reads only its rows of every tensor (safetensors `get_slice`) and quantizes
+only its rows of each linear: its codes and scales are exactly its FSDP2 shard when out % world == 0 and
+in % 128 == 0 (Llama 7B/70B shapes); other linears are read whole and cut. Device memory peaks near the
+rank's shard plus one weight. Pre-quantized (bitsandbytes-form) checkpoints, double quantization and
+--distributed auto (which needs the model to decide) load whole on every rank and are sharded afterwards
+(the OS page cache serves the ranks of one host from one copy of the file).
 """
 from __future__ import annotations
 
@@ -247,7 +250,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
 
 
 def load_model_sharded(path, ctx: DistContext, device: torch.device, dtype: torch.dtype, quantize: Optional[str],
-                       lora_config, seed: int, blocksize: int = 64) -> Optional[nn.Module]:
+                       lora_config, seed: int, blocksize: int = 64, double_quant: bool = False) -> Optional[nn.Module]:
     """FSDP2 loading where each rank reads only its rows of each tensor from the safetensors files.
 
     The model (NF4 linears as ShardableNF4Linear, LoRA injected) is built on the meta device, sharded with
@@ -258,7 +261,8 @@ def load_model_sharded(path, ctx: DistContext, device: torch.device, dtype: torc
     when out % world == 0 and in % (2*blocksize) == 0 (whole bytes and whole blocks per row; otherwise the
     whole weight is read and quantized, and the rank keeps its chunk). LoRA A/B are drawn from `seed` with the
     same generator calls as inject_lora on `device` (so the run equals a single-process one), then cut.
-    Returns None where this path does not apply (pre-quantized or biased linears): the caller loads normally.
+    Returns None where this path does not apply (pre-quantized or biased linears, double quantization): the
+    caller loads normally.
     """
     from safetensors import safe_open
 
@@ -273,7 +277,7 @@ def load_model_sharded(path, ctx: DistContext, device: torch.device, dtype: torc
     args = ModelArgs.from_json(model_dir)
     files = weight_files(model_dir)
     where = read_headers(model_dir, files)
-    if quantized_prefixes(where):
+    if quantized_prefixes(where) or double_quant:
         return None
     with torch.device("meta"):
         model = LlamaForCausalLM(args)

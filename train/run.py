@@ -290,9 +290,11 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
 
         t = time.time()
         quantize = cfg.bnb_4bit_quant_type if cfg.use_4bit and (device.type == "cuda" or cfg.cpu_use_4bit) else None
-        model = load_model_sharded(cfg.model_name, ctx, device, dtype, quantize, lcfg, cfg.seed)
+        model = load_model_sharded(cfg.model_name, ctx, device, dtype, quantize, lcfg, cfg.seed,
+                                   double_quant=cfg.use_nested_quant)
         if model is None:
-            log("FSDP: this checkpoint (pre-quantized or biased linears) loads whole on every rank, then is sharded")
+            log("FSDP: this checkpoint (pre-quantized or biased linears, or double quant) loads whole on every rank, "
+                "then is sharded")
             sharded = False
             model = load_base_model(cfg, device, dtype, log)
             seed_everything(cfg.seed)
