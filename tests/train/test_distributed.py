@@ -127,7 +127,7 @@ def _worker(rank, world, port, out_root, queue):
                     same = same and torch.equal(m1(ids).logits, m2(ids).logits)
                 results[("sharded-load", sub, quant)] = same
         queue.put((rank, results, None))
-    except Exception as e:  # report instead of hanging the parent
+    except Exception:  # report instead of hanging the parent
         import traceback
 
         queue.put((rank, None, traceback.format_exc()))
