@@ -309,6 +309,10 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
         model.model.gradient_checkpointing = cfg.gradient_checkpointing
     if ctx.active:
         ctx = choose_mode(ctx, model, device, log)
+        if ctx.mode == "fsdp" and cfg.optim == "paged_adamw_8bit" and cfg.save_steps:
+            raise ConfigError("--optim paged_adamw_8bit with --distributed fsdp: its blockwise 8-bit states of "
+                              "parameter shards cannot be gathered into a checkpoint; use paged_adamw_32bit or "
+                              "adamw_torch, or --save_steps 0")
         log(f"data: each optimizer step = {cfg.gradient_accumulation_steps} micro-batch(es) of "
             f"{cfg.per_device_train_batch_size} x {ctx.world_size} examples, rank r training on its r-th slice")
     # DDP / FSDP2 under torchrun (a sharded load is wrapped already), else the model itself
