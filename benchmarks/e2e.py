@@ -433,11 +433,9 @@ def seed_nf4_paths(M: int) -> None:
         nm._path_cache.setdefault((rest[0], bucket) + rest[1:], path)
 
 
-def longest_slope(stack, args, device, lengths, double_quant):
-    """Peak memory at batch 1 for a few lengths (one step each, nf4 paths reused, so no timing buffers), fitted by
-    peak = a + b * L; the longest length that fits is extrapolated to the card's memory (97%)."""
-    free(device)
-    t_start = time.perf_counter()
+def build_longest_stack(stack, args, device, double_quant):
+    """The batch-1 all-linears, checkpointed training step of one stack for the longest-sequence searches:
+    -> (model, optimizer, Step)."""
     if stack == "hf":
         model = build_hf(args, device, ALL7, True)
         opt, loss_fn = hf_optimizer([p for p in model.parameters() if p.requires_grad], device), hf_loss
@@ -445,7 +443,15 @@ def longest_slope(stack, args, device, lengths, double_quant):
         model = build_ours(args, device, ALL7, double_quant)
         enable_fast_path(model, checkpointing=True, offload=True, offload_embeddings=True)
         opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
-    step = Step(model, loss_fn, opt, device)
+    return model, opt, Step(model, loss_fn, opt, device)
+
+
+def longest_slope(stack, args, device, lengths, double_quant):
+    """Peak memory at batch 1 for a few lengths (one step each, nf4 paths reused, so no timing buffers), fitted by
+    peak = a + b * L; the longest length that fits is extrapolated to the card's memory (97%)."""
+    free(device)
+    t_start = time.perf_counter()
+    model, opt, step = build_longest_stack(stack, args, device, double_quant)
     trials = []
     for L in lengths:
         seed_nf4_paths(L)
@@ -481,14 +487,7 @@ def longest(stack, args, device, budget_s, max_len, double_quant):
     bracket, stopping when the next trial would not fit the time budget (predicted from the last one)."""
     free(device)
     t_start = time.perf_counter()
-    if stack == "hf":
-        model = build_hf(args, device, ALL7, True)
-        opt, loss_fn = hf_optimizer([p for p in model.parameters() if p.requires_grad], device), hf_loss
-    else:
-        model = build_ours(args, device, ALL7, double_quant)
-        enable_fast_path(model, checkpointing=True, offload=True, offload_embeddings=True)
-        opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
-    step = Step(model, loss_fn, opt, device)
+    model, opt, step = build_longest_stack(stack, args, device, double_quant)
     trials, ok, bad, last_t = [], 0, None, 0.0
 
     def trial(L):
