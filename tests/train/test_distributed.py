@@ -246,6 +246,11 @@ def test_benchmark_arguments_and_targets():
     assert t["ddp7b: DDP scaling efficiency at 4 GPUs"]["met"] is False  # 0.8 < 0.85
     one = [x for x in t.values() if "ONE GPU" in x["name"]][0]
     assert one["met"] is False and one["measured"] == "OOM"
+    # GPU counts absent from the machine: not measured, not met, and the reason kept with the target
+    t = {x["name"]: x for x in bench.targets(rows[:2], {4: "not run: 2 GPUs here"})}
+    four = t["ddp7b: DDP scaling efficiency at 4 GPUs"]
+    assert four["measured"] is None and four["met"] is False and four["note"] == "not run: 2 GPUs here"
+    assert bench.parse_args(["--device", "cpu", "--rows", "hf-fsdp70b"]).rows == "hf-fsdp70b"
 
 
 def test_resume_under_fsdp_with_paged_optimizer(two_process_run):
