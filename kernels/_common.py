@@ -49,6 +49,22 @@ def code_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
     return _tables(quant_type, str(device))[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_tables(quant_type: str, device: str):
+    table = code_table(quant_type, torch.device("cpu")).float()
+    b = torch.arange(256)
+    pairs = torch.stack([table[b >> 4], table[b & 15]], dim=1).contiguous()   # (256, 2): byte -> (even, odd)
+    f32 = pairs.view(torch.int64).reshape(256).to(device)                     # low word = even element
+    f16 = pairs.half().contiguous().view(torch.int32).reshape(256).to(device)  # low half = even element
+    return f32, f16
+
+
+def pair_table_on(quant_type: str, device: torch.device, half: bool = False) -> torch.Tensor:
+    """The 256-entry byte -> (value of the high nibble, value of the low nibble) table: int64 words holding
+    two float32 values (exact), or with half=True int32 words holding two float16 values (cached)."""
+    return _pair_tables(quant_type, str(device))[1 if half else 0]
+
+
 def thresholds_on(quant_type: str, device: torch.device) -> torch.Tensor:
     """The NF4 (15) or FP4 magnitude (7) float32 thresholds on `device` (cached)."""
     return _tables(quant_type, str(device))[1]
@@ -100,6 +116,67 @@ def load_scales(block_idx, mask, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offs
         return mul_rn(c, a2, USE_PTX) + tl.load(offset_ptr)
     else:
         return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
+
+
+def _prmt_lookup_asm(quant_type: str) -> str:
+    """PTX that looks up the 16-entry table, rounded to float16, for 4 packed bytes (8 codes) in registers
+    with byte permutes instead of memory gathers. The table's low bytes L[0..15] and high bytes H[0..15] sit
+    in 4 + 4 registers; for 4 codes (a 16-bit selector of nibbles) `prmt` picks L[c & 7] from entries 0-7
+    and 8-15, a third `prmt` keeps the half that bit 3 asks for, the same for H, and two more interleave
+    (L, H) into float16 pairs. Outputs $0,$1: high-nibble values of bytes 0..3 (float16 x 4); $2,$3:
+    low-nibble values; input $4: the 4 bytes."""
+    half = code_table(quant_type, torch.device("cpu")).half().view(torch.int16).to(torch.int32) & 0xFFFF
+    lo = [int(v) & 0xFF for v in half]
+    hi = [int(v) >> 8 for v in half]
+    word = lambda b, i: b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16 | b[4 * i + 3] << 24  # noqa: E731
+    movs = "".join(f"mov.b32 l{i}, {word(lo, i)};\n mov.b32 h{i}, {word(hi, i)};\n" for i in range(4))
+
+    def lookup(sel, r0, r1):
+        return (f"and.b32 c, {sel}, 0x7777;\n shr.b32 t, {sel}, 1;\n and.b32 t, t, 0x4444;\n or.b32 t, t, 0x3210;\n"
+                "prmt.b32 a0, l0, l1, c;\n prmt.b32 a1, l2, l3, c;\n prmt.b32 lb, a0, a1, t;\n"
+                "prmt.b32 a0, h0, h1, c;\n prmt.b32 a1, h2, h3, c;\n prmt.b32 hb, a0, a1, t;\n"
+                f"prmt.b32 {r0}, lb, hb, 0x5140;\n prmt.b32 {r1}, lb, hb, 0x7362;\n")
+
+    return ("{\n .reg .b32 l0, l1, l2, l3, h0, h1, h2, h3, v, s, t, c, a0, a1, lb, hb;\n" + movs +
+            # low nibbles of bytes 0..3 -> selector nibbles 0..3
+            "and.b32 v, $4, 0x0F0F0F0F;\n shr.b32 t, v, 4;\n or.b32 v, v, t;\n prmt.b32 s, v, 0, 0x0020;\n" +
+            lookup("s", "$2", "$3") +
+            # high nibbles
+            "shr.b32 v, $4, 4;\n and.b32 v, v, 0x0F0F0F0F;\n shr.b32 t, v, 4;\n or.b32 v, v, t;\n"
+            "prmt.b32 s, v, 0, 0x0020;\n" + lookup("s", "$0", "$1") + "}")
+
+
+PRMT_NF4: tl.constexpr = tl.constexpr(_prmt_lookup_asm("nf4"))
+PRMT_FP4: tl.constexpr = tl.constexpr(_prmt_lookup_asm("fp4"))
+
+
+@triton.jit
+def unpack_values_lut(byte, table_ptr, LUT: tl.constexpr, USE_PTX: tl.constexpr):
+    """uint8 bytes -> (high-nibble value, low-nibble value) as float32, by LUT mode:
+    0: two gathers from the 16-entry float32 table; 1: one gather from the 256-entry float32-pair table
+    (exact); 2: one gather from the 256-entry float16-pair table (values rounded to float16);
+    3 (NF4) / 4 (FP4): the float16 table in registers through byte permutes (GPU; the interpreter reads
+    the float16-pair table instead, same values)."""
+    if LUT == 0:
+        hi, lo = unpack_values(byte, table_ptr)
+    elif LUT >= 3 and USE_PTX:
+        if LUT == 3:
+            hi, lo = tl.inline_asm_elementwise(PRMT_NF4, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            hi, lo = tl.inline_asm_elementwise(PRMT_FP4, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
+    elif LUT == 1:
+        v = tl.load(table_ptr + byte.to(tl.int32))
+        hi = (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        lo = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        v = tl.load(table_ptr + byte.to(tl.int32))
+        hi = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        lo = ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return hi, lo
 
 
 @triton.jit

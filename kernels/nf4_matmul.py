@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, code_table_on, interpreting, load_scales, scale_args, \
-    unpack_values, use_ptx
+from ._common import check_triton_device, code_table_on, interpreting, load_scales, pair_table_on, scale_args, \
+    unpack_values, unpack_values_lut, use_ptx
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 
 DECODE_MAX_M = 16
@@ -232,6 +232,119 @@ def _nf4_decode_blocked_kernel(
 
 
 @triton.jit
+def _nf4_gemv_v2_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
+    # sizes
+    N, K, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr, ATOMIC: tl.constexpr, LUT: tl.constexpr,
+):
+    """y[n] = sum_b absmax[n, b] * sum_{k in block b} table[code(n, k)] * x[k] for one row x, K % BLOCKSIZE == 0.
+
+    Memory-bound: each program streams BN rows x NB whole 4-bit blocks a step as (BN, NB, BLOCKSIZE/2)
+    contiguous bytes; the scale multiplies the block's partial dot product once instead of every weight,
+    and x is loaded contiguously and split into even/odd columns in registers. Program = (BN rows, K slice);
+    with SPLIT_K > 1 the slices add into a zeroed float32 y."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HB: tl.constexpr = BLOCKSIZE // 2
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    kb = K // BLOCKSIZE
+    per = tl.cdiv(tl.cdiv(kb, SPLIT_K), NB) * NB                            # blocks per K slice
+    b_lo = pid_k * per
+    b_hi = tl.minimum(b_lo + per, kb)
+    rb = tl.arange(0, NB)
+    rj = tl.arange(0, HB)
+    re = tl.arange(0, BLOCKSIZE)
+    acc = tl.zeros((BN, NB), dtype=tl.float32)
+    for b0 in range(b_lo, b_hi, NB):
+        bidx = b0 + rb
+        bmask = bidx < b_hi
+        m2 = nmask[:, None] & bmask[None, :]                                # (BN, NB)
+        sidx = rn[:, None] * kb + bidx[None, :]                             # global block index
+        byte = tl.load(packed_ptr + sidx[:, :, None] * HB + rj[None, None, :], mask=m2[:, :, None], other=0)
+        scale = load_scales(sidx, m2, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, DOUBLE_QUANT,
+                            USE_PTX)                                        # (BN, NB)
+        xv = tl.load(x_ptr + bidx[:, None] * BLOCKSIZE + re[None, :], mask=bmask[:, None], other=0.0)
+        xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NB, HB, 2)))      # (NB, HB) even / odd columns
+        hi, lo = unpack_values_lut(byte, table_ptr, LUT, USE_PTX)                    # (BN, NB, HB)
+        acc += tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2) * scale
+    y = tl.sum(acc, axis=1)                                                 # (BN,)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + rn, y, mask=nmask)
+    else:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _nf4_decode_swap_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
+    # sizes and strides
+    M, N, K, stride_xm, stride_xk, stride_ym, stride_yn, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, ATOMIC: tl.constexpr,
+    LUT: tl.constexpr,
+):
+    """Small-M y = x @ W.T (+ bias) on tensor cores, K % BLOCKSIZE == 0, computed transposed:
+    y.T tile (BN, BM) = W tile (BN, BK) @ x.T tile (BK, BM), so the dequantized weight is the dot's first
+    operand straight from registers (row-major, no transpose) and the few rows of x are the small second
+    operand. Program = (BN rows of W, BM rows of x, K slice); SPLIT_K > 1 adds into a zeroed float32 y."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HB: tl.constexpr = BLOCKSIZE // 2
+    BK2: tl.constexpr = NB * HB
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    kb = K // BLOCKSIZE
+    per = tl.cdiv(tl.cdiv(kb, SPLIT_K), NB) * NB
+    b_lo = pid_k * per
+    b_hi = tl.minimum(b_lo + per, kb)
+    rb = tl.arange(0, NB)
+    rj = tl.arange(0, HB)
+    rk = tl.arange(0, BK2)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for b0 in range(b_lo, b_hi, NB):
+        bidx = b0 + rb
+        bmask = bidx < b_hi
+        m2 = nmask[:, None] & bmask[None, :]
+        sidx = rn[:, None] * kb + bidx[None, :]
+        byte = tl.load(packed_ptr + sidx[:, :, None] * HB + rj[None, None, :], mask=m2[:, :, None], other=0)
+        scale = load_scales(sidx, m2, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, DOUBLE_QUANT,
+                            USE_PTX)[:, :, None]
+        hi, lo = unpack_values_lut(byte, table_ptr, LUT, USE_PTX)
+        w_hi = tl.reshape((hi * scale).to(dtype), (BN, BK2))                # (BN, BK/2), rounded like dequantize
+        w_lo = tl.reshape((lo * scale).to(dtype), (BN, BK2))
+        ke = b0 * BLOCKSIZE + 2 * rk                                        # even columns (BK/2,)
+        xmask = (ke < b_hi * BLOCKSIZE)[:, None] & mmask[None, :]
+        xp = x_ptr + ke[:, None] * stride_xk + rm[None, :] * stride_xm     # (BK/2, BM): x.T
+        xe = tl.load(xp, mask=xmask, other=0.0)
+        xo = tl.load(xp + stride_xk, mask=xmask, other=0.0)
+        acc = tl.dot(w_hi, xe, acc, input_precision=PRECISION)
+        acc = tl.dot(w_lo, xo, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    yp = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
+    omask = nmask[:, None] & mmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(yp, acc, mask=omask)
+    else:
+        tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _nf4_matmul_t_kernel(
     # pointers
     g_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, gx_ptr,
@@ -397,6 +510,8 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     common = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=has_bias, USE_PTX=use_ptx(x))
+    if path in ("gemv2", "swap"):
+        return _launch_v2(x, qw, bias, path, config, common)
     if config is None and interpreting():
         config = {"gemv": {"BN": 16, "BK": 64}, "gemv_blocked": {"BN": 16, "NB": 2},
                   "decode_blocked": {"BM": 16, "BN": 16, "NB": 2}}.get(
@@ -434,6 +549,60 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
     kern[grid](x, *wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                **common, PRECISION=_precision(x.dtype), **(config or {}))
+    return y.to(x.dtype)
+
+
+_LAST = {}  # the last compiled v2 kernel (benchmarks/diag inspect its registers and IR)
+_V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, BN=16, NB=2, SPLIT_K=1, LUT=1)}
+
+
+def _v2_default(path, M, N, K, blocksize):
+    """A config for the v2 decode kernels where none is given (GPU): enough programs to fill the GPU."""
+    n_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if path == "gemv2":
+        cfg = dict(BN=4, NB=4, SPLIT_K=1, LUT=1, num_warps=4, num_stages=2)
+        progs = triton.cdiv(N, cfg["BN"])
+    else:
+        cfg = dict(BM=16, BN=64, NB=2, SPLIT_K=1, LUT=1, num_warps=4, num_stages=2)
+        progs = triton.cdiv(N, cfg["BN"]) * triton.cdiv(M, cfg["BM"])
+    kb = K // blocksize
+    while progs * cfg["SPLIT_K"] < 2 * n_sm and kb // (cfg["SPLIT_K"] * 2) >= 4 * cfg["NB"]:
+        cfg["SPLIT_K"] *= 2
+    return cfg
+
+
+def _launch_v2(x, qw, bias, path, config, common):
+    """Launch the v2 GEMV (M = 1) or the swapped small-M tensor-core kernel. config: constexprs
+    (BN, NB, SPLIT_K, LUT, BM for "swap") plus num_warps / num_stages."""
+    M, K = x.shape
+    N = qw.shape[0]
+    if K % qw.blocksize:
+        raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
+    if path == "gemv2" and M != 1:
+        raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
+    if config is None:
+        config = dict(_V2_INTERP[path]) if interpreting() else _v2_default(path, M, N, K, qw.blocksize)
+    config = dict(config)
+    lut = config.setdefault("LUT", 1)
+    split_k = config.pop("SPLIT_K", 1)
+    config["ATOMIC"] = split_k > 1
+    a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
+    if lut >= 3:  # the register table; the launcher names the quant type, the interpreter reads float16 pairs
+        lut = config["LUT"] = 3 if qw.quant_type == "nf4" else 4
+    table = code_table_on(qw.quant_type, x.device) if lut == 0 else pair_table_on(qw.quant_type, x.device, lut >= 2)
+    wargs = (qw.packed, a, q, a2, code8, offset, table)
+    bias_arg = bias if bias is not None else x
+    out_dtype = torch.float32 if split_k > 1 else x.dtype
+    y = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=out_dtype, device=x.device)
+    if path == "gemv2":
+        x = x.contiguous()
+        _LAST["compiled"] = _nf4_gemv_v2_kernel[(triton.cdiv(N, config["BN"]), split_k)](
+            x, *wargs, bias_arg, y, N, K, split_k, **common, **config)
+    else:
+        grid = (triton.cdiv(N, config["BN"]), triton.cdiv(M, config["BM"]), split_k)
+        _LAST["compiled"] = _nf4_decode_swap_kernel[grid](
+            x, *wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1), split_k, **common,
+            PRECISION=_precision(x.dtype), **config)
     return y.to(x.dtype)
 
 

@@ -62,6 +62,43 @@ def test_split_k_and_strided_input():
     assert rel_err(mm.nf4_matmul_fused(x, qw, config=cfg), x.double() @ w.T) < 1e-5
 
 
+# LUT modes of the v2 decode kernels: 0/1 read the exact float32 table (one or two gathers), 2 and 3 the
+# table rounded to float16 (3 = register permutes on a GPU; the interpreter reads the same float16 values),
+# whose relative error (~2^-11 per weight, ~2e-4 on a product) is below a bf16 weight's own rounding.
+LUT_TOL = {0: 1e-5, 1: 1e-5, 2: 1e-3, 3: 1e-3}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("lut", [0, 1, 2, 3])
+@pytest.mark.parametrize("M,path,split_k", [(1, "gemv2", 1), (1, "gemv2", 3), (5, "swap", 1), (19, "swap", 2)])
+def test_v2_decode_paths(quant_type, dq, lut, M, path, split_k):
+    """The v2 GEMV (M = 1) and the swapped tensor-core kernel (small M, x.T as the second operand) against
+    float64 math: every LUT mode, split-K, odd N, bias, float32 (tight) inputs."""
+    N, K = 37, 320
+    qw = make(N, K, dq, quant_type, seed=M + lut)
+    w = qw.dequantize(torch.float32).double()
+    x = torch.randn(M, K)
+    b = torch.randn(N)
+    cfg = dict(mm._V2_INTERP[path], LUT=lut, SPLIT_K=split_k)
+    y = mm.nf4_matmul_fused(x, qw, b, path=path, config=cfg)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert rel_err(y, x.double() @ w.T + b.double()) < max(LUT_TOL[lut], 1e-5), (path, lut)
+
+
+def test_v2_paths_fp16_and_bad_input():
+    qw = make(24, 256, True, seed=3)
+    w = qw.dequantize(torch.float16).double()
+    x = torch.randn(3, 256).half()
+    assert rel_err(mm.nf4_matmul_fused(x, qw, path="swap"), x.double() @ w.T) < 2e-3
+    assert rel_err(mm.nf4_matmul_fused(x[:1], qw, path="gemv2"), x[:1].double() @ w.T) < 2e-3
+    with pytest.raises(ValueError, match="one row"):
+        mm.nf4_matmul_fused(x, qw, path="gemv2")
+    q200 = make(8, 200, False)             # 200 % 64 != 0: no whole-block kernels
+    with pytest.raises(ValueError, match="blocksize"):
+        mm.nf4_matmul_fused(torch.randn(1, 200), q200, path="gemv2")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dq", [False, True])
 @pytest.mark.parametrize("M", [1, 18])
