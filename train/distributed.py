@@ -221,6 +221,39 @@ class ShardableNF4Linear(NF4Linear):
         destination.pop(prefix + "weight_scales", None)
 
 
+@contextlib.contextmanager
+def integer_parameters_without_grad():
+    """While active, ``nn.Parameter(t)`` of an integer or bool tensor gets requires_grad=False instead of raising.
+
+    torch 2.11's FSDP2 (`FSDPParam._init_sharded_param`) wraps each new shard as ``nn.Parameter(dtensor)``, whose
+    default requires_grad=True raises "only Tensors of floating point dtype can require gradients" for the uint8
+    NF4 codes, and sets the real requires_grad only afterwards; later torch passes it to the constructor. False
+    is the only value such a tensor can take, so nothing else changes."""
+    original = nn.Parameter.__dict__["__new__"]
+
+    def __new__(cls, data=None, requires_grad=True):
+        if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return original.__func__(cls, data, requires_grad)
+
+    nn.Parameter.__new__ = staticmethod(__new__)
+    try:
+        yield
+    finally:
+        nn.Parameter.__new__ = original
+
+
+def shard_nf4_linear(module: nn.Module, mesh, mp_policy) -> nn.Module:
+    """FSDP2 `fully_shard` of one NF4 linear: its codes (uint8) and scales become frozen parameters
+    (`make_shardable`), sharded on dim 0 and all-gathered as they are (`mp_policy` should cast nothing)."""
+    from torch.distributed.fsdp import fully_shard
+
+    make_shardable(module)
+    with integer_parameters_without_grad():
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+    return module
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
                compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """DDP(model) or the FSDP2-sharded model (the same object, its parameters now DTensor shards)."""
@@ -240,8 +273,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for m in list(model.modules()):
         if isinstance(m, NF4Linear):
-            make_shardable(m)
-            fully_shard(m, mesh=mesh, mp_policy=keep)
+            shard_nf4_linear(m, mesh, keep)
     layers = getattr(getattr(model, "model", None), "layers", None)
     for layer in (layers or []):
         fully_shard(layer, mesh=mesh, mp_policy=mp)

@@ -269,3 +269,62 @@ def test_each_rank_reads_only_its_shard(two_process_run, sub, quant):
     same shards and logits as loading the whole model and then sharding it."""
     _, got = two_process_run
     assert got[0][("sharded-load", sub, quant)] and got[1][("sharded-load", sub, quant)]
+
+
+def _fsdp_param_as_in_torch_2_11():
+    """FSDPParam._init_sharded_param as torch 2.11 has it (`nn.Parameter(dtensor)`, then `requires_grad_`),
+    rebuilt from this torch's source; None when the source no longer has the form this rewrites."""
+    import inspect
+    import re
+    import textwrap
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    src = textwrap.dedent(inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param))
+    m = re.search(r"\n( +)self\.sharded_param = nn\.Parameter\(\s*self\.to_sharded_dtensor\(sharded_param\),\s*"
+                  r"requires_grad=param\.requires_grad,?\s*\)", src)
+    if m is None:
+        return None
+    indent = m.group(1)
+    old = (f"\n{indent}self.sharded_param = nn.Parameter(self.to_sharded_dtensor(sharded_param))"
+           f"\n{indent}self.sharded_param.requires_grad_(param.requires_grad)")
+    ns = {}
+    exec(compile(src[:m.start()] + old + src[m.end():], _fsdp_param.__file__, "exec"), _fsdp_param.__dict__, ns)
+    return ns["_init_sharded_param"]
+
+
+def test_nf4_codes_shard_under_torch_2_11_fsdp2(tmp_path, monkeypatch):
+    """torch 2.11's FSDP2 cannot wrap a uint8 parameter (the H200 run of benchmarks/distributed.py failed there);
+    shard_nf4_linear can, and the sharded linear computes what the unsharded one does."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    from kernels import NF4Linear
+    from train.distributed import integer_parameters_without_grad, make_shardable, shard_nf4_linear
+
+    old = _fsdp_param_as_in_torch_2_11()
+    if old is None:
+        pytest.skip("this torch's FSDPParam._init_sharded_param has another form")
+    monkeypatch.setattr(_fsdp_param.FSDPParam, "_init_sharded_param", old)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        x = torch.randn(3, 128)
+        with pytest.raises(RuntimeError, match="floating point"):  # what the H200 run hit
+            fully_shard(make_shardable(NF4Linear.from_linear(torch.nn.Linear(128, 64, bias=False))), mesh=mesh)
+        lin = NF4Linear.from_linear(torch.nn.Linear(128, 64, bias=False))
+        want = lin(x)
+        shard_nf4_linear(lin, mesh, MixedPrecisionPolicy())
+        packed = lin._parameters["weight_packed"]
+        assert packed.dtype == torch.uint8 and not packed.requires_grad and hasattr(packed, "device_mesh")
+        torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+        with integer_parameters_without_grad():
+            assert not torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8)).requires_grad
+            assert torch.nn.Parameter(torch.zeros(2)).requires_grad
+        with pytest.raises(RuntimeError):  # restored afterwards
+            torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8))
+    finally:
+        dist.destroy_process_group()
