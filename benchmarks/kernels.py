@@ -56,6 +56,9 @@ def copy_bandwidth():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 4096}")
+    ap.add_argument("--fused-max-m", type=int, default=256,
+                    help="time the fused GEMM / grad_x kernels up to this M (they lose to dequantize + cuBLAS)")
+    ap.add_argument("--shapes", default="", help="comma-separated NxK subset, e.g. 4096x4096,28672x8192")
     ap.add_argument("--commit", default="", help="commit id to record where the tree has no .git (device runs)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
@@ -63,6 +66,8 @@ def main():
     import bitsandbytes.functional as bF
 
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     ms = [1, 16, 4096] if args.quick else MS
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
@@ -117,17 +122,16 @@ def main():
                 fwd = {"ours": lambda: mm.nf4_matmul(x, qw),
                        "dequant+cublas": lambda: mm.nf4_matmul_dequant(x, qw)}
                 if M == 1:
-                    fwd["fused-gemv"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv")
-                    fwd["fused-gemv-blocked"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv_blocked")
-                if M <= 16:
-                    fwd["fused-decode"] = lambda: mm.nf4_matmul_fused(x, qw, path="decode")
-                    fwd["fused-decode-blocked"] = lambda: mm.nf4_matmul_fused(x, qw, path="decode_blocked")
-                else:
+                    fwd["fused-gemv2"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2")
+                elif M <= 16:
+                    fwd["fused-swap"] = lambda: mm.nf4_matmul_fused(x, qw, path="swap")
+                elif M <= args.fused_max_m:  # the fused GEMM is 5-50x slower than cuBLAS above this (README)
                     fwd["fused-gemm"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemm")
                 fwd["bnb"] = lambda: bnb.matmul_4bit(x, bp.t(), quant_state=bqs)
                 bwd = {"ours": lambda: mm.nf4_matmul_t(g, qw),
-                       "fused": lambda: mm.nf4_matmul_t_fused(g, qw),
                        "dequant+cublas": lambda: mm.nf4_matmul_t_dequant(g, qw)}
+                if M <= args.fused_max_m:
+                    bwd["fused"] = lambda: mm.nf4_matmul_t_fused(g, qw)
                 res = {}
                 for kind, fns, want in (("fwd", fwd, ref), ("bwd", bwd, gref)):
                     for name, fn in fns.items():
@@ -227,9 +231,11 @@ def markdown(res):
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["op"] == "matmul":
-            fused = min(v for k, v in r.items() if k.startswith("fwd fused"))
-            lines.append(f"| {r['shape']} | {r['M']} | {r['fwd ours']:.1f} | {fused:.1f} | {r['fwd bnb']:.1f} | "
-                         f"{r['fwd bf16']:.1f} | {r['bwd ours']:.1f} | {r['bwd fused']:.1f} | {r['bwd bf16']:.1f} |")
+            fv = [v for k, v in r.items() if k.startswith("fwd fused")]
+            fused = f"{min(fv):.1f}" if fv else "-"
+            bfused = f"{r['bwd fused']:.1f}" if "bwd fused" in r else "-"
+            lines.append(f"| {r['shape']} | {r['M']} | {r['fwd ours']:.1f} | {fused} | {r['fwd bnb']:.1f} | "
+                         f"{r['fwd bf16']:.1f} | {r['bwd ours']:.1f} | {bfused} | {r['bwd bf16']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,8 +252,9 @@ def plot(res, png_path):
         ms = [r["M"] for r in rs]
         for key, label in (("fwd ours", "ours (dispatch)"), ("fwd bnb", "bitsandbytes")):
             ax.plot(ms, [r[key] / r["fwd bf16"] for r in rs], marker="o", label=label)
-        ax.plot(ms, [min(v for k, v in r.items() if k.startswith("fwd fused")) / r["fwd bf16"] for r in rs],
-                marker="x", label="best fused kernel")
+        fr = [(r["M"], min(v for k, v in r.items() if k.startswith("fwd fused")) / r["fwd bf16"]) for r in rs
+              if any(k.startswith("fwd fused") for k in r)]
+        ax.plot([m for m, _ in fr], [v for _, v in fr], marker="x", label="best fused kernel")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

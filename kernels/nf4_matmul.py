@@ -12,11 +12,17 @@ Each weight tile is dequantized in registers (table[code] * scale, rounded to th
 what bitsandbytes' dequantize produces) and fed to tl.dot with float32 accumulation.
 
 Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
-- decode, M <= 16: `_nf4_gemv_kernel` for M = 1 (CUDA-core dot products, memory-bound) and the tiled
-  kernel with BM = 16 and small BN otherwise (many programs streaming the weight); where
-  K % blocksize == 0, the "blocked" variants load whole 4-bit blocks as (rows, blocks, bytes) tiles with
-  one scale per (row, block) instead of one gathered scale per byte;
-- GEMM, M > 16: the same tiled kernel with GEMM tiles, autotuned;
+- M = 1, K % blocksize == 0: `_nf4_gemv_v2_kernel`, memory-bound CUDA-core dot products. Each program
+  streams (rows, blocks, bytes) tiles; the 4-bit codes are looked up in a float16 copy of the table held
+  in registers (`prmt` byte permutes, kernels/_common.py) instead of two memory gathers per byte, and the
+  block's scale multiplies its partial dot product once. Numerics: table values rounded to float16
+  (2^-11 relative, finer than the bf16 weight the reference multiplies) and the scale applied after the
+  block sum, so the result is within a few 1e-4 of dequantize + matmul, not bit-equal. LUT=0/1 keep the
+  exact float32 table (tests).
+- 2 <= M <= 16, K % blocksize == 0: `_nf4_decode_swap_kernel`, tensor cores on y.T = W @ x.T so the
+  dequantized weight (rounded like dequantize) is the dot's register operand and x the small one.
+- the older tiled kernels (`_nf4_matmul_kernel` with decode or GEMM tiles, `_nf4_gemv_kernel`) where K is
+  not a multiple of the blocksize, and as the fused GEMM for M > 16;
 - dequantize into a scratch tensor (the caching allocator reuses it between calls) + cuBLAS: the
   documented fallback, used where it measures faster (large M; see README "Kernel benchmarks").
 The choice between them is timed once per (M bucket, shape, scales, dtype) on the GPU (`_pick`).
@@ -135,100 +141,6 @@ def _nf4_gemv_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _load_block_tile(rn, nmask, bidx, bmask, kb, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                     table_ptr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr,
-                     DTYPE: tl.constexpr):
-    """Whole 4-bit blocks of rows rn, blocks bidx of each row (K % BLOCKSIZE == 0): one scale per
-    (row, block) instead of one per byte. Returns (W_hi, W_lo), each (BN, NB, BLOCKSIZE/2) in DTYPE."""
-    m2 = nmask[:, None] & bmask[None, :]                                    # (BN, NB)
-    sidx = rn[:, None] * kb + bidx[None, :]                                 # global block index
-    scale = load_scales(sidx, m2, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, DOUBLE_QUANT,
-                        USE_PTX)[:, :, None]                                # (BN, NB, 1)
-    rj = tl.arange(0, BLOCKSIZE // 2)
-    byte = tl.load(packed_ptr + sidx[:, :, None] * (BLOCKSIZE // 2) + rj[None, None, :], mask=m2[:, :, None],
-                   other=0)                                                 # (BN, NB, BS/2)
-    hi, lo = unpack_values(byte, table_ptr)
-    return (hi * scale).to(DTYPE), (lo * scale).to(DTYPE)
-
-
-@triton.jit
-def _nf4_gemv_blocked_kernel(
-    # pointers
-    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
-    # sizes
-    N, K,
-    # constexpr
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    BN: tl.constexpr, NB: tl.constexpr,
-):
-    """y[n] = sum_k x[k] W[n, k] (+ bias) for one row x, K % BLOCKSIZE == 0; NB blocks of BN rows a step."""
-    pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
-    nmask = rn < N
-    kb = K // BLOCKSIZE
-    rb = tl.arange(0, NB)
-    rj = tl.arange(0, BLOCKSIZE // 2)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BN, NB, BLOCKSIZE // 2), dtype=tl.float32)
-    for b0 in range(0, kb, NB):
-        bidx = b0 + rb
-        bmask = bidx < kb
-        w_hi, w_lo = _load_block_tile(rn, nmask, bidx, bmask, kb, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr,
-                                      code8_ptr, offset_ptr, table_ptr, BLOCKSIZE, DOUBLE_QUANT, USE_PTX, dtype)
-        ke = bidx[:, None] * BLOCKSIZE + 2 * rj[None, :]                    # (NB, BS/2)
-        x_even = tl.load(x_ptr + ke, mask=bmask[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + ke + 1, mask=bmask[:, None], other=0.0).to(tl.float32)
-        acc += w_hi.to(tl.float32) * x_even[None, :, :] + w_lo.to(tl.float32) * x_odd[None, :, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)                                 # (BN,)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _nf4_decode_blocked_kernel(
-    # pointers
-    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, bias_ptr, y_ptr,
-    # sizes and strides
-    M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
-    # constexpr
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
-):
-    """Small-M y = x @ W.T (+ bias) on tensor cores, K % BLOCKSIZE == 0: NB whole blocks a step."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mmask = rm < M
-    nmask = rn < N
-    kb = K // BLOCKSIZE
-    rb = tl.arange(0, NB)
-    BK2: tl.constexpr = NB * (BLOCKSIZE // 2)
-    rk = tl.arange(0, BK2)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b0 in range(0, kb, NB):
-        bidx = b0 + rb
-        bmask = bidx < kb
-        w_hi, w_lo = _load_block_tile(rn, nmask, bidx, bmask, kb, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr,
-                                      code8_ptr, offset_ptr, table_ptr, BLOCKSIZE, DOUBLE_QUANT, USE_PTX, dtype)
-        w_hi = tl.trans(tl.reshape(w_hi, (BN, BK2)))                        # (BK/2, BN)
-        w_lo = tl.trans(tl.reshape(w_lo, (BN, BK2)))
-        ke = b0 * BLOCKSIZE + 2 * rk                                        # (BK/2,)
-        xmask = mmask[:, None] & (ke < K)[None, :]
-        xp = x_ptr + rm[:, None] * stride_xm + ke[None, :] * stride_xk
-        x_even = tl.load(xp, mask=xmask, other=0.0)
-        x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0)
-        acc = tl.dot(x_even, w_hi, acc, input_precision=PRECISION)
-        acc = tl.dot(x_odd, w_lo, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    yp = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -421,25 +333,6 @@ _GEMV_CONFIGS = [
     _cfg(8, 3, BN=16, BK=512),
     _cfg(4, 3, BN=32, BK=256),
 ]
-# the first four were measured (README, commit fe3f76a); the larger tiles after them were added later to put
-# more weight bytes in flight per SM (the measured M = 1 kernel was latency-bound) and are not yet measured
-_GEMV_BLOCKED_CONFIGS = [
-    _cfg(4, 4, BN=8, NB=4),
-    _cfg(4, 4, BN=16, NB=4),
-    _cfg(4, 3, BN=16, NB=8),
-    _cfg(8, 3, BN=32, NB=4),
-    _cfg(4, 3, BN=32, NB=8),
-    _cfg(4, 3, BN=16, NB=16),
-    _cfg(8, 3, BN=32, NB=16),
-]
-_DECODE_BLOCKED_CONFIGS = [
-    _cfg(4, 4, BM=16, BN=16, NB=4),
-    _cfg(4, 4, BM=16, BN=32, NB=4),
-    _cfg(4, 3, BM=16, BN=32, NB=8),
-    _cfg(4, 4, BM=16, BN=64, NB=4),
-    _cfg(4, 3, BM=16, BN=64, NB=8),
-    _cfg(8, 3, BM=16, BN=128, NB=4),
-]
 _GEMM_T_CONFIGS = [
     _cfg(8, 3, BM=128, BN=64, BK=128, SPLIT_N=1, GROUP_M=8),
     _cfg(8, 3, BM=128, BN=64, BK=256, SPLIT_N=1, GROUP_M=8),
@@ -461,8 +354,6 @@ def _kernel(name):
             "decode": (_nf4_matmul_kernel, _DECODE_CONFIGS), "gemm": (_nf4_matmul_kernel, _GEMM_CONFIGS),
             "gemv": (_nf4_gemv_kernel, _GEMV_CONFIGS), "gemm_t": (_nf4_matmul_t_kernel, _GEMM_T_CONFIGS),
             "decode_t": (_nf4_matmul_t_kernel, _DECODE_T_CONFIGS),
-            "gemv_blocked": (_nf4_gemv_blocked_kernel, _GEMV_BLOCKED_CONFIGS),
-            "decode_blocked": (_nf4_decode_blocked_kernel, _DECODE_BLOCKED_CONFIGS),
         }[name]
         keys = ["N", "K"] if name.startswith("gemv") else ["M", "N", "K"]
         kw = {}
@@ -497,15 +388,19 @@ def _check(x, qw, what):
 # launchers
 # ---------------------------------------------------------------------------------------------------
 def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
-    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv" / "gemv_blocked" (M = 1),
-    "decode" / "decode_blocked" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass autotuning."""
+    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv2" / "gemv" (M = 1),
+    "swap" / "decode" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass autotuning."""
     _check(x, qw, "nf4_matmul_fused")
     M, K = x.shape
     N = qw.shape[0]
     if qw.shape[1] != K:
         raise ValueError(f"nf4_matmul_fused: x has {K} features, weight expects {qw.shape[1]}")
     if path is None:
-        path = "gemv" if M == 1 else ("decode" if M <= DECODE_MAX_M else "gemm")
+        blocked = K % qw.blocksize == 0
+        path = (("gemv2" if blocked else "gemv") if M == 1 else
+                (("swap" if blocked else "decode") if M <= DECODE_MAX_M else "gemm"))
+    if path not in ("gemv2", "gemv", "swap", "decode", "gemm"):
+        raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (gemv2, gemv, swap, decode, gemm)")
     wargs, dq = _weight_args(qw, x.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
@@ -513,26 +408,8 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
     if path in ("gemv2", "swap"):
         return _launch_v2(x, qw, bias, path, config, common)
     if config is None and interpreting():
-        config = {"gemv": {"BN": 16, "BK": 64}, "gemv_blocked": {"BN": 16, "NB": 2},
-                  "decode_blocked": {"BM": 16, "BN": 16, "NB": 2}}.get(
+        config = {"gemv": {"BN": 16, "BK": 64}}.get(
                       path, {"BM": 16, "BN": 16, "BK": 32, "SPLIT_K": 1, "GROUP_M": 2})
-    if path in ("gemv_blocked", "decode_blocked"):
-        if K % qw.blocksize:
-            raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
-        kern = (_nf4_gemv_blocked_kernel if path == "gemv_blocked" else _nf4_decode_blocked_kernel) if config \
-            else _kernel(path)
-        if path == "gemv_blocked":
-            if M != 1:
-                raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
-            x = x.contiguous()
-            y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-            kern[lambda meta: (triton.cdiv(N, meta["BN"]),)](x, *wargs, bias_arg, y, N, K, **common, **(config or {}))
-            return y
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-        kern[lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, meta["BM"]))](
-            x, *wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1), **common,
-            PRECISION=_precision(x.dtype), **(config or {}))
-        return y
     if path == "gemv":
         if M != 1:
             raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
@@ -559,11 +436,12 @@ _V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, B
 def _v2_default(path, M, N, K, blocksize):
     """A config for the v2 decode kernels where none is given (GPU): enough programs to fill the GPU."""
     n_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    # measured best on an H200 (benchmarks/diag/gemv_probe.py): the register table, 4 rows x 8 blocks a step
     if path == "gemv2":
-        cfg = dict(BN=4, NB=4, SPLIT_K=1, LUT=1, num_warps=4, num_stages=2)
+        cfg = dict(BN=4, NB=8, SPLIT_K=1, LUT=3, num_warps=4)
         progs = triton.cdiv(N, cfg["BN"])
     else:
-        cfg = dict(BM=16, BN=64, NB=2, SPLIT_K=1, LUT=1, num_warps=4, num_stages=2)
+        cfg = dict(BM=16, BN=64, NB=2, SPLIT_K=1, LUT=3, num_warps=4)
         progs = triton.cdiv(N, cfg["BN"]) * triton.cdiv(M, cfg["BM"])
     kb = K // blocksize
     while progs * cfg["SPLIT_K"] < 2 * n_sm and kb // (cfg["SPLIT_K"] * 2) >= 4 * cfg["NB"]:
@@ -682,12 +560,14 @@ def _forward_candidates(x2, qw, bias):
     blocked = x2.shape[1] % qw.blocksize == 0
     if M == 1:
         if blocked:
-            c["gemv_blocked"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv_blocked")
-        c["gemv"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv")
-    if M <= DECODE_MAX_M:
+            c["gemv2"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2")
+        else:
+            c["gemv"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv")
+    elif M <= DECODE_MAX_M:
         if blocked:
-            c["decode_blocked"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode_blocked")
-        c["decode"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode")
+            c["swap"] = lambda: nf4_matmul_fused(x2, qw, bias, path="swap")
+        else:
+            c["decode"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode")
     else:
         c["gemm"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemm")
     c["dequant"] = lambda: nf4_matmul_dequant(x2, qw, bias)

@@ -82,8 +82,9 @@ def test_bit_exact_with_bitsandbytes(dq):
 
 # explicit configs: every path compiles once, without autotuning (keeps this file at a couple of minutes)
 CONFIGS = {
-    "gemv": dict(BN=16, BK=256), "gemv_blocked": dict(BN=16, NB=4),
-    "decode": dict(BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1), "decode_blocked": dict(BM=16, BN=32, NB=4),
+    "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3),
+    "decode": dict(BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1), "swap": dict(BM=16, BN=64, NB=2, LUT=3),
+    "swap_split": dict(BM=16, BN=32, NB=4, LUT=0, SPLIT_K=2),
     "gemm": dict(BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=3),
     "split_k": dict(BM=16, BN=32, BK=128, SPLIT_K=4, GROUP_M=1),
 }
@@ -104,12 +105,19 @@ def _setup(M, dq, N=1000, K=768):
 @pytest.mark.parametrize("M", [1, 5, 33, 1500])
 def test_matmul_and_grad(M, dq):
     qw, x, b, g, ref, gref = _setup(M, dq)
-    paths = (["gemv", "gemv_blocked", "decode", "decode_blocked"] if M == 1 else
-             (["decode", "decode_blocked", "gemm"] if M <= 16 else ["gemm"]))
+    paths = (["gemv", "gemv2", "gemv2_exact", "decode", "swap", "swap_split"] if M == 1 else
+             (["decode", "swap", "swap_split", "gemm"] if M <= 16 else ["gemm", "swap"]))
     for p in paths:
-        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=p, config=CONFIGS[p]), ref) < 1e-2, p
+        path = p.split("_")[0]
+        assert rel_err(mm.nf4_matmul_fused(x, qw, b, path=path, config=CONFIGS[p]), ref) < 1e-2, p
     if M <= 16:
         assert rel_err(mm.nf4_matmul_fused(x, qw, b, path="decode", config=CONFIGS["split_k"]), ref) < 1e-2
+        # the register (prmt) table and the float16-pair table in memory hold the same values: equal bits
+        path = "gemv2" if M == 1 else "swap"
+        cfg = dict(CONFIGS[path])
+        regs = mm.nf4_matmul_fused(x, qw, b, path=path, config=cfg)
+        mem = mm.nf4_matmul_fused(x, qw, b, path=path, config=dict(cfg, LUT=2))
+        assert torch.equal(regs, mem), path
     assert rel_err(mm.nf4_matmul_dequant(x, qw, b), ref) < 1e-2
     assert rel_err(mm.nf4_matmul_t_dequant(g, qw), gref) < 1e-2
     for cfg in T_CONFIGS:

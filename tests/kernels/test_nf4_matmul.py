@@ -26,8 +26,8 @@ def make(N, K, dq, quant_type="nf4", blocksize=64, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dq", [False, True])
-@pytest.mark.parametrize("M,paths", [(1, ["gemv", "gemv_blocked", "decode", "decode_blocked"]),
-                                     (5, ["decode", "decode_blocked", "gemm"]), (19, ["gemm"])])
+@pytest.mark.parametrize("M,paths", [(1, ["gemv", "gemv2", "decode", "swap"]),
+                                     (5, ["decode", "swap", "gemm"]), (19, ["gemm", "swap"])])
 def test_forward_paths(dtype, dq, M, paths):
     N, K = 37, 192                         # odd N; K a multiple of 64 so the blocked paths apply
     qw = make(N, K, dq, seed=M)
@@ -59,7 +59,9 @@ def test_split_k_and_strided_input():
     w = qw.dequantize(torch.float32).double()
     x = torch.randn(256, 6).t()            # (6, 256), non-contiguous
     cfg = dict(BM=16, BN=16, BK=64, SPLIT_K=3, GROUP_M=1)
-    assert rel_err(mm.nf4_matmul_fused(x, qw, config=cfg), x.double() @ w.T) < 1e-5
+    assert rel_err(mm.nf4_matmul_fused(x, qw, path="decode", config=cfg), x.double() @ w.T) < 1e-5
+    cfg = dict(BM=16, BN=16, NB=2, SPLIT_K=2, LUT=0)
+    assert rel_err(mm.nf4_matmul_fused(x, qw, path="swap", config=cfg), x.double() @ w.T) < 1e-5
 
 
 # LUT modes of the v2 decode kernels: 0/1 read the exact float32 table (one or two gathers), 2 and 3 the
