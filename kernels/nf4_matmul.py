@@ -151,7 +151,7 @@ def _nf4_gemv_v2_kernel(
     N, K, SPLIT_K,
     # constexpr
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    BN: tl.constexpr, NB: tl.constexpr, ATOMIC: tl.constexpr, LUT: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr, ATOMIC: tl.constexpr, LUT: tl.constexpr, XSPLIT: tl.constexpr,
 ):
     """y[n] = sum_b absmax[n, b] * sum_{k in block b} table[code(n, k)] * x[k] for one row x, K % BLOCKSIZE == 0.
 
@@ -180,8 +180,13 @@ def _nf4_gemv_v2_kernel(
         byte = tl.load(packed_ptr + sidx[:, :, None] * HB + rj[None, None, :], mask=m2[:, :, None], other=0)
         scale = load_scales(sidx, m2, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, DOUBLE_QUANT,
                             USE_PTX)                                        # (BN, NB)
-        xv = tl.load(x_ptr + bidx[:, None] * BLOCKSIZE + re[None, :], mask=bmask[:, None], other=0.0)
-        xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NB, HB, 2)))      # (NB, HB) even / odd columns
+        if XSPLIT:  # one contiguous load, split into even / odd columns in registers
+            xv = tl.load(x_ptr + bidx[:, None] * BLOCKSIZE + re[None, :], mask=bmask[:, None], other=0.0)
+            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NB, HB, 2)))  # (NB, HB)
+        else:  # two stride-2 loads (x is small and cached; no register shuffle)
+            xp = x_ptr + bidx[:, None] * BLOCKSIZE + 2 * rj[None, :]
+            xe = tl.load(xp, mask=bmask[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(xp + 1, mask=bmask[:, None], other=0.0).to(tl.float32)
         hi, lo = unpack_values_lut(byte, table_ptr, LUT, USE_PTX)                    # (BN, NB, HB)
         acc += tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2) * scale
     y = tl.sum(acc, axis=1)                                                 # (BN,)
@@ -461,6 +466,8 @@ def _launch_v2(x, qw, bias, path, config, common):
     if config is None:
         config = dict(_V2_INTERP[path]) if interpreting() else _v2_default(path, M, N, K, qw.blocksize)
     config = dict(config)
+    if path == "gemv2":
+        config.setdefault("XSPLIT", 1)
     lut = config.setdefault("LUT", 1)
     split_k = config.pop("SPLIT_K", 1)
     config["ATOMIC"] = split_k > 1
@@ -559,8 +566,11 @@ def _forward_candidates(x2, qw, bias):
     c = {}
     blocked = x2.shape[1] % qw.blocksize == 0
     if M == 1:
-        if blocked:
-            c["gemv2"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2")
+        if blocked:  # x split in registers, or read twice with stride 2: measured per shape
+            cfg = _v2_default("gemv2", 1, qw.shape[0], x2.shape[1], qw.blocksize) if x2.is_cuda else None
+            c["gemv2"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2", config=cfg)
+            if cfg is not None:
+                c["gemv2-strided-x"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2", config=dict(cfg, XSPLIT=0))
         else:
             c["gemv"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv")
     elif M <= DECODE_MAX_M:

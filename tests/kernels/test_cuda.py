@@ -82,7 +82,7 @@ def test_bit_exact_with_bitsandbytes(dq):
 
 # explicit configs: every path compiles once, without autotuning (keeps this file at a couple of minutes)
 CONFIGS = {
-    "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3),
+    "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3, XSPLIT=0),
     "decode": dict(BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1), "swap": dict(BM=16, BN=64, NB=2, LUT=3),
     "swap_split": dict(BM=16, BN=32, NB=4, LUT=0, SPLIT_K=2),
     "gemm": dict(BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=3),

@@ -82,10 +82,13 @@ def test_v2_decode_paths(quant_type, dq, lut, M, path, split_k):
     w = qw.dequantize(torch.float32).double()
     x = torch.randn(M, K)
     b = torch.randn(N)
-    cfg = dict(mm._V2_INTERP[path], LUT=lut, SPLIT_K=split_k)
-    y = mm.nf4_matmul_fused(x, qw, b, path=path, config=cfg)
-    assert y.shape == (M, N) and y.dtype == torch.float32
-    assert rel_err(y, x.double() @ w.T + b.double()) < max(LUT_TOL[lut], 1e-5), (path, lut)
+    for xsplit in ((0, 1) if path == "gemv2" else (None,)):
+        cfg = dict(mm._V2_INTERP[path], LUT=lut, SPLIT_K=split_k)
+        if xsplit is not None:
+            cfg["XSPLIT"] = xsplit
+        y = mm.nf4_matmul_fused(x, qw, b, path=path, config=cfg)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        assert rel_err(y, x.double() @ w.T + b.double()) < max(LUT_TOL[lut], 1e-5), (path, lut, xsplit)
 
 
 def test_v2_paths_fp16_and_bad_input():
