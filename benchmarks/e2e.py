@@ -48,7 +48,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from llama import LlamaForCausalLM, ModelArgs  # noqa: E402
-from llama.fast_path import enable_fast_path  # noqa: E402
+from llama.fast_path import enable_fast_path, lora_kernel_paths  # noqa: E402
 
 QV = ["q_proj", "v_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -602,6 +602,7 @@ def classify(prof, n_steps):
 
 
 KERNEL_CLASSES = [
+    ("LoRA A-side matmuls with fused dropout (Triton)", ("_lora_xa", "_lora_da", "_lora_dx")),
     ("attention (flash SDPA)", ("flash", "fmha", "attention", "sdpa")),
     ("nf4 dequantize", ("dequant",)),
     ("nf4 fused matmul", ("nf4_matmul", "nf4_gemv", "nf4_decode")),
@@ -775,6 +776,7 @@ def main(argv=None):
 
     def save():
         results["targets"] = targets(results)
+        results["lora_kernel_paths"] = lora_kernel_paths()      # fused dropout kernels vs split, as timed here
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w") as fh:
             json.dump(results, fh, indent=1, default=str)

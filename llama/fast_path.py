@@ -12,12 +12,15 @@ unchanged; `disable_fast_path` swaps every class back):
 |---|---|---|
 | RMSNorm | torch ops, fp32 statistics | `kernels.rms_norm` (Triton forward + hand-written backward) |
 | Attention | rotate-half RoPE in torch, SDPA | `kernels.apply_rope` in place on the q/k projection views, SDPA (flash) |
-| MLP | `F.silu(g) * u` | `kernels.swiglu` (one pass forward, one backward) |
+| MLP | `down(F.silu(g) * u)` | `SwiGLUDownFunction`: SwiGLU (Triton) + down projection (+ LoRA) in one |
+| | | node that saves g and u but not their product; backward in row chunks |
 | LoRALinear | base(x) + s * B(A(dropout(x.float()))) | `LoRAFunction`: base + LoRA in one autograd node; the dropout mask is |
-| | | regenerated from a seed in backward (never stored), no fp32 copy of x |
+| | | regenerated from a seed (never stored) inside the Triton kernels of |
+| | | dropout(x) @ A^T, dA and dx (x read once per use; no dropped copy exists) |
 | LlamaForCausalLM | logits (B, T, V) then fp32 cross entropy | `kernels.chunked_cross_entropy` on the hidden states |
 | DecoderLayer | optional torch checkpoint | `OffloadedCheckpoint`: keeps only the layer input, optionally in |
-| | | pinned host memory (copied on a side stream, prefetched one layer ahead) |
+| | | pinned host memory (copied on a side stream, prefetched one layer ahead); |
+| | | the recompute skips the down projection's matmul (its output is never read) |
 
 Numerics are the plain path's up to rounding order (see tests/llama/test_fast_path.py for the tolerances).
 On CPU tensors every kernel call dispatches to its pure-torch reference, so the fast path runs anywhere.
@@ -72,10 +75,14 @@ class FastAttention(Attention):
 
 
 class FastMLP(MLP):
-    """``down(swiglu(gate(x), up(x)))`` with the Triton SwiGLU."""
+    """``down(swiglu(gate(x), up(x)))``: SwiGLU and the down projection (with its fused LoRA) as one node that
+    saves gate and up but not their product (`SwiGLUDownFunction`); output_needed=False is for a checkpointed
+    layer's recompute, where the MLP's output value is never read (only its backward runs)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_kernels()[2].swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, output_needed: bool = True) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        y = _mlp_tail(self, g, u, output_needed)
+        return self.down_proj(_kernels()[2].swiglu(g, u)) if y is None else y
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -107,44 +114,253 @@ def _fused_lora_output(proj: nn.Module) -> bool:
         and not proj.disable_adapter
 
 
-# Dropout with a regenerated mask, in Triton on CUDA: keep_i = (philox_uniform(seed, i) >= p); one pass per use.
-# (A candidate for kernels/; it lives here while the fast path is its only user.)
+# LoRA dropout with a mask regenerated from a seed. Two mask families, fixed per LoRA call (forward, checkpoint
+# recompute and backward always use the same one):
+#
+# "philox" (Triton, CUDA): for an (N, K) input, Q = ceil(K / 4); for row m and j < Q, Philox-4x32-10
+#     (tl.randint4x, key = seed, counter = m * Q + j) gives four words (u0, u1, u2, u3), and element
+#     (m, q * Q + j) is kept iff (u_q >> 1) >= floor(p * 2**31): P(keep) = 1 - p (to 2**-31), kept values are
+#     x * 1/(1-p) (fp32, one rounding to x's dtype). One Philox call serves four elements a quarter of a row
+#     apart, so every kernel below generates the mask of any tile it reads with a quarter of the Philox work
+#     of one call per element, and no kernel depends on another's block sizes.
+#     The mask is applied inside the LoRA A-side matmuls, so x is read once per use and xd never exists:
+#         _lora_xa_kernel  xa  = dropout(x) @ A^T               (forward and recompute)
+#         _lora_da_kernel  dA  = dxa^T @ dropout(x)             (backward; fp32, per row split, summed)
+#         _lora_dx_kernel  dx += dropout(dxa @ A)               (backward; into the base's grad_x, in place)
+#     `_dropout4_kernel` is the same mask as a plain elementwise pass ("split" path: dropout, then cuBLAS).
+#     On first use per (op, K, r, dtype, size) the fused kernels are checked against the split path on a small
+#     problem and the fastest correct candidate is kept (`lora_kernel_paths()` lists the choices).
+# "torch" (CPU, or no Triton): keep = bernoulli(1 - p) from a torch.Generator seeded with the seed.
 try:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _dropout_kernel(x_ptr, out_ptr, n, p, scale, seed, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
-        # out = dropout(x) = x * keep * scale  (ACCUMULATE: out += x * keep * scale)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)           # int32: n < 2**31
-        m = offs < n
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        keep = tl.rand(seed, offs) >= p                                  # P(keep) = 1 - p
+    def _keep(u, t31):
+        """Philox word -> keep flag: (u >> 1) >= t31 with t31 = floor(p * 2**31)."""
+        return (u >> 1).to(tl.int32, bitcast=True) >= t31
+
+    @triton.jit
+    def _drop4_tile(x_row, o_row, col, m2, keep, scale, ACCUMULATE: tl.constexpr):
+        x = tl.load(x_row + col[None, :], mask=m2, other=0.0).to(tl.float32)
         y = tl.where(keep, x * scale, 0.0)
         if ACCUMULATE:
-            y += tl.load(out_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
-except Exception:  # noqa: BLE001  (no triton: the torch mask path below is used)
-    _dropout_kernel = None
+            y += tl.load(o_row + col[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(o_row + col[None, :], y.to(o_row.dtype.element_ty), mask=m2)
 
-_TRITON_DROPOUT = {"ok": None}
+    @triton.jit(do_not_specialize=["seed", "row0"])
+    def _dropout4_kernel(x_ptr, out_ptr, N, K, Q, stride_xm, stride_om, t31, scale, seed, row0,
+                         ACCUMULATE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr):
+        # out = dropout(x)  (ACCUMULATE: out += dropout(x)); program = BM rows x (BQ columns in each quarter)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)                   # (BM,)
+        j = tl.program_id(1) * BQ + tl.arange(0, BQ)                    # (BQ,) column within a quarter
+        mm = (rm < N)[:, None]
+        jm = j < Q
+        u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])   # int32: (row0 + N) * Q < 2**31
+        x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        o_row = out_ptr + rm.to(tl.int64)[:, None] * stride_om
+        _drop4_tile(x_row, o_row, j, mm & (jm & (j < K))[None, :], _keep(u0, t31), scale, ACCUMULATE)
+        _drop4_tile(x_row, o_row, Q + j, mm & (jm & (Q + j < K))[None, :], _keep(u1, t31), scale, ACCUMULATE)
+        _drop4_tile(x_row, o_row, 2 * Q + j, mm & (jm & (2 * Q + j < K))[None, :], _keep(u2, t31), scale,
+                    ACCUMULATE)
+        _drop4_tile(x_row, o_row, 3 * Q + j, mm & (jm & (3 * Q + j < K))[None, :], _keep(u3, t31), scale,
+                    ACCUMULATE)
+
+    @triton.jit
+    def _xa_tile(acc, x_row, a_ptr, col, cm, mm, rr, rmask, stride_am, keep, scale, PREC: tl.constexpr):
+        # acc (BM, BR) += dropout(x[:, col]) @ A[:, col]^T
+        x = tl.load(x_row + col[None, :], mask=mm[:, None] & cm[None, :], other=0.0)            # (BM, BQ)
+        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        at = tl.load(a_ptr + rr[None, :] * stride_am + col[:, None], mask=cm[:, None] & rmask[None, :],
+                     other=0.0)                                                                   # (BQ, BR)
+        return tl.dot(xd, at, acc, input_precision=PREC)
+
+    @triton.jit(do_not_specialize=["seed", "row0"])
+    def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, N, K, Q, R, stride_xm, stride_am, stride_om, j_per_split, t31, scale,
+                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        PARTIAL: tl.constexpr):
+        # xa (N, R) = dropout(x) @ A^T: x (N, K), A (R, K); program = (BM rows, a range of j_per_split columns
+        # per quarter); PARTIAL: fp32 partial sums into xa_ptr[split] (S, N, R), summed by the launcher
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        split = tl.program_id(1)
+        mm = rm < N
+        rr = tl.arange(0, BR)
+        rmask = rr < R
+        x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        j_lo = split * j_per_split
+        j_hi = tl.minimum(j_lo + j_per_split, Q)
+        for j0 in range(j_lo, j_hi, BQ):
+            j = j0 + tl.arange(0, BQ)
+            jm = j < j_hi
+            u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
+            acc = _xa_tile(acc, x_row, a_ptr, j, jm & (j < K), mm, rr, rmask, stride_am, _keep(u0, t31), scale,
+                           PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, _keep(u1, t31),
+                           scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am,
+                           _keep(u2, t31), scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am,
+                           _keep(u3, t31), scale, PREC)
+        o = xa_ptr + split.to(tl.int64) * N * stride_om + rm.to(tl.int64)[:, None] * stride_om + rr[None, :]
+        if PARTIAL:
+            tl.store(o, acc, mask=mm[:, None] & rmask[None, :])
+        else:
+            tl.store(o, acc.to(xa_ptr.dtype.element_ty), mask=mm[:, None] & rmask[None, :])
+
+    @triton.jit
+    def _da_tile(acc, dT, x_row, col, cm, mm, keep, scale, PREC: tl.constexpr):
+        # acc (BR, BQ) += dxa^T (BR, BM) @ dropout(x[rows, col]) (BM, BQ)
+        x = tl.load(x_row + col[None, :], mask=mm[:, None] & cm[None, :], other=0.0)
+        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        return tl.dot(dT, xd, acc, input_precision=PREC)
+
+    @triton.jit
+    def _da_store(part_row, acc, col, cm, rmask):
+        tl.store(part_row + col[None, :], acc, mask=rmask[:, None] & cm[None, :])
+
+    @triton.jit(do_not_specialize=["seed", "row0"])
+    def _lora_da_kernel(dxa_ptr, x_ptr, part_ptr, N, K, Q, R, stride_dm, stride_xm, rows_per_split, t31, scale,
+                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+        # part[s] (R, K) = dxa[rows of s]^T @ dropout(x[rows of s]); program = (BQ columns per quarter, split s)
+        j = tl.program_id(0) * BQ + tl.arange(0, BQ)
+        split = tl.program_id(1)
+        jm = j < Q
+        rr = tl.arange(0, BR)
+        rmask = rr < R
+        acc0 = tl.zeros((BR, BQ), dtype=tl.float32)
+        acc1 = tl.zeros((BR, BQ), dtype=tl.float32)
+        acc2 = tl.zeros((BR, BQ), dtype=tl.float32)
+        acc3 = tl.zeros((BR, BQ), dtype=tl.float32)
+        m_lo = split * rows_per_split
+        m_hi = tl.minimum(m_lo + rows_per_split, N)
+        for m0 in range(m_lo, m_hi, BM):
+            rm = m0 + tl.arange(0, BM)
+            mm = rm < m_hi
+            dT = tl.load(dxa_ptr + rm.to(tl.int64)[None, :] * stride_dm + rr[:, None],
+                         mask=rmask[:, None] & mm[None, :], other=0.0)                            # (BR, BM)
+            u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
+            x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+            acc0 = _da_tile(acc0, dT, x_row, j, jm & (j < K), mm, _keep(u0, t31), scale, PREC)
+            acc1 = _da_tile(acc1, dT, x_row, Q + j, jm & (Q + j < K), mm, _keep(u1, t31), scale, PREC)
+            acc2 = _da_tile(acc2, dT, x_row, 2 * Q + j, jm & (2 * Q + j < K), mm, _keep(u2, t31), scale, PREC)
+            acc3 = _da_tile(acc3, dT, x_row, 3 * Q + j, jm & (3 * Q + j < K), mm, _keep(u3, t31), scale, PREC)
+        part_row = part_ptr + split.to(tl.int64) * R * K + rr[:, None] * K
+        _da_store(part_row, acc0, j, jm & (j < K), rmask)
+        _da_store(part_row, acc1, Q + j, jm & (Q + j < K), rmask)
+        _da_store(part_row, acc2, 2 * Q + j, jm & (2 * Q + j < K), rmask)
+        _da_store(part_row, acc3, 3 * Q + j, jm & (3 * Q + j < K), rmask)
+
+    @triton.jit
+    def _dx_tile(d, a_ptr, dx_row, col, cm, mm, rr, rmask, stride_am, keep, scale, PREC: tl.constexpr):
+        # dx[rows, col] += dropout(dxa[rows] @ A[:, col])
+        at = tl.load(a_ptr + rr[:, None] * stride_am + col[None, :], mask=rmask[:, None] & cm[None, :],
+                     other=0.0)                                                                   # (BR, BQ)
+        dl = tl.dot(d, at, input_precision=PREC)                                                  # (BM, BQ) fp32
+        m2 = mm[:, None] & cm[None, :]
+        g = tl.load(dx_row + col[None, :], mask=m2, other=0.0).to(tl.float32)
+        g += tl.where(keep, dl * scale, 0.0)
+        tl.store(dx_row + col[None, :], g.to(dx_row.dtype.element_ty), mask=m2)
+
+    @triton.jit(do_not_specialize=["seed", "row0"])
+    def _lora_dx_kernel(dx_ptr, dxa_ptr, a_ptr, N, K, Q, R, stride_gm, stride_dm, stride_am, t31, scale, seed, row0,
+                        BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+        # dx (N, K) += dropout(dxa @ A): dxa (N, R), A (R, K); program = BM rows x (BQ columns per quarter)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        j = tl.program_id(1) * BQ + tl.arange(0, BQ)
+        mm = rm < N
+        jm = j < Q
+        rr = tl.arange(0, BR)
+        rmask = rr < R
+        d = tl.load(dxa_ptr + rm.to(tl.int64)[:, None] * stride_dm + rr[None, :],
+                    mask=mm[:, None] & rmask[None, :], other=0.0)                                 # (BM, BR)
+        u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
+        dx_row = dx_ptr + rm.to(tl.int64)[:, None] * stride_gm
+        _dx_tile(d, a_ptr, dx_row, j, jm & (j < K), mm, rr, rmask, stride_am, _keep(u0, t31), scale, PREC)
+        _dx_tile(d, a_ptr, dx_row, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, _keep(u1, t31), scale, PREC)
+        _dx_tile(d, a_ptr, dx_row, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am, _keep(u2, t31), scale,
+                 PREC)
+        _dx_tile(d, a_ptr, dx_row, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, _keep(u3, t31), scale,
+                 PREC)
+
+    @triton.jit
+    def _mlp_swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        # dg = dh * u * s * (1 + g * (1 - s)), du = dh * silu(g); dg_ptr/du_ptr may be g_ptr/u_ptr (in place)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + i, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        tl.store(dg_ptr + i, (dh * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=m)
+        tl.store(du_ptr + i, (dh * g * s).to(du_ptr.dtype.element_ty), mask=m)
+except Exception:  # noqa: BLE001  (no triton: the torch mask family below is used)
+    triton = None
+    _dropout4_kernel = _lora_xa_kernel = _lora_da_kernel = _lora_dx_kernel = _mlp_swiglu_bwd_kernel = None
+
+# block sizes: candidates per fused kernel (timed on first use); the interpreter uses small blocks
+_XA_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=2), dict(BM=32, BQ=64, num_warps=4, num_stages=3))
+_DA_CONFIGS = (dict(BM=64, BQ=64, num_warps=8, num_stages=3), dict(BM=64, BQ=32, num_warps=4, num_stages=3))
+_DX_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=1), dict(BM=128, BQ=64, num_warps=8, num_stages=1))
+_INTERP_CONFIG = dict(BM=16, BQ=16, num_warps=4, num_stages=1)
+
+_TRITON_DROPOUT = {"ok": None}     # the philox family's contract check (first use on CUDA)
+_PATHS: dict = {}                  # (op, size, K, r, dtype) -> chosen candidate name
+_PHILOX_ON_CPU = False             # tests: run the philox family on CPU tensors (needs TRITON_INTERPRET=1)
+_FORCE_PATH: Optional[str] = None  # tests: "fused" or "split" instead of the timed choice
 
 
-def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dropout(x) with the mask of `seed` (out=None) or out += dropout(x); x, out contiguous, same shape."""
-    n = x.numel()
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _drop_consts(p: float):
+    """(t31, scale): keep iff (u >> 1) >= t31 = floor(p * 2**31); kept values times scale = 1 / (1 - p)."""
+    return min(int(p * 2**31), 2**31 - 1), 1.0 / (1.0 - p)
+
+
+def _quarter(K: int) -> int:
+    return (K + 3) // 4
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"      # fp32 compute keeps fp32 products (no TF32)
+
+
+def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None,
+                    row0: int = 0) -> torch.Tensor:
+    """dropout(x) with the philox mask of `seed` (out=None) or out += dropout(x); x, out (..., K) with rows of
+    unit column stride, same shape. row0: x's first row is row row0 of the masked tensor (a row chunk)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
     accumulate = out is not None
     if out is None:
-        out = torch.empty_like(x)
-    BLOCK = 4096
-    _dropout_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, p, 1.0 / (1.0 - p), seed, ACCUMULATE=accumulate,
-                                              BLOCK=BLOCK, num_warps=8)
-    return out
+        out = torch.empty_like(x2)
+    o2 = out.view(-1, K)
+    N, Q = x2.shape[0], _quarter(K)
+    t31, scale = _drop_consts(p)
+    BM, BQ = (16, 64) if _interpreting() else (16, 128)
+    if N and K:
+        _dropout4_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
+            x2, o2, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0, ACCUMULATE=accumulate, BM=BM,
+            BQ=BQ, num_warps=4)
+    return out.view(x.shape)
 
 
-def _use_triton_dropout(x: torch.Tensor) -> bool:
-    if _dropout_kernel is None or not x.is_cuda or not x.is_contiguous() or x.numel() >= 2**31:
+def _philox_shape_ok(x2: torch.Tensor, row0: int = 0) -> bool:
+    return (x2.dim() == 2 and x2.stride(-1) == 1 and (row0 + x2.shape[0]) * _quarter(x2.shape[1]) < 2**31
+            and x2.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _use_triton_dropout(x: torch.Tensor, rows: Optional[int] = None) -> bool:
+    """The philox family applies to x (N, K) (of `rows` rows in all, when x is a chunk): Triton present, a CUDA
+    tensor (or the interpreter under _PHILOX_ON_CPU), int32 Philox counters, and on CUDA the mask passed its
+    contract check once."""
+    if _dropout4_kernel is None or not _philox_shape_ok(x, (rows or x.shape[0]) - x.shape[0]):
         return False
+    if not x.is_cuda:
+        return _PHILOX_ON_CPU and _interpreting()
     if _TRITON_DROPOUT["ok"] is None:                                    # first use: check it against its contract
         try:
             t = torch.randn(4096, 33, device=x.device, dtype=x.dtype)
@@ -160,18 +376,253 @@ def _use_triton_dropout(x: torch.Tensor) -> bool:
     return _TRITON_DROPOUT["ok"]
 
 
-def _dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """xd = (x * keep) * 1/(1-p), keep regenerated from seed (Triton on CUDA, a torch mask elsewhere)."""
-    if _use_triton_dropout(x2):
-        return _dropout_triton(x2, p, seed)
-    return torch.mul(x2, _keep_mask(x2.shape, p, seed, x2.device, x2.dtype)).mul_(1.0 / (1.0 - p))
-
-
 def _keep_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
-    """Dropout keep-mask (0/1 in dtype, P(1) = 1 - p), reproducible from `seed` (regenerated in backward)."""
+    """Dropout keep-mask of the torch family (0/1 in dtype, P(1) = 1 - p), reproducible from `seed`."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def _family(x2: torch.Tensor, p: float) -> Optional[str]:
+    """Mask family for one LoRA call: None (no dropout), "philox" or "torch"."""
+    if p <= 0.0:
+        return None
+    return "philox" if _use_triton_dropout(x2) else "torch"
+
+
+def _torch_dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    return torch.mul(x2, _keep_mask(x2.shape, p, seed, x2.device, x2.dtype)).mul_(1.0 / (1.0 - p))
+
+
+def _dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """xd = (x * keep) * 1/(1-p), keep regenerated from seed (the philox family where it applies)."""
+    if _use_triton_dropout(x2):
+        return _dropout_triton(x2, p, seed)
+    return _torch_dropout(x2, p, seed)
+
+
+# ---- launchers of the fused kernels (x2 (N, K), A (r, K) and dxa (N, r) in the compute dtype; row0 as above)
+def _br(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def _xa_fused(x2, Ac, p, seed, row0, cfg):
+    N, K = x2.shape
+    R, Q = Ac.shape[0], _quarter(K)
+    t31, scale = _drop_consts(p)
+    cfg = dict(cfg)
+    BM, BQ = cfg.pop("BM"), cfg["BQ"]
+    n_m, n_j = triton.cdiv(N, BM), triton.cdiv(Q, BQ)
+    split = max(1, min(n_j, triton.cdiv(2 * _sm_count(x2.device), n_m)))     # split K when rows are few
+    j_per = triton.cdiv(n_j, split) * BQ
+    split = triton.cdiv(Q, j_per)
+    out = torch.empty((split, N, R) if split > 1 else (N, R), device=x2.device,
+                      dtype=torch.float32 if split > 1 else x2.dtype)
+    _lora_xa_kernel[(n_m, split)](x2, Ac, out, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale, seed,
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1, **cfg)
+    return out.sum(0).to(x2.dtype) if split > 1 else out
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _da_fused(dxa, x2, p, seed, row0, cfg):
+    N, K = x2.shape
+    R, Q = dxa.shape[1], _quarter(K)
+    t31, scale = _drop_consts(p)
+    cfg = dict(cfg)
+    BM, BQ = cfg.pop("BM"), cfg["BQ"]
+    n_j = triton.cdiv(Q, BQ)
+    split = max(1, min(triton.cdiv(N, BM), triton.cdiv(2 * _sm_count(x2.device), n_j)))
+    rows = triton.cdiv(triton.cdiv(N, split), BM) * BM
+    split = triton.cdiv(N, rows)
+    part = torch.empty((split, R, K), device=x2.device, dtype=torch.float32)
+    _lora_da_kernel[(n_j, split)](dxa, x2, part, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale, seed,
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), **cfg)
+    return part.sum(0) if split > 1 else part[0]
+
+
+def _dx_fused_(dx, dxa, Ac, p, seed, row0, cfg):
+    N, K = dx.shape
+    R, Q = Ac.shape[0], _quarter(K)
+    t31, scale = _drop_consts(p)
+    cfg = dict(cfg)
+    BM, BQ = cfg.pop("BM"), cfg["BQ"]
+    _lora_dx_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
+        dx, dxa, Ac, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0, BM=BM,
+        BR=_br(R), PREC=_prec(dx.dtype), **cfg)
+    return dx
+
+
+def _xa_split(x2, Ac, p, seed, row0):
+    return _dropout_triton(x2, p, seed, row0=row0) @ Ac.t()
+
+
+def _da_split(dxa, x2, p, seed, row0):
+    return (dxa.t() @ _dropout_triton(x2, p, seed, row0=row0)).float()
+
+
+def _dx_split_(dx, dxa, Ac, p, seed, row0):
+    return _dropout_triton(dxa @ Ac, p, seed, out=dx, row0=row0)
+
+
+_OPS = {  # op -> (fused launcher, its configs, split launcher)
+    "xa": (_xa_fused, _XA_CONFIGS, _xa_split),
+    "da": (_da_fused, _DA_CONFIGS, _da_split),
+    "dx": (_dx_fused_, _DX_CONFIGS, _dx_split_),
+}
+
+
+def _candidates(op):
+    """{name: fn(*args)} of op's philox-family implementations (fused configs, then the split path)."""
+    fused, cfgs, split = _OPS[op]
+    c = {f"fused{i}": (lambda *a, _c=cfg: fused(*a, _c)) for i, cfg in enumerate(cfgs)}
+    c["split"] = split
+    return c
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return False
+    err = (got - want).abs()
+    return err.mean().item() <= 2e-2 * want.abs().mean().item() + 1e-6 and \
+        err.max().item() <= 0.1 * want.abs().max().item() + 1e-6
+
+
+def _fused_ok_names(op, K, R, dtype, device, names):
+    """The fused candidates that agree with the split path on a small problem of this op's K, r and dtype (the
+    same mask, so only rounding differs; a wrong mask or a miscompiled kernel differs by whole elements)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    N, p, seed, row0 = 256, 0.25, 12345, 77
+    x = torch.randn(N, K, device=device, dtype=dtype, generator=g)
+    A = (torch.randn(R, K, device=device, dtype=dtype, generator=g) / K ** 0.5).to(dtype)
+    d = torch.randn(N, R, device=device, dtype=dtype, generator=g)
+    cands = _candidates(op)
+
+    def call(name):
+        if op == "xa":
+            return cands[name](x, A, p, seed, row0)
+        if op == "da":
+            return cands[name](d, x, p, seed, row0)
+        return cands[name](x.clone(), d, A, p, seed, row0)
+
+    want = call("split")
+    ok = []
+    for name in names:
+        try:
+            if _close(call(name), want):
+                ok.append(name)
+        except Exception:  # noqa: BLE001  (a config that cannot compile or launch here is not used)
+            pass
+    return ok
+
+
+def _time_ms(fn, reps: int = 5) -> float:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    except Exception:  # noqa: BLE001
+        return float("inf")
+
+
+def _path(op, N, K, R, ref: torch.Tensor, args):
+    """Name of the philox-family candidate for this call: forced, the interpreter's fused one, or on CUDA the
+    fastest of the correct candidates, timed once per (op, size class, K, r, dtype) on this call's tensors."""
+    if _FORCE_PATH is not None:
+        return "split" if _FORCE_PATH == "split" else "fused0"
+    if not ref.is_cuda:
+        return "fused0"
+    key = (op, "N>=4096" if N >= 4096 else "N<4096", K, R, str(ref.dtype).replace("torch.", ""))
+    name = _PATHS.get(key)
+    if name is not None:
+        return name
+    if torch.cuda.is_current_stream_capturing():
+        return "split"
+    cands = _candidates(op)
+    names = _fused_ok_names(op, K, R, ref.dtype, ref.device, [n for n in cands if n != "split"]) + ["split"]
+    if op == "dx":
+        scratch = args[0].clone()
+        times = {n: _time_ms(lambda n=n: cands[n](scratch, *args[1:])) for n in names}
+        del scratch
+    else:
+        times = {n: _time_ms(lambda n=n: cands[n](*args)) for n in names}
+    fused = [n for n in names if n != "split"]
+    name = min(fused, key=lambda n: times[n]) if fused else "split"
+    if times["split"] < 0.9 * times[name]:     # the split path also holds an (N, K) temporary: fused unless slower
+        name = "split"
+    _PATHS[key] = name
+    _PATHS[key + ("ms",)] = {n: round(t, 4) for n, t in times.items()}
+    return name
+
+
+def _run(op, name, args):
+    """Candidate `name` of op; a fused kernel that fails at launch falls back to the split path (same mask)."""
+    cands = _candidates(op)
+    if name == "split" or name not in cands:
+        return cands["split"](*args)
+    if _interpreting():
+        fused, _, _ = _OPS[op]
+        return fused(*args, _INTERP_CONFIG)
+    try:
+        return cands[name](*args)
+    except Exception:  # noqa: BLE001
+        return cands["split"](*args)
+
+
+def lora_kernel_paths() -> dict:
+    """{"op size-class K r dtype": chosen path} of the philox-family LoRA kernels so far (for benchmarks), and
+    the candidates' times in ms under the same key + " ms"."""
+    return {" ".join(str(k) for k in key): v for key, v in _PATHS.items()}
+
+
+def _lora_xa(x2, Ac, p, seed, fam, row0=0):
+    """xa = dropout(x2) @ Ac^T (N, r); x2 is rows row0.. of the masked tensor."""
+    if fam is None:
+        return x2 @ Ac.t()
+    if fam == "torch":
+        assert row0 == 0, "row chunks need the philox mask family"
+        return _torch_dropout(x2, p, seed) @ Ac.t()
+    args = (x2, Ac, p, seed, row0)
+    return _run("xa", _path("xa", x2.shape[0], x2.shape[1], Ac.shape[0], x2, args), args)
+
+
+def _lora_da(dxa, x2, p, seed, fam, row0=0):
+    """dA = dxa^T @ dropout(x2) (r, K) in fp32."""
+    if fam is None:
+        return (dxa.t() @ x2).float()
+    if fam == "torch":
+        assert row0 == 0, "row chunks need the philox mask family"
+        return (dxa.t() @ _torch_dropout(x2, p, seed)).float()
+    dxa = dxa.contiguous()
+    args = (dxa, x2, p, seed, row0)
+    return _run("da", _path("da", x2.shape[0], x2.shape[1], dxa.shape[1], x2, args), args)
+
+
+def _lora_dx_(dx, dxa, Ac, p, seed, fam, row0=0):
+    """dx += dropout(dxa @ Ac) in place (dx (N, K) in the compute dtype); returns dx."""
+    if fam is None:
+        return dx.addmm_(dxa, Ac)
+    if fam == "torch":
+        assert row0 == 0, "row chunks need the philox mask family"
+        dl = dxa @ Ac
+        dl.mul_(_keep_mask(dl.shape, p, seed, dl.device, dl.dtype)).mul_(1.0 / (1.0 - p))
+        return dx.add_(dl)
+    if not _philox_shape_ok(dx, row0) or dx.dtype != dxa.dtype:     # not a plain row-major buffer: split + add
+        return dx.add_(_dropout_triton((dxa @ Ac).contiguous(), p, seed, row0=row0))
+    dxa = dxa.contiguous()
+    args = (dx, dxa, Ac, p, seed, row0)
+    return _run("dx", _path("dx", dx.shape[0], dx.shape[1], Ac.shape[0], dx, args), args)
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -182,46 +633,35 @@ class LoRAFunction(torch.autograd.Function):
     Backward, with dy (N, out):
         dB = s * dy^T @ xa                 dxa = s * dy @ B              dA = dxa^T @ xd
         dx = dy @ W + ((dxa @ A) * keep) * 1/(1-p)
-    Saved: x (usually shared with the sibling projections), xa (N, r) and the seed; keep and xd are recomputed.
+    Saved: x (usually shared with the sibling projections), xa (N, r) and the seed; keep and xd are never stored:
+    on CUDA the mask is generated inside the kernels that compute xa, dA and the dropout part of dx (see the
+    "philox" family above), and y accumulates s * xa @ B^T in place (no copy of the base output).
     """
 
     @staticmethod
     def forward(ctx, x2, A, B, base, scaling, p, seed):
         c = x2.dtype
         Ac, Bc = A.to(c), B.to(c)
-        xd = _dropout(x2, p, seed) if p > 0.0 else x2                       # (N, in)
-        xa = xd @ Ac.t()                                                    # (N, r)
-        y = torch.addmm(_base_forward(base, x2), xa, Bc.t(), alpha=scaling)  # (N, out)
+        fam = _family(x2, p)
+        xa = _lora_xa(x2, Ac, p, seed, fam)                                 # (N, r)
+        y = _base_forward(base, x2)                                         # (N, out)
+        y.addmm_(xa, Bc.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, A, B)
-        ctx.base, ctx.scaling, ctx.p, ctx.seed = base, scaling, p, seed
+        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam = base, scaling, p, seed, fam
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, A, B = ctx.saved_tensors
-        s, p, c = ctx.scaling, ctx.p, x2.dtype
+        s, p, c, fam = ctx.scaling, ctx.p, x2.dtype, ctx.fam
         dy = dy.to(c)
         Ac, Bc = A.to(c), B.to(c)
-        triton_drop = p > 0.0 and _use_triton_dropout(x2)
-        keep = _keep_mask(x2.shape, p, ctx.seed, x2.device, c) if p > 0.0 and not triton_drop else None
         dB = (dy.t() @ xa).float().mul_(s) if ctx.needs_input_grad[2] else None   # (out, r)
         dxa = (dy @ Bc).mul_(s)                                                    # (N, r)
-        dA = None
-        if ctx.needs_input_grad[1]:
-            xd = _dropout(x2, p, ctx.seed) if p > 0.0 else x2
-            dA = (dxa.t() @ xd).float()                                          # (r, in)
-            del xd
+        dA = _lora_da(dxa, x2, p, ctx.seed, fam) if ctx.needs_input_grad[1] else None   # (r, in) fp32
         dx = None
         if ctx.needs_input_grad[0]:
-            dl = dxa @ Ac                                                        # (N, in)
-            dx = _base_backward(ctx.base, dy)
-            if triton_drop and dx.is_contiguous() and dx.dtype == dl.dtype:
-                _dropout_triton(dl, p, ctx.seed, out=dx)                         # dx += dropout(dl), same mask
-            else:
-                if p > 0.0:
-                    keep = keep if keep is not None else _keep_mask(x2.shape, p, ctx.seed, x2.device, c)
-                    dl.mul_(keep).mul_(1.0 / (1.0 - p))
-                dx.add_(dl)
+            dx = _lora_dx_(_base_backward(ctx.base, dy), dxa, Ac, p, ctx.seed, fam)    # (N, in)
         return dx, (dA.to(A.dtype) if dA is not None else None), (dB.to(B.dtype) if dB is not None else None), \
             None, None, None, None
 
@@ -231,22 +671,158 @@ def _lora_class():
     return LoRALinear
 
 
+def _compute_dtype(x: torch.Tensor, base: nn.Module) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return getattr(base, "compute_dtype", None) or x.dtype
+
+
+def _dropout_p(lora_module: nn.Module) -> float:
+    d = lora_module.lora_dropout
+    return float(d.p) if isinstance(d, nn.Dropout) and lora_module.training else 0.0
+
+
+def _draw_seed(p: float) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0    # from the CPU generator
+
+
 def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     """LoRALinear.forward of the fast path: one fused node when training with an adapter and no lora bias."""
     if self.merged or self.disable_adapter or self.lora_B.bias is not None:
         return _lora_class().forward(self, x)
     shape = x.shape
-    c = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        c = torch.get_autocast_dtype(x.device.type)
-    elif getattr(self.base_layer, "compute_dtype", None) is not None:
-        c = self.base_layer.compute_dtype
+    c = _compute_dtype(x, self.base_layer)
     x2 = x.reshape(-1, shape[-1]).to(c)                                      # (N, in)
-    p = float(self.lora_dropout.p) if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0    # from the CPU generator
+    p = _dropout_p(self)
+    seed = _draw_seed(p)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p, seed)
     return y.view(*shape[:-1], y.shape[-1]).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else c)
+
+
+# ----------------------------------------------------------------------------------------------- MLP tail
+def _swiglu_h(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) * u (Triton on CUDA, the torch reference elsewhere)."""
+    if g2.is_cuda:
+        return _kernels()[2].swiglu_forward(g2, u2)
+    return F.silu(g2) * u2
+
+
+def _swiglu_grads_(dh, g2, u2, dg, du):
+    """dg, du of h = silu(g) * u, written into dg and du (which may be g2 and u2 themselves: elementwise)."""
+    if g2.is_cuda and _mlp_swiglu_bwd_kernel is not None and all(t.is_contiguous() for t in (dh, g2, u2, dg, du)) \
+            and g2.shape == u2.shape == dh.shape == dg.shape == du.shape:
+        n = g2.numel()
+        if n:
+            _mlp_swiglu_bwd_kernel[(triton.cdiv(n, 1024),)](dh, g2, u2, dg, du, n, BLOCK=1024, num_warps=4)
+        return dg, du
+    gf, uf, dhf = g2.float(), u2.float(), dh.float()
+    sg = torch.sigmoid(gf)
+    dgv, duv = dhf * uf * sg * (1 + gf * (1 - sg)), dhf * gf * sg
+    return dg.copy_(dgv), du.copy_(duv)
+
+
+_MLP_CHUNK_ROWS = 2048   # rows per chunk of the MLP tail's recompute and backward: bounds its (rows, F) temporaries
+
+
+def _row_chunks(N: int, fam: Optional[str]):
+    """Row ranges for the MLP tail (one range where the torch mask family needs the whole tensor at once)."""
+    step = N if fam == "torch" or N <= _MLP_CHUNK_ROWS else _MLP_CHUNK_ROWS
+    return [(r, min(N, r + step)) for r in range(0, N, max(step, 1))]
+
+
+class SwiGLUDownFunction(torch.autograd.Function):
+    """out = down(silu(g) * u) as one node, down a frozen linear with an optional fused LoRA (A, B not None).
+
+    Saves g, u (N, F) (and xa (N, r)) but not h = silu(g) * u: backward recomputes h for dA, one row chunk at a
+    time. need_out=False (a checkpointed layer's recompute, whose output value is discarded) skips the base
+    matmul, computes xa chunk by chunk and returns a zero-stride tensor. Backward runs by row chunks
+    (_MLP_CHUNK_ROWS): dh = dy @ W_down + dropout(dxa @ A), then dg, du, so no (N, F) temporary exists;
+    inplace_bwd writes dg and du into g and u (their values are not needed afterwards).
+    """
+
+    @staticmethod
+    def forward(ctx, g2, u2, A, B, base, n_out, scaling, p, seed, need_out, inplace_bwd):
+        c = g2.dtype
+        N = g2.shape[0]
+        fam = _family(g2, p) if A is not None else None
+        xa = None
+        if need_out:
+            h = _swiglu_h(g2, u2)                                            # (N, F)
+            y = _base_forward(base, h)                                       # (N, out)
+            if A is not None:
+                xa = _lora_xa(h, A.to(c), p, seed, fam)                      # (N, r)
+                y.addmm_(xa, B.to(c).t(), alpha=scaling)
+            del h
+        else:
+            if A is not None:
+                Ac = A.to(c)
+                xa = torch.cat([_lora_xa(_swiglu_h(g2[r0:r1], u2[r0:r1]), Ac, p, seed, fam, r0)
+                                for r0, r1 in _row_chunks(N, fam)])
+            y = g2.new_zeros(()).expand(N, n_out)                            # never read (see the class doc)
+        ctx.save_for_backward(g2, u2, xa, A, B)
+        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam, ctx.inplace = base, scaling, p, seed, fam, inplace_bwd
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2, xa, A, B = ctx.saved_tensors
+        s, p, c, fam, seed = ctx.scaling, ctx.p, g2.dtype, ctx.fam, ctx.seed
+        dy = dy.to(c)
+        need_a = A is not None and ctx.needs_input_grad[2]
+        need_gu = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dA = dB = dxa = Ac = None
+        if A is not None:
+            Ac, Bc = A.to(c), B.to(c)
+            if ctx.needs_input_grad[3]:
+                dB = (dy.t() @ xa).float().mul_(s).to(B.dtype)               # (out, r)
+            dxa = (dy @ Bc).mul_(s)                                          # (N, r)
+        dg = du = None
+        if need_gu:
+            dg, du = (g2, u2) if ctx.inplace else (torch.empty_like(g2), torch.empty_like(u2))
+        for r0, r1 in _row_chunks(g2.shape[0], fam):
+            g_c, u_c = g2[r0:r1], u2[r0:r1]
+            if need_a:
+                part = _lora_da(dxa[r0:r1], _swiglu_h(g_c, u_c), p, seed, fam, r0)   # (r, F) fp32
+                dA = part if dA is None else dA.add_(part)
+            if need_gu:
+                dh = _base_backward(ctx.base, dy[r0:r1])                   # (rows, F)
+                if dxa is not None:
+                    dh = _lora_dx_(dh, dxa[r0:r1], Ac, p, seed, fam, r0)
+                _swiglu_grads_(dh, g_c, u_c, dg[r0:r1], du[r0:r1])
+                del dh
+        return dg, du, (dA.to(A.dtype) if dA is not None else None), dB, None, None, None, None, None, None, None
+
+
+def _mlp_tail(mlp: nn.Module, g: torch.Tensor, u: torch.Tensor, output_needed: bool) -> Optional[torch.Tensor]:
+    """down(swiglu(g, u)) through SwiGLUDownFunction, or None where it does not apply (a trainable base, a
+    LoRA bias, a merged or disabled adapter, an unknown down projection)."""
+    down = mlp.down_proj
+    if type(down) is _lora_class():
+        if not _fused_lora_output(down):
+            return None
+        base, A, B, scaling, p = down.base_layer, down.lora_A.weight, down.lora_B.weight, down.scaling, \
+            _dropout_p(down)
+    else:
+        base, A, B, scaling, p = down, None, None, 1.0, 0.0
+    if any(t.requires_grad for t in base.parameters()) or g.shape != u.shape or \
+            not (hasattr(base, "qweight") or isinstance(getattr(base, "weight", None), torch.Tensor)):
+        return None
+    n_out = getattr(base, "out_features", None)
+    if not isinstance(n_out, int):
+        return None
+    autocast = torch.is_autocast_enabled(g.device.type)
+    if A is None and hasattr(base, "qweight"):       # as NF4Linear.forward: its compute dtype, output in g's dtype
+        c, out_dtype = getattr(base, "compute_dtype", None) or g.dtype, g.dtype
+    else:                                            # as the fused LoRA forward (or F.linear under autocast)
+        c = _compute_dtype(g, base)
+        out_dtype = c if autocast else g.dtype
+    g2, u2 = g.reshape(-1, g.shape[-1]).to(c), u.reshape(-1, u.shape[-1]).to(c)
+    seed = _draw_seed(p)                                                      # as down_proj's forward would
+    with torch.autocast(g.device.type, enabled=False):
+        y = SwiGLUDownFunction.apply(g2, u2, A, B, base, n_out, scaling, p, seed, output_needed,
+                                     not output_needed)
+    return y.view(*g.shape[:-1], n_out).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- checkpointing
@@ -320,11 +896,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         layer, offloader = ctx.layer, ctx.offloader
+        i = layer.self_attn.layer_idx
         if offloader is not None:
             cos, sin, mask = ctx.saved_tensors
-            i = layer.self_attn.layer_idx
             x = offloader.load(i)
-            offloader.prefetch(i - 1)
         else:
             x, cos, sin, mask = ctx.saved_tensors
         x = x.detach().requires_grad_(True)
@@ -334,15 +909,46 @@ class OffloadedCheckpoint(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                y = layer._plain_forward(x, cos, sin, mask)
-        torch.autograd.backward(y, dy)
+                if hasattr(layer, "_recompute_forward"):
+                    outs = layer._recompute_forward(x, cos, sin, mask, offloader)   # out = sum(outs)
+                else:
+                    outs = (layer._plain_forward(x, cos, sin, mask),)
+        torch.autograd.backward(outs, [dy] * len(outs))
+        if offloader is not None:
+            offloader.prefetch(i - 1)         # a no-op when the recompute's backward already started it
         return None, None, x.grad, None, None, None, None
+
+
+class _PrefetchOnBackward(torch.autograd.Function):
+    """Identity on a recomputed layer's residual h = x + attn(x); its backward (run once the MLP half of the
+    layer's backward is done, past its memory peak) starts the host-to-device copy of the layer input below."""
+
+    @staticmethod
+    def forward(ctx, h, offloader, i):
+        ctx.offloader, ctx.i = offloader, i
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, dh):
+        ctx.offloader.prefetch(ctx.i)
+        return dh, None, None
 
 
 class FastDecoderLayer(DecoderLayer):
     """DecoderLayer whose training forward goes through `OffloadedCheckpoint` when checkpointing is on."""
 
     _plain_forward = DecoderLayer.forward
+
+    def _recompute_forward(self, x, cos, sin, mask, offloader=None):
+        """DecoderLayer.forward for OffloadedCheckpoint's backward, as (h, m) with out = h + m: the sum is never
+        formed (only its gradient matters, dy for both terms) and the MLP skips its output (output_needed=False:
+        the down projection's matmul is not run). With an offloader, h's backward prefetches the layer below."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        if offloader is not None:
+            h = _PrefetchOnBackward.apply(h, offloader, self.self_attn.layer_idx - 1)
+        n = self.post_attention_layernorm(h)
+        m = self.mlp(n, output_needed=False) if isinstance(self.mlp, FastMLP) else self.mlp(n)
+        return h, m
 
     def forward(self, x, cos, sin, mask, cache=None):
         ckpt = getattr(self, "_fast_checkpoint", False)

@@ -1,0 +1,282 @@
+"""Checks of the fast path's philox-family LoRA dropout in Triton's CPU interpreter (run as a script by
+tests/llama/test_fast_dropout.py with TRITON_INTERPRET=1: the variable is read when kernels are decorated).
+
+    TRITON_INTERPRET=1 python tests/llama/fast_dropout_checks.py [name ...]
+
+prints one line per check, "ok <name>" or "FAIL <name>: <why>". The mask is checked bit for bit against an
+independent numpy Philox-4x32-10, and every fused kernel against torch math with that same mask.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from llama import fast_path as fp  # noqa: E402
+
+
+def philox_keep(N: int, K: int, p: float, seed: int) -> torch.Tensor:
+    """The philox family's keep mask (N, K), bool, from its definition (see llama/fast_path.py): Q = ceil(K/4);
+    counter m*Q + j -> Philox-4x32-10 words (u0..u3) with key (seed_lo, seed_hi); (m, q*Q + j) kept iff
+    (u_q >> 1) >= floor(p * 2**31)."""
+    Q = (K + 3) // 4
+    M = np.uint64(0xFFFFFFFF)
+    c0 = (np.arange(N, dtype=np.uint64)[:, None] * np.uint64(Q) + np.arange(Q, dtype=np.uint64)[None, :]) & M
+    c1, c2, c3 = np.zeros_like(c0), np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    mul_a, mul_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = mul_b * c2, mul_a * c0                      # 32 x 32 -> 64-bit products (no overflow)
+        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ k0) & M, p0 & M, ((p1 >> np.uint64(32)) ^ c3 ^ k1) & M, p1 & M
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M, (k1 + np.uint64(0xBB67AE85)) & M
+    t31 = np.uint64(min(int(p * 2**31), 2**31 - 1))
+    keep = np.concatenate([(u >> np.uint64(1)) >= t31 for u in (c0, c1, c2, c3)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(keep[:, :K]))
+
+
+def close(got, want, rtol, atol, what):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs() - (atol + rtol * want.abs())
+    assert err.max().item() <= 0, f"{what}: max excess {err.max().item():.3g} (max |want| {want.abs().max():.3g})"
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_mask_matches_numpy_philox():
+    for N, K, p, seed in ((33, 37, 0.3, 424242), (5, 4096, 0.1, 7), (3, 11008, 0.1, 2**31 - 2), (17, 6, 0.5, 0)):
+        x = torch.rand(N, K) + 1.0                            # no zeros: y != 0 is the keep mask
+        y = fp._dropout_triton(x, p, seed)
+        assert torch.equal(y != 0, philox_keep(N, K, p, seed)), f"mask differs from numpy Philox at {(N, K, p)}"
+        k = y != 0
+        assert torch.equal(y[k], x[k] * (1 / (1 - p))), "kept values are not x * 1/(1-p)"
+
+
+def check_keep_rate_and_independence():
+    N, K = 200, 1000                                          # 200k elements
+    for p in (0.1, 0.5):
+        keep = fp._dropout_triton(torch.ones(N, K), p, 99) != 0
+        frac = keep.float().mean().item()
+        sigma = (p * (1 - p) / keep.numel()) ** 0.5
+        assert abs(frac - (1 - p)) < 5 * sigma, f"p={p}: keep rate {frac}, want {1 - p} +- {5 * sigma:.2g}"
+        Q = K // 4
+        quarters = [keep[:, q * Q:(q + 1) * Q].float() for q in range(4)]
+        for q in range(4):                                    # each quarter (one Philox output word) on its own
+            fq = quarters[q].mean().item()
+            assert abs(fq - (1 - p)) < 5 * (p * (1 - p) / quarters[q].numel()) ** 0.5, f"quarter {q}: {fq}"
+        for a in range(4):                                    # words of one call and neighbours uncorrelated
+            for b in range(a + 1, 4):
+                c = torch.corrcoef(torch.stack([quarters[a].flatten(), quarters[b].flatten()]))[0, 1].item()
+                assert abs(c) < 0.02, f"quarters {a},{b} correlated: {c}"
+        c = torch.corrcoef(torch.stack([keep[:, :-1].float().flatten(), keep[:, 1:].float().flatten()]))[0, 1]
+        assert abs(c.item()) < 0.02, f"neighbouring columns correlated: {c.item()}"
+
+
+def check_seed_determinism():
+    x = torch.randn(64, 96)
+    a, b, c = fp._dropout_triton(x, 0.2, 5), fp._dropout_triton(x, 0.2, 5), fp._dropout_triton(x, 0.2, 6)
+    assert torch.equal(a, b), "same seed, different output"
+    assert not torch.equal(a != 0, c != 0), "different seeds, same mask"
+    acc = torch.randn(64, 96)
+    acc0 = acc.clone()
+    fp._dropout_triton(x, 0.2, 5, out=acc)
+    close(acc, acc0 + a, 0, 1e-6, "accumulate form")
+
+
+def check_fused_kernels_match_torch():
+    """xa, dA and dx of the fused kernels and of the split path (elementwise dropout + matmul) vs torch math with
+    the numpy Philox mask; row0 > 0: the input is a row chunk starting at row row0 of the masked tensor."""
+    torch.manual_seed(0)
+    p, seed = 0.25, 31337
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        for N, K, R, row0 in ((33, 37, 4, 0), (70, 300, 64, 0), (16, 64, 16, 0), (20, 37, 5, 13)):
+            x = torch.randn(N, K).to(dtype)
+            A = (torch.randn(R, K) / K ** 0.5).to(dtype)
+            d = torch.randn(N, R).to(dtype)
+            dx0 = torch.randn(N, K).to(dtype)
+            keep = philox_keep(row0 + N, K, p, seed)[row0:].float()
+            xd = (x.float() * keep * (1 / (1 - p))).to(dtype).float()
+            want_xa = xd @ A.float().t()
+            want_da = d.float().t() @ xd
+            want_dx = dx0.float() + (d.float() @ A.float()) * keep * (1 / (1 - p))
+            for path in ("fused", "split"):
+                fp._FORCE_PATH = path
+                what = f"{path} {dtype} N={N} K={K} r={R} row0={row0}"
+                close(fp._lora_xa(x, A, p, seed, "philox", row0), want_xa, tol, tol * want_xa.abs().max(),
+                      f"xa {what}")
+                close(fp._lora_da(d, x, p, seed, "philox", row0), want_da, tol, tol * want_da.abs().max(),
+                      f"dA {what}")
+                close(fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0), want_dx, tol,
+                      tol * want_dx.abs().max(), f"dx {what}")
+    fp._FORCE_PATH = None
+
+
+def check_swiglu_down_chunked_same_mask():
+    """SwiGLUDownFunction in the philox family with row chunks (recompute mode: xa by chunks, in-place dg/du)
+    vs autograd over down(silu(g) * u) + LoRA with the numpy Philox mask of the whole tensor."""
+    torch.manual_seed(2)
+    N, F_, C, r, s, p, seed = 45, 40, 24, 6, 0.5, 0.3, 55555
+    base = nn.Linear(F_, C, bias=False).requires_grad_(False)
+    keep = philox_keep(N, F_, p, seed).float()
+    old = fp._MLP_CHUNK_ROWS
+    fp._MLP_CHUNK_ROWS = 16
+    try:
+        for recompute in (False, True):
+            g, u = torch.randn(N, F_, requires_grad=True), torch.randn(N, F_, requires_grad=True)
+            A, B = torch.randn(r, F_, requires_grad=True), torch.randn(C, r, requires_grad=True)
+            y = fp.SwiGLUDownFunction.apply(g * 1, u * 1, A, B, base, C, s, p, seed, not recompute, recompute)
+            dy = torch.randn(N, C)
+            got = torch.autograd.grad(y, (g, u, A, B), dy)
+            g2, u2, A2, B2 = (t.detach().clone().requires_grad_() for t in (g, u, A, B))
+            h = torch.nn.functional.silu(g2) * u2
+            y_ref = base(h) + s * ((h * keep / (1 - p)) @ A2.t()) @ B2.t()
+            want = torch.autograd.grad(y_ref, (g2, u2, A2, B2), dy)
+            if not recompute:
+                close(y, y_ref, 1e-5, 1e-5 * y_ref.abs().max().item(), "y")
+            for a, b, what in zip(got, want, ("dg", "du", "dA", "dB")):
+                close(a, b, 1e-5, 1e-5 * b.abs().max().item(), f"{what} (recompute={recompute})")
+    finally:
+        fp._MLP_CHUNK_ROWS = old
+
+
+def check_lora_function_grads_same_mask():
+    """LoRAFunction in the philox family: y, dx, dA, dB equal autograd over the same math with the same mask,
+    so forward and backward (and both kernels of the backward) used one mask."""
+    torch.manual_seed(1)
+    N, fin, fout, r, s, p, seed = 41, 48, 40, 6, 0.5, 0.3, 987654
+    base = nn.Linear(fin, fout, bias=True).requires_grad_(False)
+    keep = philox_keep(N, fin, p, seed).float()
+    for path in ("fused", "split"):
+        fp._FORCE_PATH = path
+        x = torch.randn(N, fin, requires_grad=True)
+        A = torch.randn(r, fin, requires_grad=True)
+        B = torch.randn(fout, r, requires_grad=True)
+        y = fp.LoRAFunction.apply(x, A, B, base, s, p, seed)
+        dy = torch.randn_like(y)
+        dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+        x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
+        y_ref = base(x2) + s * ((x2 * keep / (1 - p)) @ A2.t()) @ B2.t()
+        dx_r, dA_r, dB_r = torch.autograd.grad(y_ref, (x2, A2, B2), dy)
+        for got, want, what in ((y, y_ref, "y"), (dx, dx_r, "dx"), (dA, dA_r, "dA"), (dB, dB_r, "dB")):
+            close(got, want, 1e-5, 1e-5 * want.abs().max().item(), f"{what} ({path})")
+    fp._FORCE_PATH = None
+
+
+def _tiny(dropout, seed=0):
+    from llama import LlamaForCausalLM, ModelArgs
+    from lora import LoraConfig, inject_lora
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(ModelArgs.from_name("tiny"))
+    inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"]))
+    return model.train()
+
+
+def _loss_grads(model, ids, seed=5):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def check_model_recompute_replays_philox_masks():
+    """Tiny Llama, dropout 0.3, philox family: checkpointed (recompute in backward, MLP output skipped, in-place
+    SwiGLU backward) and non-checkpointed fast paths give the same loss and LoRA grads (same masks)."""
+    from llama.fast_path import enable_fast_path
+
+    base = _tiny(0.3)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    fp._MLP_CHUNK_ROWS = 16                                   # 40 tokens: the MLP tail runs in 3 row chunks
+    for path in ("fused",):                                   # (the split path: check_fused_kernels_match_torch)
+        fp._FORCE_PATH = path
+        a = enable_fast_path(copy.deepcopy(base), checkpointing=False)
+        b = enable_fast_path(copy.deepcopy(base), checkpointing=True)
+        la, ga = _loss_grads(a, ids)
+        lb, gb = _loss_grads(b, ids)
+        close(lb, la, 0, 0, f"loss ({path})")
+        assert len(ga) == 2 * 7 * 2
+        for name in ga:
+            close(gb[name], ga[name], 1e-5, 1e-6 * ga[name].abs().max().item(), f"grad {name} ({path})")
+    fp._FORCE_PATH = None
+
+
+def check_model_masks_are_per_linear():
+    """Each LoRA linear draws its own seed (peft: one dropout module per target), so q/k/v masks differ."""
+    seeds = []
+    orig = fp._lora_xa
+
+    def spy(x2, Ac, p, seed, fam):
+        seeds.append(seed)
+        return orig(x2, Ac, p, seed, fam)
+
+    fp._lora_xa = spy
+    try:
+        from llama.fast_path import enable_fast_path
+        m = enable_fast_path(_tiny(0.3), checkpointing=False)
+        m(torch.randint(0, 256, (1, 8)), labels=torch.randint(0, 256, (1, 8)))
+    finally:
+        fp._lora_xa = orig
+    assert len(seeds) == 2 * 7 and len(set(seeds)) == len(seeds), seeds
+
+
+CHECKS = {n[len("check_"):]: f for n, f in dict(globals()).items() if n.startswith("check_") and callable(f)}
+
+
+def gpu_preflight() -> bool:
+    """On a CUDA GPU (compiled kernels, not the interpreter): the mask equals the numpy Philox, the keep rate is
+    1 - p, and xa, dA, dx of the chosen paths match torch with the same mask at Llama-2-7B shapes (bf16, r=64);
+    prints the path choices and their timings. `python tests/llama/fast_dropout_checks.py --gpu`."""
+    dev, dt, p, seed, ok = torch.device("cuda"), torch.bfloat16, 0.1, 20241127, True
+    y = fp._dropout_triton(torch.ones(64, 11008, device=dev, dtype=dt), p, seed)
+    same = torch.equal((y != 0).cpu(), philox_keep(64, 11008, p, seed))
+    frac = (fp._dropout_triton(torch.ones(8192, 4096, device=dev, dtype=dt), p, 3) != 0).float().mean().item()
+    print(f"gpu mask == numpy philox: {same}; keep rate {frac:.5f} (want {1 - p})", flush=True)
+    ok &= same and abs(frac - (1 - p)) < 1e-3
+    for N, K, row0 in ((8192, 4096, 0), (2048, 11008, 6144)):
+        x = torch.randn(N, K, device=dev, dtype=dt)
+        A = (torch.randn(64, K, device=dev) / K ** 0.5).to(dt)
+        d = torch.randn(N, 64, device=dev, dtype=dt)
+        dx0 = torch.randn(N, K, device=dev, dtype=dt)
+        xd = fp._dropout_triton(x, p, seed, row0=row0).float()
+        keep = (fp._dropout_triton(torch.ones_like(x), p, seed, row0=row0) != 0).float()
+        want = {"xa": xd @ A.float().t(), "da": d.float().t() @ xd,
+                "dx": dx0.float() + (d.float() @ A.float()) * keep / (1 - p)}
+        got = {"xa": fp._lora_xa(x, A, p, seed, "philox", row0), "da": fp._lora_da(d, x, p, seed, "philox", row0),
+               "dx": fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0)}
+        for k in want:
+            rel = ((got[k].float() - want[k]).abs().mean() / want[k].abs().mean()).item()
+            print(f"  N={N} K={K} row0={row0} {k}: mean rel err {rel:.2e}", flush=True)
+            ok &= rel < 1e-2
+    for key, v in fp.lora_kernel_paths().items():
+        print(f"  {key}: {v}", flush=True)
+    print("gpu preflight", "ok" if ok else "FAILED", flush=True)
+    return ok
+
+
+def main(names):
+    fp._PHILOX_ON_CPU = True
+    torch.set_num_threads(1)
+    for name in names or list(CHECKS):
+        try:
+            CHECKS[name]()
+            print(f"ok {name}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}".replace("\n", " | ")
+            print(f"FAIL {name}: {msg} | {traceback.format_exc()[-1500:]!r}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--gpu"]:
+        sys.exit(0 if gpu_preflight() else 1)
+    main(sys.argv[1:])

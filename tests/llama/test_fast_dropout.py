@@ -1,0 +1,115 @@
+"""The fast path's LoRA dropout and MLP tail: the philox-family Triton kernels (mask, fused A-side matmuls) in
+Triton's CPU interpreter, and on CPU tensors the `SwiGLUDownFunction` node and the recompute that skips the
+MLP's output."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from llama import fast_path as fp
+
+from . import fast_dropout_checks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Runs every check of fast_dropout_checks.py once, in a subprocess with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "llama", "fast_dropout_checks.py")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    out = {}
+    for line in r.stdout.splitlines():
+        status, _, rest = line.partition(" ")
+        name, _, why = rest.partition(":")
+        out[name.strip()] = (status, why.strip())
+    return out, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", sorted(fast_dropout_checks.CHECKS))
+def test_philox_dropout_in_interpreter(interpreter_results, name):
+    results, stderr = interpreter_results
+    assert name in results, f"check {name} did not run; stderr: {stderr}"
+    status, why = results[name]
+    assert status == "ok", why
+
+
+def _close(got, want, rtol, atol, what):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, what
+    err = (got - want).abs() - (atol + rtol * want.abs())
+    assert err.max().item() <= 0, f"{what}: max excess {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("chunk_rows", [2048, 7])
+def test_swiglu_down_matches_autograd(p, recompute, chunk_rows, monkeypatch):
+    """SwiGLUDownFunction (torch mask family on CPU) vs autograd over down(silu(g) * u) with LoRA and the same
+    keep-mask; in recompute mode the output is a zero-stride placeholder and dg, du land in g, u's storage.
+    chunk_rows: the backward's row chunks (the torch family with dropout keeps one chunk)."""
+    monkeypatch.setattr(fp, "_MLP_CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    N, F_, C, r, s, seed = 29, 40, 24, 6, 0.5, 4321
+    base = nn.Linear(F_, C, bias=True).requires_grad_(False)
+    g = torch.randn(N, F_, requires_grad=True)
+    u = torch.randn(N, F_, requires_grad=True)
+    A = torch.randn(r, F_, requires_grad=True)
+    B = torch.randn(C, r, requires_grad=True)
+    g1, u1 = g * 1, u * 1                                     # non-leaf inputs (in place is allowed on these)
+    y = fp.SwiGLUDownFunction.apply(g1, u1, A, B, base, C, s, p, seed, not recompute, recompute)
+    dy = torch.randn(N, C)
+    dg, du, dA, dB = torch.autograd.grad(y, (g, u, A, B), dy)
+    keep = fp._keep_mask((N, F_), p, seed, g.device, g.dtype) if p > 0 else torch.ones(N, F_)
+    g2, u2, A2, B2 = (t.detach().clone().requires_grad_() for t in (g, u, A, B))
+    h = torch.nn.functional.silu(g2) * u2
+    y_ref = base(h) + s * ((h * keep / (1 - p)) @ A2.t()) @ B2.t()
+    want = torch.autograd.grad(y_ref, (g2, u2, A2, B2), dy)
+    if recompute:
+        assert y.stride() == (0, 0) and y.shape == (N, C)
+    else:
+        _close(y, y_ref, 1e-5, 1e-5, "y")
+    for got, w, what in zip((dg, du, dA, dB), want, ("dg", "du", "dA", "dB")):
+        _close(got, w, 1e-5, 1e-5 * w.abs().max().item(), what)
+
+
+def test_swiglu_down_without_lora():
+    """A frozen down projection without an adapter: the node gives down(silu(g) * u) and its input grads."""
+    torch.manual_seed(1)
+    base = nn.Linear(16, 8, bias=False).requires_grad_(False)
+    g, u = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
+    y = fp.SwiGLUDownFunction.apply(g * 1, u * 1, None, None, base, 8, 1.0, 0.0, 0, True, False)
+    dy = torch.randn(5, 8)
+    dg, du = torch.autograd.grad(y, (g, u), dy)
+    g2, u2 = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    y_ref = base(torch.nn.functional.silu(g2) * u2)
+    dg_r, du_r = torch.autograd.grad(y_ref, (g2, u2), dy)
+    _close(y, y_ref, 1e-6, 1e-6, "y")
+    _close(dg, dg_r, 1e-5, 1e-6, "dg")
+    _close(du, du_r, 1e-5, 1e-6, "du")
+
+
+def test_recompute_skips_the_down_projection(monkeypatch):
+    """With checkpointing, a layer's backward reruns its forward without the down projection's matmul (the
+    output is never read): down's base runs once per layer (the no-grad forward), the other linears twice."""
+    from tests.llama.test_fast_path import batch, tiny_lora_model
+
+    model = fp.enable_fast_path(tiny_lora_model(dropout=0.1), checkpointing=True)
+    calls = {}
+    real = fp._base_forward
+
+    def counting(base, x2):
+        calls[id(base)] = calls.get(id(base), 0) + 1
+        return real(base, x2)
+
+    monkeypatch.setattr(fp, "_base_forward", counting)
+    ids, labels = batch()
+    model(ids, labels=labels).loss.backward()
+    for layer in model.model.layers:
+        assert calls[id(layer.mlp.down_proj.base_layer)] == 1
+        assert calls[id(layer.mlp.up_proj.base_layer)] == 2
+        assert calls[id(layer.self_attn.q_proj.base_layer)] == 2
