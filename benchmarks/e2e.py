@@ -786,9 +786,7 @@ def main(argv=None):
                 json.dump(results, fh, indent=1, default=str)
 
     t_all = time.perf_counter()
-    for setting in ("a", "b"):
-        if setting not in todo:
-            continue
+    for setting in [s for s in todo if s in SETTINGS]:       # in the order given
         entry = results["settings"].setdefault(setting, setting_shape(setting, args))
         log(f"setting ({setting}): {SETTINGS[setting]['label']}")
         runs = ([("hf", None)] if "hf" in stacks else []) + \

@@ -107,6 +107,18 @@ def _base_backward(base: nn.Module, dy: torch.Tensor) -> torch.Tensor:
     return dy @ base.weight.to(dy.dtype)
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t as a tensor that is not a view (a custom Function's output must not be one: RoPE writes into it in
+    place). The base forward returns y.reshape(...) of its own buffer: that buffer is returned instead."""
+    if not t._is_view():
+        return t
+    b = t._base
+    if b.shape == t.shape and b.stride() == t.stride() and b.storage_offset() == t.storage_offset() and \
+            b.dtype == t.dtype:
+        return b
+    return t.clone()
+
+
 def _fused_lora_output(proj: nn.Module) -> bool:
     """True when `proj` returns a fresh (non-view) tensor from LoRAFunction (RoPE may then write into it)."""
     f = proj.__dict__.get("forward")
@@ -644,7 +656,7 @@ class LoRAFunction(torch.autograd.Function):
         Ac, Bc = A.to(c), B.to(c)
         fam = _family(x2, p)
         xa = _lora_xa(x2, Ac, p, seed, fam)                                 # (N, r)
-        y = _base_forward(base, x2)                                         # (N, out)
+        y = _own(_base_forward(base, x2))                                   # (N, out), not a view
         y.addmm_(xa, Bc.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, A, B)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam = base, scaling, p, seed, fam
@@ -749,7 +761,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
         xa = None
         if need_out:
             h = _swiglu_h(g2, u2)                                            # (N, F)
-            y = _base_forward(base, h)                                       # (N, out)
+            y = _own(_base_forward(base, h))                                 # (N, out)
             if A is not None:
                 xa = _lora_xa(h, A.to(c), p, seed, fam)                      # (N, r)
                 y.addmm_(xa, B.to(c).t(), alpha=scaling)
