@@ -670,13 +670,15 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's hash, or E2E_COMMIT (the device copy of the tree may have no usable .git)."""
+    """E2E_COMMIT when set (a device copy of the tree may carry a stale or no .git), else HEAD's hash."""
+    if os.environ.get("E2E_COMMIT"):
+        return os.environ["E2E_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         out = ""
-    return out if len(out) == 40 else os.environ.get("E2E_COMMIT", "unknown")
+    return out if len(out) == 40 else "unknown"
 
 
 def targets(results) -> list[dict]:

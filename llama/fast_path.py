@@ -62,7 +62,8 @@ class FastAttention(Attention):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        if x.is_cuda:   # in place only into our fused LoRA outputs (a view made inside a custom Function can't be)
+        if x.is_cuda or (_PHILOX_ON_CPU and _interpreting()):   # (the second: tests, Triton's interpreter)
+            # in place only into our fused LoRA outputs (a view made inside a custom Function can't be)
             RoPE = _kernels()[1].RoPEFunction
             q = RoPE.apply(q, cos, sin, _fused_lora_output(self.q_proj))
             k = RoPE.apply(k, cos, sin, _fused_lora_output(self.k_proj))

@@ -211,6 +211,51 @@ def check_model_recompute_replays_philox_masks():
     fp._FORCE_PATH = None
 
 
+def check_model_nf4_inplace_rope_recompute():
+    """Tiny Llama with NF4 bases (their forward returns a reshape view of its buffer), dropout 0.3, philox
+    family, and the GPU branch of the attention: RoPE in place into the fused LoRA outputs of q and k. The
+    checkpointed and non-checkpointed fast paths agree, and the LoRA node's output is not a view (autograd
+    forbids in-place writes into views made inside a custom Function)."""
+    from kernels import NF4Linear
+    from llama.fast_path import enable_fast_path
+
+    base = _tiny(0.3)
+    for name, mod in list(base.named_modules()):
+        if type(mod).__name__ == "LoRALinear":
+            mod.base_layer = NF4Linear.from_linear(mod.base_layer)
+    x = torch.randn(6, 64)
+    q = base.model.layers[0].self_attn.q_proj
+    y = fp.LoRAFunction.apply(x, q.lora_A.weight, q.lora_B.weight, q.base_layer, q.scaling, 0.3, 5)
+    assert not y._is_view(), "the fused LoRA output is a view"
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    fp._FORCE_PATH = "fused"
+    a = enable_fast_path(copy.deepcopy(base), checkpointing=False)
+    b = enable_fast_path(copy.deepcopy(base), checkpointing=True)
+    la, ga = _loss_grads(a, ids)
+    lb, gb = _loss_grads(b, ids)
+    fp._FORCE_PATH = None
+    close(lb, la, 0, 0, "loss (nf4, in-place rope)")
+    for name in ga:
+        close(gb[name], ga[name], 1e-5, 1e-6 * ga[name].abs().max().item(), f"grad {name} (nf4, in-place rope)")
+
+
+def check_swiglu_backward_kernel_in_place():
+    """_mlp_swiglu_bwd_kernel (the MLP tail's backward on CUDA) vs the torch formula, into new buffers and in
+    place into g and u."""
+    torch.manual_seed(3)
+    n = 3000
+    dh, g, u = torch.randn(n), torch.randn(n) * 3, torch.randn(n)
+    s = torch.sigmoid(g)
+    want_g, want_u = dh * u * s * (1 + g * (1 - s)), dh * g * s
+    dg, du = torch.empty(n), torch.empty(n)
+    fp._mlp_swiglu_bwd_kernel[(3,)](dh, g, u, dg, du, n, BLOCK=1024)
+    close(dg, want_g, 1e-5, 1e-6, "dg")
+    close(du, want_u, 1e-5, 1e-6, "du")
+    g2, u2 = g.clone(), u.clone()
+    fp._mlp_swiglu_bwd_kernel[(3,)](dh, g2, u2, g2, u2, n, BLOCK=1024)
+    assert torch.equal(g2, dg) and torch.equal(u2, du), "in place differs"
+
+
 def check_model_masks_are_per_linear():
     """Each LoRA linear draws its own seed (peft: one dropout module per target), so q/k/v masks differ."""
     seeds = []

@@ -113,3 +113,51 @@ def test_recompute_skips_the_down_projection(monkeypatch):
         assert calls[id(layer.mlp.down_proj.base_layer)] == 1
         assert calls[id(layer.mlp.up_proj.base_layer)] == 2
         assert calls[id(layer.self_attn.q_proj.base_layer)] == 2
+
+
+class _HostOffloader:
+    """A CPU stand-in for ActivationOffloader: keeps copies, records save/prefetch/load calls in order."""
+
+    def __init__(self):
+        self.store, self.fetched, self.calls = {}, set(), []
+
+    def save(self, i, x):
+        self.calls.append(("save", i))
+        self.store[i] = x.detach().clone()
+
+    def prefetch(self, i):
+        if i < 0 or i not in self.store or i in self.fetched:
+            return
+        self.calls.append(("prefetch", i))
+        self.fetched.add(i)
+
+    def load(self, i):
+        self.prefetch(i)
+        self.fetched.discard(i)
+        self.calls.append(("load", i))
+        return self.store[i]
+
+
+def test_offloaded_recompute_prefetches_after_the_mlp_backward():
+    """OffloadedCheckpoint with an offloader (CUDA-only in enable_fast_path, stubbed here): the same grads as
+    checkpointing without one, and layer i's recompute prefetches layer i-1's input from its backward (after
+    the MLP half), before layer i-1 loads it."""
+    from tests.llama.test_fast_path import batch, loss_and_grads, tiny_lora_model
+
+    plain = fp.enable_fast_path(tiny_lora_model(dropout=0.2), checkpointing=True)
+    off = fp.enable_fast_path(tiny_lora_model(dropout=0.2), checkpointing=True)
+    stub = _HostOffloader()
+    for layer in off.model.layers:
+        layer._offloader = stub
+    ids, labels = batch()
+    loss_p, grads_p = loss_and_grads(plain, ids, labels, seed=3)
+    loss_o, grads_o = loss_and_grads(off, ids, labels, seed=3)
+    _close(loss_o, loss_p, 0, 0, "loss")
+    for name in grads_p:
+        _close(grads_o[name], grads_p[name], 1e-6, 1e-9, f"grad {name}")
+    n = len(off.model.layers)
+    bwd = [c for c in stub.calls if c[0] != "save"]
+    want = []
+    for i in reversed(range(n)):
+        want += [("load", i)] + ([("prefetch", i - 1)] if i > 0 else [])
+    assert bwd == [("prefetch", n - 1)] + want, bwd
