@@ -50,7 +50,6 @@ import time
 import traceback
 
 import torch
-from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # this folder also holds benchmarks/kernels.py, which must not shadow the `kernels` package
@@ -95,49 +94,11 @@ def build_hf_bf16_storage(args, device, targets, seed: int = 0):
     """benchmarks.e2e.build_hf with the NF4 codes stored as bfloat16 (bnb quant_storage; the QLoRA + FSDP recipe
     of transformers/accelerate), so that FSDP1 flattens each decoder layer's tensors as one bf16 FlatParameter.
     Gradient checkpointing (non-reentrant) on; LoRA r=64 alpha=16 dropout 0.1 via peft."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM as HFLlama
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from benchmarks.e2e import build_hf
 
-    from benchmarks.e2e import ALPHA, DROPOUT, R, _init_dense
-
-    torch.manual_seed(seed)
-    dtype = storage = torch.bfloat16  # also on the CPU check: FSDP1 needs one dtype per flattened unit
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                      intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
-                      num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
-                      max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.rms_norm_eps,
-                      rope_theta=args.rope_theta, tie_word_embeddings=False, use_cache=False)
-    cfg._attn_implementation = "sdpa"
-    cfg.dtype = dtype
-    with torch.device("meta"):
-        model = HFLlama(cfg)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and name != "lm_head":
-            lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=dtype,
-                                    quant_type="nf4", quant_storage=storage, device="meta")
-            w = _init_dense((mod.out_features, mod.in_features), device, dtype)
-            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=False,
-                                           quant_storage=storage, module=lin).to(device)
-            del w
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, lin)
-    for name, p in list(model.named_parameters()):
-        if p.is_meta:
-            mod_name, _, leaf = name.rpartition(".")
-            value = (torch.ones(p.shape, device=device) if "norm" in name else
-                     _init_dense(p.shape, device, torch.float32)).to(storage)
-            model.get_submodule(mod_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(device)
-    model.is_loaded_in_4bit = True
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = get_peft_model(model, PeftLoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                                 target_modules=list(targets), bias="none", task_type="CAUSAL_LM"))
-    return model.train()
+    # bf16 also on the CPU check: FSDP1 needs one dtype per flattened unit
+    return build_hf(args, device, targets, checkpointing=True, seed=seed, dtype=torch.bfloat16,
+                    quant_storage=torch.bfloat16, checkpointing_kwargs={"use_reentrant": False})
 
 
 def wrap_hf_fsdp1(model, device):

@@ -32,7 +32,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -233,9 +232,13 @@ def our_loss(model, ids):
 
 
 # ------------------------------------------------------------------------------------------------ HF stack
-def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 0):
+def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 0, dtype=None, quant_storage=None,
+             checkpointing_kwargs=None):
     """transformers Llama on the meta device; decoder linears -> bnb Linear4bit NF4 (random weights quantized
-    on `device`); the rest materialized with random values; peft LoRA. On the CPU, Linear4bit runs bnb's CPU path."""
+    on `device`); the rest materialized with random values; peft LoRA. On the CPU, Linear4bit runs bnb's CPU path.
+    dtype: compute and storage dtype of the non-quantized tensors (default bf16 on CUDA, else fp32);
+    quant_storage: bnb's storage dtype of the packed codes (uint8 by default; bf16 for FSDP1, see
+    benchmarks/distributed.py); checkpointing_kwargs: passed to gradient_checkpointing_enable."""
     import bitsandbytes as bnb
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import LlamaConfig
@@ -243,7 +246,8 @@ def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    storage = {} if quant_storage is None else {"quant_storage": quant_storage}
     cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                       intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
                       num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
@@ -256,10 +260,10 @@ def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name != "lm_head":
             lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=dtype,
-                                    quant_type="nf4", device="meta")
+                                    quant_type="nf4", device="meta", **storage)
             w = _init_dense((mod.out_features, mod.in_features), device, dtype)
             lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=False,
-                                           module=lin).to(device)
+                                           module=lin, **storage).to(device)
             del w
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
@@ -276,7 +280,8 @@ def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 
         raise RuntimeError(f"HF model: tensors left on meta: {left[:5]}")
     model.is_loaded_in_4bit = True
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(**({"gradient_checkpointing_kwargs": checkpointing_kwargs}
+                                               if checkpointing_kwargs else {}))
         model.enable_input_require_grads()
     model = get_peft_model(model, PeftLoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                                  target_modules=list(targets), bias="none", task_type="CAUSAL_LM"))
