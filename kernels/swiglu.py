@@ -64,10 +64,18 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Triton backward: dh, gate, up (..., F) -> (d gate, d up) in the dtypes of gate and up."""
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out=None):
+    """Triton backward: dh, gate, up (..., F) -> (d gate, d up) in the dtypes of gate and up.
+    out: optional contiguous (d gate, d up) to write into; they may be gate and up themselves (every
+    element is read before it is written)."""
     g, u, dh = gate.contiguous(), up.contiguous(), dh.contiguous()
-    dg, du = torch.empty_like(g), torch.empty_like(u)
+    if out is None:
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+    else:
+        dg, du = out
+        if not (dg.is_contiguous() and du.is_contiguous() and dg.shape == g.shape and du.shape == u.shape):
+            raise ValueError(f"swiglu_backward out: expected contiguous tensors of shape {tuple(g.shape)}, got "
+                             f"{tuple(dg.shape)} and {tuple(du.shape)}")
     n = g.numel()
     if n > 0:
         block = _block(n)

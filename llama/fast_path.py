@@ -27,14 +27,13 @@ On CPU tensors every kernel call dispatches to its pure-torch reference, so the 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, CausalLMOutput, DecoderLayer, LlamaForCausalLM, LlamaModel, MLP, RMSNorm
+from .model import Attention, CausalLMOutput, DecoderLayer, LlamaForCausalLM, MLP, RMSNorm
 
 
 # ----------------------------------------------------------------------------------------------- fused ops
@@ -296,20 +295,9 @@ try:
         _dx_tile(d, a_ptr, dx_row, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, _keep(u3, t31), scale,
                  PREC)
 
-    @triton.jit
-    def _mlp_swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
-        # dg = dh * u * s * (1 + g * (1 - s)), du = dh * silu(g); dg_ptr/du_ptr may be g_ptr/u_ptr (in place)
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < n
-        dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=m, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        tl.store(dg_ptr + i, (dh * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=m)
-        tl.store(du_ptr + i, (dh * g * s).to(du_ptr.dtype.element_ty), mask=m)
 except Exception:  # noqa: BLE001  (no triton: the torch mask family below is used)
     triton = None
-    _dropout4_kernel = _lora_xa_kernel = _lora_da_kernel = _lora_dx_kernel = _mlp_swiglu_bwd_kernel = None
+    _dropout4_kernel = _lora_xa_kernel = _lora_da_kernel = _lora_dx_kernel = None
 
 # block sizes: candidates per fused kernel (timed on first use); the interpreter uses small blocks
 _XA_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=2), dict(BM=32, BQ=64, num_warps=4, num_stages=3))
@@ -723,12 +711,9 @@ def _swiglu_h(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_grads_(dh, g2, u2, dg, du):
     """dg, du of h = silu(g) * u, written into dg and du (which may be g2 and u2 themselves: elementwise)."""
-    if g2.is_cuda and _mlp_swiglu_bwd_kernel is not None and all(t.is_contiguous() for t in (dh, g2, u2, dg, du)) \
+    if g2.is_cuda and all(t.is_contiguous() for t in (dh, g2, u2, dg, du)) \
             and g2.shape == u2.shape == dh.shape == dg.shape == du.shape:
-        n = g2.numel()
-        if n:
-            _mlp_swiglu_bwd_kernel[(triton.cdiv(n, 1024),)](dh, g2, u2, dg, du, n, BLOCK=1024, num_warps=4)
-        return dg, du
+        return _kernels()[2].swiglu_backward(dh, g2, u2, out=(dg, du))
     gf, uf, dhf = g2.float(), u2.float(), dh.float()
     sg = torch.sigmoid(gf)
     dgv, duv = dhf * uf * sg * (1 + gf * (1 - sg)), dhf * gf * sg

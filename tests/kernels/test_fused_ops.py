@@ -26,7 +26,7 @@ from kernels.cross_entropy import (chunked_cross_entropy, cross_entropy_referenc
                                    softmax_ce_chunk_torch_, softmax_ce_chunk_triton_)
 from kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rope import RoPEFunction, apply_rope, apply_rope_reference  # noqa: E402
-from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference  # noqa: E402
+from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_backward, swiglu_reference  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
@@ -189,6 +189,18 @@ def test_swiglu_triton_vs_reference(dtype):
     assert_close(du, du64, tol, "swiglu d up")
     assert rel_err(h, h64) <= max(2 * rel_err(swiglu_reference(gate.detach(), up.detach()), h64), 1e-6)
     assert torch.equal(swiglu(gate.detach(), up.detach()), swiglu_reference(gate.detach(), up.detach()))
+
+
+def test_swiglu_backward_in_place():
+    """out=(gate, up): the gradients overwrite the inputs they are computed from, bit-equal to a fresh output."""
+    g = torch.Generator().manual_seed(1)
+    gate, up, dh = (torch.randn(7, 45, generator=g) for _ in range(3))
+    dg, du = swiglu_backward(dh, gate, up)
+    g2, u2 = gate.clone(), up.clone()
+    rg, ru = swiglu_backward(dh, g2, u2, out=(g2, u2))
+    assert rg is g2 and ru is u2 and torch.equal(g2, dg) and torch.equal(u2, du)
+    with pytest.raises(ValueError, match="contiguous"):
+        swiglu_backward(dh, gate, up, out=(torch.empty(45, 7).t(), torch.empty_like(up)))
 
 
 # ------------------------------------------------------------------------------------------- cross entropy

@@ -240,19 +240,19 @@ def check_model_nf4_inplace_rope_recompute():
 
 
 def check_swiglu_backward_kernel_in_place():
-    """_mlp_swiglu_bwd_kernel (the MLP tail's backward on CUDA) vs the torch formula, into new buffers and in
-    place into g and u."""
+    """kernels.swiglu.swiglu_backward (the MLP tail's backward on CUDA, fast_path._swiglu_grads_) vs the torch
+    formula, into new buffers and in place into g and u."""
+    from kernels.swiglu import swiglu_backward
     torch.manual_seed(3)
     n = 3000
     dh, g, u = torch.randn(n), torch.randn(n) * 3, torch.randn(n)
     s = torch.sigmoid(g)
     want_g, want_u = dh * u * s * (1 + g * (1 - s)), dh * g * s
-    dg, du = torch.empty(n), torch.empty(n)
-    fp._mlp_swiglu_bwd_kernel[(3,)](dh, g, u, dg, du, n, BLOCK=1024)
+    dg, du = swiglu_backward(dh, g, u)
     close(dg, want_g, 1e-5, 1e-6, "dg")
     close(du, want_u, 1e-5, 1e-6, "du")
     g2, u2 = g.clone(), u.clone()
-    fp._mlp_swiglu_bwd_kernel[(3,)](dh, g2, u2, g2, u2, n, BLOCK=1024)
+    swiglu_backward(dh, g2, u2, out=(g2, u2))
     assert torch.equal(g2, dg) and torch.equal(u2, du), "in place differs"
 
 
