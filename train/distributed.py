@@ -13,11 +13,22 @@ cuda:LOCAL_RANK. Everything else is the single-process run with four hooks:
        loss_r = sum_{t in slice r} CE_t / n_items(step) * world_size
    DDP and FSDP2 average gradients over ranks (divide by world_size), which gives exactly the gradient of
    the single-process loss sum_t CE_t / n_items. Logged losses are all-reduced sums / n_items.
-2. model: `wrap_model` - DDP(model) for ddp; for fsdp, FSDP2 `fully_shard` on every NF4 linear (with
-   `make_shardable`, its packed codes and absmax scales become frozen parameters, sharded on dim 0 and
-   all-gathered uint8/fp32 as they are: their mixed-precision policy casts nothing), then on every decoder
-   layer and the root (LoRA A/B, norms, embeddings; on a GPU with bf16/fp16 the policy all-gathers the
-   params in that dtype and reduces gradients in fp32).
+2. model: `wrap_model` - DDP(model) for ddp; for fsdp, FSDP2 `fully_shard` bottom-up in two units per decoder
+   layer plus the root. (a) The layer's seven NF4 linears as ONE unit (`shard_nf4_group`: `fully_shard` of
+   the list of modules; with `make_shardable`, their packed codes and absmax scales become frozen parameters,
+   each sharded on its dim 0 and all-gathered uint8/fp32 as they are: the unit's mixed-precision policy casts
+   nothing). (b) The layer itself (LoRA A/B, norms: on a GPU with bf16/fp16 the policy all-gathers them in
+   that dtype and reduces gradients in fp32). (c) The root (embeddings, final norm, lm_head). Two policies
+   need two units per layer. With activation checkpointing each unit is all-gathered twice per micro-batch
+   (in forward, and in backward for the recompute, whose unsharded weights the backward then uses; the root
+   once), so an 80-layer model issues 2 * (80 + 80) + 1 = 321 all-gathers per micro-batch, against
+   2 * (560 + 80) + 1 = 1,281 with one unit per NF4 linear, the layout of the 2 x H100 benchmark in the
+   README (counted for a 2-layer model on the CPU with gloo, under torch 2.13 and under torch 2.11's FSDP2
+   code). Explicit prefetch (`set_layer_prefetch`) issues the next layer's gathers one layer ahead in
+   forward and backward. Neither change is measured on a GPU yet: the grouping only changes how the same
+   bytes are batched into collectives, and its effect on step time is unknown. $QLORA_FSDP_NF4_UNITS=linear
+   and $QLORA_FSDP_PREFETCH=0 restore the previous layout for A/B runs. Losses are the same either way
+   (same shards, same gathered values).
 3. state: checkpoints and the adapter are written once, by rank 0, from full (gathered) tensors
    (`full_tensor` of every DTensor); resume loads the full files on every rank and keeps each rank's shard
    (`load_param_`, `optimizer_state_for_load`).
@@ -246,17 +257,80 @@ def integer_parameters_without_grad():
 def shard_nf4_linear(module: nn.Module, mesh, mp_policy) -> nn.Module:
     """FSDP2 `fully_shard` of one NF4 linear: its codes (uint8) and scales become frozen parameters
     (`make_shardable`), sharded on dim 0 and all-gathered as they are (`mp_policy` should cast nothing)."""
+    return shard_nf4_group([module], mesh, mp_policy)[0]
+
+
+def shard_nf4_group(modules: list[nn.Module], mesh, mp_policy) -> list[nn.Module]:
+    """One FSDP2 unit (one FSDPParamGroup: one all-gather per unshard) for several NF4 linears:
+    ``fully_shard([m1, m2, ...])`` (list form, in torch since 2.6) after `make_shardable` on each. Every
+    code / scale tensor is still sharded on its own dim 0, exactly as per linear; only the collective is
+    shared (mixed uint8 / fp32 inputs go through FSDP2's byte-view all-gather, as they already did per
+    linear). `mp_policy` should cast nothing. A single module is sharded on its own (not as a group).
+
+    FSDP2 runs a group's pre-forward (unshard) at the first of its modules to run forward, its post-forward
+    (reshard, pre-backward hook) after the last one, and its post-backward (reshard) when the gradient of the
+    first module's input is complete. For a decoder layer's linears this is safe: the pre-backward hook sits
+    on down_proj's output, whose gradient precedes every other linear's backward; the post-backward node is
+    made at q_proj's pre-forward (q_proj runs first), so its autograd sequence number is below that of every
+    node the other six linears make, and the engine, which runs ready nodes highest sequence number first,
+    reaches it only after their backward (all of them feed the layer's output). A reshard before some
+    linear's backward would free the codes that backward reads, and the 2-process CPU tests would fail."""
     from torch.distributed.fsdp import fully_shard
 
-    make_shardable(module)
+    for m in modules:
+        make_shardable(m)
     with integer_parameters_without_grad():
-        fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-    return module
+        if len(modules) == 1:
+            fully_shard(modules[0], mesh=mesh, mp_policy=mp_policy)
+        else:
+            fully_shard(list(modules), mesh=mesh, mp_policy=mp_policy)
+    return list(modules)
+
+
+NF4_UNITS_ENV = "QLORA_FSDP_NF4_UNITS"   # "layer" (default): one FSDP2 unit per decoder layer's NF4 linears;
+                                         # "linear": one per NF4 linear (the layout before; for A/B runs)
+PREFETCH_ENV = "QLORA_FSDP_PREFETCH"     # "1" (default): explicit layer prefetch (with "layer" units); "0": off
+
+
+def set_layer_prefetch(layers: list[nn.Module], nf4_units: list[Optional[nn.Module]]) -> bool:
+    """Explicit FSDP2 prefetch between decoder layers, each sharded as two units: L_i (the layer: LoRA A/B
+    and norms under the compute-dtype policy) and G_i (its NF4 linears' codes and scales, `nf4_units[i]`
+    any module of that group, or None).
+
+    forward  - L_i's pre-forward issues the all-gathers of G_i, L_{i+1}, G_{i+1}: layer i's codes are
+               gathered before input_layernorm runs and layer i+1's during layer i's compute.
+    backward - L_i's pre-backward (the first hook of layer i in backward, before its recompute) issues
+               G_i (usually already in flight), L_{i-1}, G_{i-1}: layer i-1's codes are gathered during layer
+               i's recompute and backward. Without this, FSDP2's default backward prefetch (the previous unit
+               in forward order) asks for G_i only at L_i's pre-backward, right before the recompute needs it.
+    Only the layer units prefetch. G_i's pre-forward also runs during the activation-checkpoint recompute
+    (in backward), where a forward prefetch of layer i+1 would gather units already done with; L_i's
+    pre-forward returns early there (its state is PRE_BACKWARD). One more layer's codes are unsharded at a
+    time than without prefetching (about 0.5 GB of codes and scales for a Llama-2-70B layer, plus FSDP2's
+    all-gather buffer for them). Returns False (nothing set)
+    when this torch's FSDPModule lacks set_modules_to_forward_prefetch / set_modules_to_backward_prefetch."""
+    if not layers or not all(hasattr(layer, "set_modules_to_forward_prefetch") and
+                             hasattr(layer, "set_modules_to_backward_prefetch") for layer in layers):
+        return False
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        fwd = [nf4_units[i]] + ([layers[i + 1], nf4_units[i + 1]] if i + 1 < n else [])
+        bwd = [nf4_units[i]] + ([layers[i - 1], nf4_units[i - 1]] if i > 0 else [])
+        layer.set_modules_to_forward_prefetch([m for m in fwd if m is not None])
+        layer.set_modules_to_backward_prefetch([m for m in bwd if m is not None])
+    return True
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
-               compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """DDP(model) or the FSDP2-sharded model (the same object, its parameters now DTensor shards)."""
+               compute_dtype: torch.dtype = torch.float32, nf4_units: Optional[str] = None,
+               prefetch: Optional[bool] = None) -> nn.Module:
+    """DDP(model) or the FSDP2-sharded model (the same object, its parameters now DTensor shards).
+
+    FSDP2 units, bottom-up: per decoder layer one unit for its NF4 linears (`shard_nf4_group`, no-cast
+    policy; nf4_units="linear" gives one unit per linear instead), then the layer (LoRA A/B, norms: `mp`),
+    then the root (embeddings, final norm, lm_head). NF4 linears outside model.model.layers get a unit each.
+    With layer units, `prefetch` (default on) sets explicit layer prefetch (`set_layer_prefetch`).
+    Defaults come from $QLORA_FSDP_NF4_UNITS / $QLORA_FSDP_PREFETCH (for A/B runs without code changes)."""
     if not ctx.active:
         return model
     if ctx.mode == "ddp":
@@ -266,18 +340,36 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    nf4_units = nf4_units or os.environ.get(NF4_UNITS_ENV) or "layer"
+    if nf4_units not in ("layer", "linear"):
+        raise ValueError(f"nf4_units (${NF4_UNITS_ENV}) must be 'layer' or 'linear', not {nf4_units!r}")
+    if prefetch is None:
+        prefetch = os.environ.get(PREFETCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     mesh = init_device_mesh(device.type, (ctx.world_size,))
     keep = MixedPrecisionPolicy()  # no casts: NF4 codes stay uint8, scales fp32
     mp = keep
     if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layers = list(getattr(getattr(model, "model", None), "layers", None) or [])
+    grouped: list[Optional[nn.Module]] = []
+    seen: set[int] = set()
+    for layer in layers:
+        lins = [m for m in layer.modules() if isinstance(m, NF4Linear)]
+        seen.update(id(m) for m in lins)
+        if nf4_units == "layer" and lins:
+            grouped.append(shard_nf4_group(lins, mesh, keep)[0])
+        else:
+            grouped.append(None)
+            for m in lins:
+                shard_nf4_linear(m, mesh, keep)
     for m in list(model.modules()):
-        if isinstance(m, NF4Linear):
+        if isinstance(m, NF4Linear) and id(m) not in seen:
             shard_nf4_linear(m, mesh, keep)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    for layer in (layers or []):
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if prefetch and nf4_units == "layer":
+        set_layer_prefetch(layers, grouped)
     return model
 
 

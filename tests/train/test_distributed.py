@@ -3,6 +3,8 @@
 One process with per_device_train_batch_size = 2 * 2 and two processes with 2 each see the same global batches
 (train.distributed.rank_slice); their step losses must agree within LOSS_RTOL (float32: only the order of
 the gradient sums differs), for a dense and an NF4 base, plus the saved adapter and a resume under DDP.
+FSDP2's layout is checked too: the units wrap_model makes (one for a layer's NF4 linears, one for its LoRA
+and norms), the all-gathers per forward/backward, and the order explicit prefetch issues them in.
 All scenarios run in one spawn of 2 processes (process start-up is most of the cost on 2 cores).
 """
 import os
@@ -76,6 +78,81 @@ def train_once(out, nf4, mode="none", ctx=None, per_device=PER_DEVICE * WORLD, r
     return res, trainer
 
 
+UNIT_LAYOUTS = (("layer", True), ("layer", False), ("linear", False))  # wrap_model(nf4_units=, prefetch=)
+
+
+def fsdp_units(model) -> list[list[str]]:
+    """The parameter names of each FSDP2 parameter group (one all-gather per unshard), in module order."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    states, units = [], []
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and (st := m._get_fsdp_state()) not in states:
+            states.append(st)
+    for st in states:
+        groups = getattr(st, "_fsdp_param_groups", None)  # torch >= 2.12; 2.11 has one _fsdp_param_group
+        if groups is None:
+            groups = [st._fsdp_param_group] if st._fsdp_param_group is not None else []
+        units += [sorted(names[id(fp.sharded_param)] for fp in g.fsdp_params) for g in groups]
+    return units
+
+
+def unit_name(params: list[str]) -> str:
+    """"G<i>" (layer i's NF4 codes/scales), "L<i>" (layer i's LoRA and norms) or "root"."""
+    p = params[0]
+    if not p.startswith("model.layers."):
+        return "root"
+    i = p.split(".")[2]
+    return ("G" if ".base_layer.weight_" in p else "L") + i
+
+
+def fsdp_layout_trace(ctx, nf4_units: str, prefetch: bool) -> dict:
+    """Wrap the tiny NF4 model with FSDP2 and run one forward/backward (gradient checkpointing on), logging
+    every all-gather (by unit), the start of each layer's compute (its input_layernorm, in forward and in the
+    backward recompute) and each NF4 linear's backward (checked to find its unit's codes still gathered)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from kernels.nf4_linear import NF4LinearFunction
+
+    model = tiny_model(True)
+    ctx.mode = "fsdp"
+    wrap_model(model, ctx, torch.device("cpu"), nf4_units=nf4_units, prefetch=prefetch)
+    units = fsdp_units(model)
+    unit_of = {n: unit_name(u) for u in units for n in u}
+    names = {id(p): n for n, p in model.named_parameters()}
+    events = []
+    original = _fsdp_param_group.foreach_all_gather
+
+    def logged(fsdp_params, *args, **kwargs):
+        events.append(unit_of[names[id(fsdp_params[0].sharded_param)]])
+        return original(fsdp_params, *args, **kwargs)
+
+    def checked_backward(fn_ctx, grad_y):  # FSDP2 must not have resharded (freed) the codes this reads
+        if fn_ctx.qweight.packed.untyped_storage().nbytes() == 0:
+            events.append("nf4-backward-on-freed-codes")
+            raise RuntimeError("NF4 backward after its FSDP2 unit was resharded")
+        events.append("nf4-backward")
+        return nf4_backward(fn_ctx, grad_y)
+
+    for i, layer in enumerate(model.model.layers):
+        layer.input_layernorm.register_forward_pre_hook(lambda *_, i=i: events.append(f"norm{i}"))
+    nf4_backward = NF4LinearFunction.backward
+    _fsdp_param_group.foreach_all_gather = logged
+    NF4LinearFunction.backward = staticmethod(checked_backward)
+    try:
+        model.train()
+        ids = torch.randint(0, ARGS["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
+        loss = model(ids).logits.float().square().mean()
+        events.append("backward")
+        loss.backward()
+    finally:
+        _fsdp_param_group.foreach_all_gather = original
+        NF4LinearFunction.backward = staticmethod(nf4_backward)
+    dtypes = {n: str(p.dtype) for n, p in model.named_parameters()}
+    return dict(units=units, events=events, dtypes=dtypes)
+
+
 def _worker(rank, world, port, out_root, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -126,6 +203,9 @@ def _worker(rank, world, port, out_root, queue):
                 with torch.no_grad():
                     same = same and torch.equal(m1(ids).logits, m2(ids).logits)
                 results[("sharded-load", sub, quant)] = same
+        # FSDP2 units and the order of their all-gathers in one forward/backward (grouping, prefetch)
+        for layout in UNIT_LAYOUTS:
+            results[("units",) + layout] = fsdp_layout_trace(ctx, *layout)
         queue.put((rank, results, None))
     except Exception:  # report instead of hanging the parent
         import traceback
@@ -271,6 +351,71 @@ def test_each_rank_reads_only_its_shard(two_process_run, sub, quant):
     assert got[0][("sharded-load", sub, quant)] and got[1][("sharded-load", sub, quant)]
 
 
+def test_fsdp2_one_nf4_unit_per_layer(two_process_run):
+    """wrap_model's FSDP2 layout: per decoder layer one unit for the seven NF4 linears (uint8 codes + fp32
+    scales, nothing else) and one for the layer's LoRA A/B and norms, plus the root; nf4_units="linear" gives
+    the former layout (one unit per NF4 linear) over the same parameters."""
+    _, got = two_process_run
+    n_layers = ARGS["num_hidden_layers"]
+    for rank in range(WORLD):
+        grouped = got[rank][("units", "layer", True)]
+        names = [unit_name(u) for u in grouped["units"]]
+        assert sorted(names) == sorted(["root"] + [f"{k}{i}" for i in range(n_layers) for k in "GL"])
+        for u in grouped["units"]:
+            name = unit_name(u)
+            if name.startswith("G"):
+                assert len(u) == 2 * 7 and all(n.startswith(f"model.layers.{name[1:]}.") for n in u)
+                assert {n.rsplit(".", 1)[1] for n in u} == {"weight_packed", "weight_scales"}
+                assert {grouped["dtypes"][n] for n in u} == {"torch.uint8", "torch.float32"}
+            elif name.startswith("L"):
+                assert len(u) == 2 * 7 + 2 and sum(".lora_" in n for n in u) == 2 * 7
+            else:
+                assert len(u) == 3  # embeddings, final norm, lm_head
+        linear = got[rank][("units", "linear", False)]
+        nf4 = [u for u in linear["units"] if unit_name(u).startswith("G")]
+        assert len(nf4) == 7 * n_layers and all(len(u) == 2 for u in nf4)
+        assert sorted(n for u in linear["units"] for n in u) == sorted(n for u in grouped["units"] for n in u)
+
+
+def test_fsdp2_all_gathers_per_micro_batch(two_process_run):
+    """With gradient checkpointing each non-root unit is all-gathered twice per forward/backward (forward,
+    backward recompute) and the root once: 2 * (n + n) + 1 with NF4 units per layer, 2 * (7n + n) + 1 per
+    linear (n layers). Every NF4 backward runs before its unit's reshard (a grouped unit reshards after the
+    gradient of its first linear's input, q_proj's)."""
+    from collections import Counter
+
+    _, got = two_process_run
+    n = ARGS["num_hidden_layers"]
+    for rank in range(WORLD):
+        for layout, n_units in ((("layer", True), 2 * n), (("layer", False), 2 * n), (("linear", False), 8 * n)):
+            events = got[rank][("units",) + layout]["events"]
+            # each on gathered codes; layer 0's q/k/v have none (their input, from the frozen embedding and
+            # norm, needs no gradient: that unit reshards in FSDP2's end-of-backward callback instead)
+            assert events.count("nf4-backward") == 7 * n - 3, (layout, events)
+            gathers = Counter(e for e in events if e == "root" or (e[0] in "GL" and e[1:].isdigit()))
+            assert gathers.pop("root") == 1, layout
+            assert sum(gathers.values()) == 2 * n_units and set(gathers.values()) == {2} | (
+                {14} if layout[0] == "linear" else set()), (layout, gathers)
+
+
+def test_fsdp2_explicit_prefetch(two_process_run):
+    """set_layer_prefetch: layer i+1's NF4 unit is all-gathered before layer i computes (forward), and layer
+    i-1's before layer i's recompute (backward); without it, each only when its own layer starts."""
+    _, got = two_process_run
+    for rank in range(WORLD):
+        for prefetch in (True, False):
+            ev = got[rank][("units", "layer", prefetch)]["events"]
+            b = ev.index("backward")
+            fwd, bwd = ev[:b], ev[b + 1:]
+            assert ("norm0" in fwd and "norm1" in fwd and "norm0" in bwd and "norm1" in bwd), ev
+            if prefetch:
+                assert fwd.index("G0") < fwd.index("norm0") and fwd.index("G1") < fwd.index("norm0"), ev
+                assert bwd.index("G0") < bwd.index("norm1") and bwd.index("L0") < bwd.index("norm1"), ev
+            else:
+                assert fwd.index("norm0") < fwd.index("G0") < fwd.index("norm1") < fwd.index("G1"), ev
+                assert bwd.index("norm1") < bwd.index("G0"), ev
+
+
 def _fsdp_param_as_in_torch_2_11():
     """FSDPParam._init_sharded_param as torch 2.11 has it (`nn.Parameter(dtensor)`, then `requires_grad_`),
     rebuilt from this torch's source; None when the source no longer has the form this rewrites."""
@@ -295,14 +440,16 @@ def _fsdp_param_as_in_torch_2_11():
 
 def test_nf4_codes_shard_under_torch_2_11_fsdp2(tmp_path, monkeypatch):
     """torch 2.11's FSDP2 cannot wrap a uint8 parameter (the H200 run of benchmarks/distributed.py failed there);
-    shard_nf4_linear can, and the sharded linear computes what the unsharded one does."""
+    shard_nf4_linear can, and the sharded linear computes what the unsharded one does; so can shard_nf4_group
+    (several linears as one unit, as wrap_model groups a decoder layer's)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard import _fsdp_param
 
     from kernels import NF4Linear
-    from train.distributed import integer_parameters_without_grad, make_shardable, shard_nf4_linear
+    from train.distributed import integer_parameters_without_grad, make_shardable, shard_nf4_group, \
+        shard_nf4_linear
 
     old = _fsdp_param_as_in_torch_2_11()
     if old is None:
@@ -321,6 +468,24 @@ def test_nf4_codes_shard_under_torch_2_11_fsdp2(tmp_path, monkeypatch):
         packed = lin._parameters["weight_packed"]
         assert packed.dtype == torch.uint8 and not packed.requires_grad and hasattr(packed, "device_mesh")
         torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+        # several NF4 linears as one FSDP2 unit (wrap_model's per-layer group), under the same torch 2.11 code
+        lins = [NF4Linear.from_linear(torch.nn.Linear(128, 64, bias=False)) for _ in range(3)]
+        wants = [m(x) for m in lins]
+
+        class Root(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lins = torch.nn.ModuleList(lins)
+
+            def forward(self, x):
+                return [m(x) for m in self.lins]
+
+        root = Root()
+        shard_nf4_group(lins, mesh, MixedPrecisionPolicy())
+        fully_shard(root, mesh=mesh)
+        assert fsdp_units(root) == [sorted(f"lins.{i}.weight_{k}" for i in range(3) for k in ("packed", "scales"))]
+        for got, want in zip(root(x), wants):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
         with integer_parameters_without_grad():
             assert not torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8)).requires_grad
             assert torch.nn.Parameter(torch.zeros(2)).requires_grad
