@@ -135,3 +135,41 @@ def test_dispatch():
     assert rel_err(mm.nf4_matmul(xo, qodd, backend="triton"), xo.double() @ qodd.dequantize().double().T) < 1e-5
     with pytest.raises(ValueError, match="even in_features"):
         mm.nf4_matmul_fused(xo, qodd)
+
+
+def test_pipelined_timer_with_fake_events(monkeypatch):
+    """The dispatcher's timer (GPU only) on fake CUDA events: short kernels are timed as 3 x 20 back-to-back
+    calls, long ones (> 0.5 ms a call) by single calls only, so slow candidates cost a few calls, not 60."""
+    clock = {"t": 0.0}
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def kernel(ms):
+        def fn():
+            calls.append(ms)
+            clock["t"] += ms
+        return fn
+
+    assert mm._time_pipelined(kernel(0.01)) == pytest.approx(0.01)
+    assert len(calls) == 2 + 3 * 20
+    calls.clear()
+    assert mm._time_pipelined(kernel(2.0)) == pytest.approx(2.0)
+    assert len(calls) == 4                       # warm-up, one timed call, two more
+    calls.clear()
+    assert mm._time_pipelined(kernel(20.0)) == pytest.approx(20.0)
+    assert len(calls) == 2
