@@ -30,6 +30,7 @@ CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
 """
 import functools
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -407,12 +408,12 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
                 (("swap" if blocked else "decode") if M <= DECODE_MAX_M else "gemm"))
     if path not in ("gemv2", "gemv", "swap", "decode", "gemm"):
         raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (gemv2, gemv, swap, decode, gemm)")
+    if path in ("gemv2", "swap"):
+        return _launch_v2(x, qw, bias, path, config)
     wargs, dq = _weight_args(qw, x.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     common = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=has_bias, USE_PTX=use_ptx(x))
-    if path in ("gemv2", "swap"):
-        return _launch_v2(x, qw, bias, path, config, common)
     if config is None and interpreting():
         config = {"gemv": {"BN": 16, "BK": 64}}.get(
                       path, {"BM": 16, "BN": 16, "BK": 32, "SPLIT_K": 1, "GROUP_M": 2})
@@ -465,41 +466,76 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     return cfg
 
 
-def _launch_v2(x, qw, bias, path, config, common):
+_V2_PLANS = {}  # (path, id(qw), M, dtype, bias?, device, config) -> _V2Plan: what a launch needs besides x and y
+
+
+class _V2Plan:
+    """Everything about a v2 launch that depends only on the weight, M and the config (kernel, grid,
+    weight-side arguments, constexprs), built once: decode calls the same linear thousands of times and
+    the host's time per call is what small shapes are bound by."""
+    __slots__ = ("qw_ref", "parts", "kernel", "grid", "wargs", "kw", "split_k")
+
+    def __init__(self, x, qw, bias, path, config):
+        M, K = x.shape
+        N = qw.shape[0]
+        if config is None:
+            config = _V2_INTERP[path] if interpreting() else _v2_default(path, M, N, K, qw.blocksize, x.dtype)
+        config = dict(config)
+        if path == "gemv2":
+            config.setdefault("XSPLIT", 1)
+        lut = config.setdefault("LUT", 1)
+        self.split_k = config.pop("SPLIT_K", 1)
+        config["ATOMIC"] = self.split_k > 1
+        a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
+        if lut >= 3:  # the register table; the launcher names the quant type, the interpreter reads float16 pairs
+            lut = config["LUT"] = 3 if qw.quant_type == "nf4" else 4
+        table = code_table_on(qw.quant_type, x.device) if lut == 0 else \
+            pair_table_on(qw.quant_type, x.device, lut >= 2)
+        self.wargs = (qw.packed, a, q, a2, code8, offset, table)
+        self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
+                       **config)
+        if path == "gemv2":
+            self.kernel, self.grid = _nf4_gemv_v2_kernel, (triton.cdiv(N, config["BN"]), self.split_k)
+        else:
+            self.kw["PRECISION"] = _precision(x.dtype)
+            self.kernel = _nf4_decode_swap_kernel
+            self.grid = (triton.cdiv(N, config["BN"]), triton.cdiv(M, config["BM"]), self.split_k)
+        self.qw_ref = weakref.ref(qw)
+        self.parts = (qw.packed, qw.absmax, qw.nested)
+
+    def valid_for(self, qw):
+        p = self.parts
+        return self.qw_ref() is qw and p[0] is qw.packed and p[1] is qw.absmax and p[2] is qw.nested
+
+
+def _launch_v2(x, qw, bias, path, config):
     """Launch the v2 GEMV (M = 1) or the swapped small-M tensor-core kernel. config: constexprs
-    (BN, NB, SPLIT_K, LUT, BM for "swap") plus num_warps / num_stages."""
+    (BN, NB, SPLIT_K, LUT, BM for "swap") plus num_warps / num_stages; None: the default for the shape."""
     M, K = x.shape
     N = qw.shape[0]
     if K % qw.blocksize:
         raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
     if path == "gemv2" and M != 1:
         raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
-    if config is None:
-        config = _V2_INTERP[path] if interpreting() else _v2_default(path, M, N, K, qw.blocksize, x.dtype)
-    config = dict(config)
-    if path == "gemv2":
-        config.setdefault("XSPLIT", 1)
-    lut = config.setdefault("LUT", 1)
-    split_k = config.pop("SPLIT_K", 1)
-    config["ATOMIC"] = split_k > 1
-    a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
-    if lut >= 3:  # the register table; the launcher names the quant type, the interpreter reads float16 pairs
-        lut = config["LUT"] = 3 if qw.quant_type == "nf4" else 4
-    table = code_table_on(qw.quant_type, x.device) if lut == 0 else pair_table_on(qw.quant_type, x.device, lut >= 2)
-    wargs = (qw.packed, a, q, a2, code8, offset, table)
+    key = (path, id(qw), M, x.dtype, bias is None, x.device,
+           None if config is None else tuple(sorted(config.items())))
+    plan = _V2_PLANS.get(key)
+    if plan is None or not plan.valid_for(qw):
+        if len(_V2_PLANS) > 4096:  # weights come and go (tests, reloads): start over rather than grow
+            _V2_PLANS.clear()
+        plan = _V2_PLANS[key] = _V2Plan(x, qw, bias, path, config)
     bias_arg = bias if bias is not None else x
-    out_dtype = torch.float32 if split_k > 1 else x.dtype
-    y = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=out_dtype, device=x.device)
+    if plan.split_k > 1:
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if path == "gemv2":
         x = x.contiguous()
-        _LAST["compiled"] = _nf4_gemv_v2_kernel[(triton.cdiv(N, config["BN"]), split_k)](
-            x, *wargs, bias_arg, y, N, K, split_k, **common, **config)
+        _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, N, K, plan.split_k, **plan.kw)
     else:
-        grid = (triton.cdiv(N, config["BN"]), triton.cdiv(M, config["BM"]), split_k)
-        _LAST["compiled"] = _nf4_decode_swap_kernel[grid](
-            x, *wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1), split_k, **common,
-            PRECISION=_precision(x.dtype), **config)
-    return y.to(x.dtype)
+        _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1),
+                                                   y.stride(0), y.stride(1), plan.split_k, **plan.kw)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def nf4_matmul_t_fused(g, qw, path=None, config=None):
@@ -605,27 +641,37 @@ def _pick(key, candidates):
     return _path_cache[key]
 
 
-def _forward_candidates(x2, qw, bias):
-    M = x2.shape[0]
-    c = {}
-    blocked = x2.shape[1] % qw.blocksize == 0
+@functools.lru_cache(maxsize=4096)
+def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
+    """{candidate name: (fused path, config) or None for dequantize + cuBLAS} for a forward of M rows."""
+    specs = {}
+    blocked = K % blocksize == 0
     if M == 1:
         if blocked:  # x split in registers, or read twice with stride 2: measured per shape
-            cfg = _v2_default("gemv2", 1, qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype) if x2.is_cuda else None
-            c["gemv2"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2", config=cfg)
+            cfg = _v2_default("gemv2", 1, N, K, blocksize, dtype) if on_gpu else None
+            specs["gemv2"] = ("gemv2", cfg)
             if cfg is not None:
-                c["gemv2-strided-x"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv2", config=dict(cfg, XSPLIT=0))
+                specs["gemv2-strided-x"] = ("gemv2", dict(cfg, XSPLIT=0))
         else:
-            c["gemv"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemv")
+            specs["gemv"] = ("gemv", None)
     elif M <= DECODE_MAX_M:
-        if blocked:
-            c["swap"] = lambda: nf4_matmul_fused(x2, qw, bias, path="swap")
-        else:
-            c["decode"] = lambda: nf4_matmul_fused(x2, qw, bias, path="decode")
+        specs["swap" if blocked else "decode"] = ("swap" if blocked else "decode", None)
     else:
-        c["gemm"] = lambda: nf4_matmul_fused(x2, qw, bias, path="gemm")
-    c["dequant"] = lambda: nf4_matmul_dequant(x2, qw, bias)
-    return c
+        specs["gemm"] = ("gemm", None)
+    specs["dequant"] = None
+    return specs
+
+
+def _run_forward(spec, x2, qw, bias):
+    if spec is None:
+        return nf4_matmul_dequant(x2, qw, bias)
+    return nf4_matmul_fused(x2, qw, bias, path=spec[0], config=spec[1])
+
+
+def _forward_candidates(x2, qw, bias):
+    """{name: zero-argument call} for the dispatcher to time."""
+    specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
+    return {name: functools.partial(_run_forward, spec, x2, qw, bias) for name, spec in specs.items()}
 
 
 def nf4_matmul(x, qw, bias=None, backend=None):
@@ -640,8 +686,9 @@ def nf4_matmul(x, qw, bias=None, backend=None):
         y = F.linear(x2, dequantize_weight(qw, x.dtype), bias)
     else:
         key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
-        cands = _forward_candidates(x2, qw, bias)
-        y = cands[_path_cache.get(key) or _pick(key, cands)]()
+        name = _path_cache.get(key) or _pick(key, _forward_candidates(x2, qw, bias))
+        specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
+        y = _run_forward(specs[name], x2, qw, bias)
     return y.reshape(*lead, qw.shape[0])
 
 

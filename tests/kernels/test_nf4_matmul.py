@@ -173,3 +173,20 @@ def test_pipelined_timer_with_fake_events(monkeypatch):
     calls.clear()
     assert mm._time_pipelined(kernel(20.0)) == pytest.approx(20.0)
     assert len(calls) == 2
+
+
+def test_v2_launch_plan_follows_the_weight():
+    """The v2 launch plan is cached per weight: replacing the weight's tensors (a reload) or the weight
+    object itself must not reuse stale codes or scales."""
+    x = torch.randn(1, 128)
+    qa, qb = make(16, 128, False, seed=1), make(16, 128, False, seed=2)
+    ya = mm.nf4_matmul_fused(x, qa, path="gemv2")
+    assert rel_err(ya, x.double() @ qa.dequantize(torch.float32).double().T) < 1e-5
+    qa.packed, qa.absmax = qb.packed, qb.absmax                  # same object, new tensors
+    yb = mm.nf4_matmul_fused(x, qa, path="gemv2")
+    assert rel_err(yb, x.double() @ qb.dequantize(torch.float32).double().T) < 1e-5
+    for seed in range(3, 6):                                     # new objects (ids may be reused)
+        qn = make(16, 128, True, seed=seed)
+        yn = mm.nf4_matmul_fused(x, qn, path="gemv2")
+        assert rel_err(yn, x.double() @ qn.dequantize(torch.float32).double().T) < 1e-5
+        del qn
