@@ -125,6 +125,8 @@ def main():
                     fwd["fused-gemv2"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2")
                     cfg = dict(mm._v2_default("gemv2", 1, N, K, BLOCKSIZE), XSPLIT=0)
                     fwd["fused-gemv2-strided-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg)
+                    cfg2 = dict(cfg, XSPLIT=2)
+                    fwd["fused-gemv2-presplit-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg2)
                 elif M <= 16:
                     fwd["fused-swap"] = lambda: mm.nf4_matmul_fused(x, qw, path="swap")
                 elif M <= args.fused_max_m:  # the fused GEMM is 5-50x slower than cuBLAS above this (README)

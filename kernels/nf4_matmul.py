@@ -12,7 +12,8 @@ Each weight tile is dequantized in registers (table[code] * scale, rounded to th
 what bitsandbytes' dequantize produces) and fed to tl.dot with float32 accumulation.
 
 Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
-- M = 1, K % blocksize == 0: `_nf4_gemv_v2_kernel`, memory-bound CUDA-core dot products. Each program
+- M = 1, K % blocksize == 0: `_nf4_gemv_v2_kernel`, memory-bound CUDA-core dot products (x read as
+  one row split in registers, as two stride-2 reads, or pre-split per block by the launcher: timed). Each program
   streams (rows, blocks, bytes) tiles; the 4-bit codes are looked up in a float16 copy of the table held
   in registers (`prmt` byte permutes, kernels/_common.py) instead of two memory gathers per byte, and the
   block's scale multiplies its partial dot product once. Numerics: table values rounded to float16
@@ -182,9 +183,13 @@ def _nf4_gemv_v2_kernel(
         byte = tl.load(packed_ptr + sidx[:, :, None] * HB + rj[None, None, :], mask=m2[:, :, None], other=0)
         scale = load_scales(sidx, m2, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, DOUBLE_QUANT,
                             USE_PTX)                                        # (BN, NB)
-        if XSPLIT:  # one contiguous load, split into even / odd columns in registers
+        if XSPLIT == 1:  # one contiguous load, split into even / odd columns in registers
             xv = tl.load(x_ptr + bidx[:, None] * BLOCKSIZE + re[None, :], mask=bmask[:, None], other=0.0)
             xe, xo = tl.split(tl.reshape(xv.to(tl.float32), (NB, HB, 2)))  # (NB, HB)
+        elif XSPLIT == 2:  # x pre-split per block by the launcher: [even columns | odd columns], two contiguous loads
+            xp = x_ptr + bidx[:, None] * BLOCKSIZE + rj[None, :]
+            xe = tl.load(xp, mask=bmask[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(xp + HB, mask=bmask[:, None], other=0.0).to(tl.float32)
         else:  # two stride-2 loads (x is small and cached; no register shuffle)
             xp = x_ptr + bidx[:, None] * BLOCKSIZE + 2 * rj[None, :]
             xe = tl.load(xp, mask=bmask[:, None], other=0.0).to(tl.float32)
@@ -396,7 +401,8 @@ def _check(x, qw, what):
 # ---------------------------------------------------------------------------------------------------
 def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
     """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv2" / "gemv" (M = 1),
-    "swap" / "decode" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass autotuning."""
+    "swap" / "decode" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass
+    autotuning."""
     _check(x, qw, "nf4_matmul_fused")
     M, K = x.shape
     N = qw.shape[0]
@@ -531,6 +537,8 @@ def _launch_v2(x, qw, bias, path, config):
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if path == "gemv2":
         x = x.contiguous()
+        if plan.kw["XSPLIT"] == 2:  # per 4-bit block: the even columns, then the odd ones
+            x = x.view(K // qw.blocksize, qw.blocksize // 2, 2).transpose(1, 2).contiguous()
         _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, N, K, plan.split_k, **plan.kw)
     else:
         _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1),
@@ -652,6 +660,8 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
             specs["gemv2"] = ("gemv2", cfg)
             if cfg is not None:
                 specs["gemv2-strided-x"] = ("gemv2", dict(cfg, XSPLIT=0))
+                if N * K >= 32 * 2**20:  # the extra split kernel only pays where the weight stream is long
+                    specs["gemv2-presplit-x"] = ("gemv2", dict(cfg, XSPLIT=2))
         else:
             specs["gemv"] = ("gemv", None)
     elif M <= DECODE_MAX_M:

@@ -82,7 +82,7 @@ def test_v2_decode_paths(quant_type, dq, lut, M, path, split_k):
     w = qw.dequantize(torch.float32).double()
     x = torch.randn(M, K)
     b = torch.randn(N)
-    for xsplit in ((0, 1) if path == "gemv2" else (None,)):
+    for xsplit in ((0, 1, 2) if path == "gemv2" else (None,)):
         cfg = dict(mm._V2_INTERP[path], LUT=lut, SPLIT_K=split_k)
         if xsplit is not None:
             cfg["XSPLIT"] = xsplit
