@@ -57,6 +57,21 @@ def _adamw_math(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step
 
 
 @triton.jit
+def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, i, mask, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                    eps_c2, decay, HAS_DECAY: tl.constexpr, DECAY_AFTER: tl.constexpr):
+    """Load p, g (any float dtype -> float32), m, v (float32) at offsets i, update, store in place."""
+    p = tl.load(p_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + i, mask=mask, other=0.0)
+    v = tl.load(v_ptr + i, mask=mask, other=0.0)
+    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, eps_c2, decay,
+                          HAS_DECAY, DECAY_AFTER)
+    tl.store(m_ptr + i, m, mask=mask)
+    tl.store(v_ptr + i, v, mask=mask)
+    tl.store(p_ptr + i, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adamw_kernel(
     # pointers
     p_ptr, g_ptr, m_ptr, v_ptr,
@@ -69,15 +84,8 @@ def _adamw_kernel(
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
-    p = tl.load(p_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + i, mask=mask, other=0.0)
-    v = tl.load(v_ptr + i, mask=mask, other=0.0)
-    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, eps_c2, decay,
-                          HAS_DECAY, DECAY_AFTER)
-    tl.store(m_ptr + i, m, mask=mask)
-    tl.store(v_ptr + i, v, mask=mask)
-    tl.store(p_ptr + i, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, i, mask, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                    eps_c2, decay, HAS_DECAY, DECAY_AFTER)
 
 
 @triton.jit
@@ -112,15 +120,8 @@ def _adamw_multi_kernel(
     n = tl.load(row + 4)
     i = start + tl.arange(0, BLOCK)
     mask = i < n
-    p = tl.load(p_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + i, mask=mask, other=0.0)
-    v = tl.load(v_ptr + i, mask=mask, other=0.0)
-    p, m, v = _adamw_math(p, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, eps_c2, decay,
-                          HAS_DECAY, DECAY_AFTER)
-    tl.store(m_ptr + i, m, mask=mask)
-    tl.store(v_ptr + i, v, mask=mask)
-    tl.store(p_ptr + i, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, i, mask, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
+                    eps_c2, decay, HAS_DECAY, DECAY_AFTER)
 
 
 def _check(p, g, m, v, what="adamw"):
