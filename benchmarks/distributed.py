@@ -329,16 +329,11 @@ def gpu_name(device: str) -> str:
 
 
 def git_commit() -> str:
-    """BENCH_COMMIT when set (the device copy of the tree has no usable .git), else HEAD, else 'unknown'."""
-    env = os.environ.get("BENCH_COMMIT") or os.environ.get("E2E_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        out = ""
-    return out if len(out) == 40 else "unknown"
+    """BENCH_COMMIT or E2E_COMMIT when set (the device copy of the tree has no usable .git), else HEAD, else
+    'unknown'."""
+    from benchmarks.e2e import git_commit as commit_of
+
+    return commit_of("BENCH_COMMIT", "E2E_COMMIT")
 
 
 def machine_info(device: str) -> dict:

@@ -132,6 +132,16 @@ def _init_dense(shape, device, dtype, gen_std=0.02):
     return torch.randn(shape, device=device, dtype=dtype).mul_(gen_std)
 
 
+def _materialize_meta(model: nn.Module, device, dtype) -> None:
+    """Give every parameter still on the meta device a frozen random value (norm weights: ones)."""
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            mod_name, _, leaf = name.rpartition(".")
+            value = torch.ones(p.shape, device=device, dtype=dtype) if "norm" in name else \
+                _init_dense(p.shape, device, dtype)
+            model.get_submodule(mod_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
 def build_ours(args: ModelArgs, device, targets, double_quant: bool, seed: int = 0):
     """NF4 Llama with random weights quantized one linear at a time on `device`, then LoRA on `targets`."""
     from kernels import NF4Linear, quantize_weight
@@ -148,12 +158,7 @@ def build_ours(args: ModelArgs, device, targets, double_quant: bool, seed: int =
             del w
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NF4Linear(qw, None, compute_dtype=dtype))
-    for name, p in list(model.named_parameters()):
-        if p.is_meta:
-            mod_name, _, leaf = name.rpartition(".")
-            value = torch.ones(p.shape, device=device, dtype=dtype) if "norm" in name else \
-                _init_dense(p.shape, device, dtype)
-            model.get_submodule(mod_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    _materialize_meta(model, device, dtype)
     inject_lora(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(targets),
                                   task_type="CAUSAL_LM"))
     return model.train()
@@ -267,12 +272,7 @@ def build_hf(args: ModelArgs, device, targets, checkpointing: bool, seed: int = 
             del w
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
-    for name, p in list(model.named_parameters()):
-        if p.is_meta:
-            mod_name, _, leaf = name.rpartition(".")
-            value = torch.ones(p.shape, device=device, dtype=dtype) if "norm" in name else \
-                _init_dense(p.shape, device, dtype)
-            model.get_submodule(mod_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    _materialize_meta(model, device, dtype)
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(device)
     left = [n for n, b in model.named_buffers() if b.is_meta] + [n for n, p in model.named_parameters() if p.is_meta]
@@ -674,10 +674,12 @@ def slug(name: str) -> str:
     return "-".join(x for x in "".join(keep).split("-") if x)
 
 
-def git_commit() -> str:
-    """E2E_COMMIT when set (a device copy of the tree may carry a stale or no .git), else HEAD's hash."""
-    if os.environ.get("E2E_COMMIT"):
-        return os.environ["E2E_COMMIT"]
+def git_commit(*env_names: str) -> str:
+    """The first of the environment variables `env_names` (default E2E_COMMIT) that is set (a device copy of
+    the tree may carry a stale or no .git), else HEAD's hash, else 'unknown'."""
+    for env in env_names or ("E2E_COMMIT",):
+        if os.environ.get(env):
+            return os.environ[env]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
