@@ -16,6 +16,24 @@ def hf_dir(tmp_path_factory):
     return d
 
 
+def same_adapter_same_outputs_and_grads(ours, theirs, tag):
+    """Copy our adapter into the peft model, run both on the same tokens with labels, assert equal logits
+    and equal gradients of every trainable tensor (1e-5); returns both outputs."""
+    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v.detach().clone()
+                                            for k, v in adapter_state_dict(ours).items()})
+    ids = tokens()
+    out_ours, out_theirs = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, 1e-5, f"{tag}logits")
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    trainable = {k: p for k, p in ours.named_parameters() if p.requires_grad}
+    assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
+    for k, p in trainable.items():
+        assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"{tag}grad of {k}")
+    return out_ours, out_theirs
+
+
 @pytest.mark.parametrize("kw", [dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=3, target_modules="all-linear",
                                                                use_rslora=True)])
 def test_our_llama_with_our_lora_matches_transformers_with_peft(hf_dir, kw):
@@ -24,22 +42,11 @@ def test_our_llama_with_our_lora_matches_transformers_with_peft(hf_dir, kw):
     randomize_lora(ours)
     hf = tiny_llama(tie_word_embeddings=True)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(**kw)).eval()
-    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v.detach().clone()
-                                            for k, v in adapter_state_dict(ours).items()})
     assert sorted(n for n, _ in lora_layers(ours)) == sorted(
         n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if type(m).__name__ == "Linear"
         and hasattr(m, "lora_A"))
-    ids = tokens()
-    out_ours, out_theirs = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, 1e-5, "logits")
+    out_ours, out_theirs = same_adapter_same_outputs_and_grads(ours, theirs, "")
     assert_close(out_ours.loss, out_theirs.loss, 1e-5, "loss")
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    theirs_params = dict(theirs.named_parameters())
-    trainable = {k: p for k, p in ours.named_parameters() if p.requires_grad}
-    assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
-    for k, p in trainable.items():
-        assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"grad of {k}")
 
 
 def test_adapter_from_our_llama_loads_in_peft_and_merges(hf_dir, tmp_path):
@@ -87,18 +94,8 @@ def test_qlora_our_llama_nf4_matches_transformers_bitsandbytes_peft(hf_dir, doub
     randomize_lora(ours)
     hf = bnb_quantize(tiny_llama(tie_word_embeddings=True), double_quant=double_quant)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(**kw)).eval()
-    peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v.detach().clone()
-                                            for k, v in adapter_state_dict(ours).items()})
+    same_adapter_same_outputs_and_grads(ours, theirs, "QLoRA ")
     ids = tokens()
-    out_ours, out_theirs = ours(ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, 1e-5, "QLoRA logits")
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    theirs_params = dict(theirs.named_parameters())
-    trainable = {k: p for k, p in ours.named_parameters() if p.requires_grad}
-    assert {peft_key(k) for k in trainable} == {k for k, p in theirs_params.items() if p.requires_grad}
-    for k, p in trainable.items():
-        assert_close(p.grad, theirs_params[peft_key(k)].grad, 1e-5, f"QLoRA grad of {k}")
     # merging into the 4-bit base: both re-quantize deq(Q) + s B A; the codes agree, so the logits do
     with torch.no_grad():
         merged, report = merge_and_unload(ours, return_report=True)
