@@ -41,14 +41,12 @@ def rel(a, b):
 
 
 def with_split(cfg, path, M, N, K):
-    base = mm._v2_default(path, M, N, K, 64)
     c = dict(cfg)
     progs = -(-N // c["BN"]) * (1 if path == "gemv2" else -(-M // c["BM"]))
     sk, kb = 1, K // 64
     while progs * sk < 2 * torch.cuda.get_device_properties(0).multi_processor_count and kb // (sk * 2) >= 4 * c["NB"]:
         sk *= 2
     c["SPLIT_K"] = sk
-    del base
     return c
 
 
