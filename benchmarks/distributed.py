@@ -16,10 +16,14 @@ measured), and times optimizer steps on random token batches (labels = inputs): 
 checkpointing, clip 0.3, paged AdamW 32-bit (its states on each rank's shard under FSDP2), gradients reduced
 once per step.
 
+A row may name its own GPU counts: --rows ddp7b,hf-fsdp70b@1+4 runs hf-fsdp70b on 1 and 4 GPUs only.
+
 Rows (issue 8), in the order they run:
     ddp7b       llama-2-7b, batch 4 x 2048 per GPU, DDP on 1/2/4 GPUs    efficiency(N) = tok/s(N) / (N tok/s(1))
     fsdp70b     llama-2-70b, batch 1 x 2048 per GPU, 1 GPU (no wrapper), FSDP2 on 2/4: efficiency as above,
                 per-GPU peak memory (max over ranks of torch.cuda.max_memory_allocated)
+    fsdp70b-linear  fsdp70b with the previous FSDP2 layout (one unit per NF4 linear, no explicit prefetch),
+                for an A/B against fsdp70b; its efficiency is taken against fsdp70b's 1-GPU row
     hf-ddp7b    ddp7b with transformers + peft + bitsandbytes (benchmarks.e2e.build_hf, bnb PagedAdamW32bit)
                 under torch DDP (what accelerate's DDP does)
     hf-fsdp70b  fsdp70b with transformers + peft + bitsandbytes: Linear4bit NF4 with quant_storage bfloat16
@@ -67,6 +71,10 @@ ROWS = {  # row -> (model size, per-GPU batch, sequence, mode for N > 1, stack)
     "fsdp70b": ("llama-2-70b", 1, 2048, "fsdp", "ours"),
     "hf-ddp7b": ("llama-2-7b", 4, 2048, "ddp", "hf"),
     "hf-fsdp70b": ("llama-2-70b", 1, 2048, "fsdp", "hf"),
+    "fsdp70b-linear": ("llama-2-70b", 1, 2048, "fsdp", "ours"),  # A/B: the previous FSDP2 layout (see ROW_ENV)
+}
+ROW_ENV = {  # row -> environment for its torchrun job
+    "fsdp70b-linear": {"QLORA_FSDP_NF4_UNITS": "linear", "QLORA_FSDP_PREFETCH": "0"},
 }
 STEPS = {"llama-2-7b": (2, 5), "llama-2-70b": (1, 3)}  # model size -> (warmup, timed) steps unless given
 MIN_JOB_S = {"llama-2-7b": 45, "llama-2-70b": 75}      # a job is not started with less time left than this
@@ -267,8 +275,9 @@ def run_job(row: str, n: int, a, timeout: float | None = None) -> dict:
         log(f"== {row} on {n} {'GPU' if a.device == 'cuda' else 'process'}(es), timeout {timeout:.0f} s: "
             f"{' '.join(cmd[3:])}")
         t = time.time()
+        env = {**os.environ, **ROW_ENV.get(row, {})}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             text, _ = proc.communicate(timeout=timeout)
             rc = proc.returncode
@@ -281,7 +290,7 @@ def run_job(row: str, n: int, a, timeout: float | None = None) -> dict:
                 fh.write(f"\n===== {row} on {n}: rc {rc}, {time.time() - t:.1f} s\n{text}")
         res = json.load(open(result)) if os.path.isfile(result) else \
             {"error": f"no result (rc {rc}{', timed out' if rc == -1 else ''})", "log": text[-2000:]}
-    res.update(row=row, gpus=n, size=size, batch_per_gpu=batch, seq=seq, warmup=warmup, steps=steps,
+    res.update(row=row, gpus=n, **({"env": ROW_ENV[row]} if row in ROW_ENV else {}), size=size, batch_per_gpu=batch, seq=seq, warmup=warmup, steps=steps,
                wall_s=time.time() - t)
     log("   -> " + (f"{res['tokens_per_s']:.0f} tok/s, peak {res.get('peak_gib_per_gpu') or float('nan'):.1f} GiB/GPU,"
                      f" {res['wall_s']:.0f} s" if "tokens_per_s" in res else f"error: {res.get('error')}"))
@@ -308,6 +317,12 @@ def targets(rows: list[dict], missing: dict | None = None) -> list[dict]:
             if row == "fsdp70b" and "peak_gib_per_gpu" in by.get((row, n), {}):
                 entry["peak_gib_per_gpu"] = by[(row, n)]["peak_gib_per_gpu"]
             out.append(entry)
+    one = by.get(("fsdp70b", 1), {}).get("tokens_per_s")
+    for n in (2, 4):
+        tps = by.get(("fsdp70b-linear", n), {}).get("tokens_per_s")
+        if tps and one:
+            out.append({"name": f"fsdp70b-linear (previous FSDP2 layout, A/B): tokens/s vs linear scaling at {n} GPUs",
+                        "measured": round(tps / (n * one), 3), "goal": "report", "met": None})
     r1 = by.get(("fsdp70b", 1), {})
     out.append({"name": "fsdp70b: 70B-shaped QLoRA (batch 1 x 2048, all linears) trains on ONE GPU; peak GiB",
                 "measured": r1.get("peak_gib_per_gpu") if "tokens_per_s" in r1 else r1.get("error"),
@@ -389,15 +404,25 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.missing = {}
     if not a.worker:
-        bad = [r for r in a.rows.split(",") if r not in ROWS]
-        if bad:
-            p.error(f"--rows: unknown {bad}; expected some of {', '.join(ROWS)}")
         try:
             a.gpu_counts = sorted({int(x) for x in a.gpus.split(",")})
         except ValueError:
             p.error(f"--gpus {a.gpus!r}: expected a comma list of integers")
         if not a.gpu_counts or a.gpu_counts[0] < 1:
             p.error("--gpus: counts must be >= 1")
+        a.plan = []  # [(row, [gpu counts])] in run order
+        for item in a.rows.split(","):
+            row, at, counts = item.partition("@")
+            if row not in ROWS:
+                p.error(f"--rows: unknown row {row!r}; expected some of {', '.join(ROWS)}")
+            try:
+                ns = sorted({int(x) for x in counts.split("+")}) if at else list(a.gpu_counts)
+            except ValueError:
+                p.error(f"--rows {item!r}: expected ROW or ROW@N[+N...] (e.g. hf-fsdp70b@1+4)")
+            if not ns or ns[0] < 1:
+                p.error(f"--rows {item!r}: GPU counts must be >= 1")
+            a.plan.append((row, ns))
+        a.gpu_counts = sorted({n for _, ns in a.plan for n in ns})
         if a.device == "cuda":
             have = torch.cuda.device_count()
             if a.gpu_counts[-1] > have:
@@ -437,8 +462,8 @@ def main(argv=None) -> int:
             json.dump(results, fh, indent=1)
 
     save()
-    for row in a.rows.split(","):
-        for n in a.gpu_counts:
+    for row, counts in a.plan:
+        for n in [n for n in counts if n not in a.missing]:
             left = None if a.deadline_s is None else a.deadline_s - (time.time() - start)
             need = MIN_JOB_S.get(a.size or ROWS[row][0], 30)
             if left is not None and left < need:
@@ -448,7 +473,7 @@ def main(argv=None) -> int:
             else:
                 results["rows"].append(run_job(row, n, a, timeout=None if left is None else left - 5))
             save()
-        for n in a.missing:
+        for n in [n for n in counts if n in a.missing]:
             results["rows"].append({"row": row, "gpus": n, "error": a.missing[n]})
     save()
     log(f"\n== {gpu} x{results['gpu_count']}  {results['date']}  commit {results['commit'][:10]}  -> {out}")

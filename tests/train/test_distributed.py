@@ -331,6 +331,19 @@ def test_benchmark_arguments_and_targets():
     four = t["ddp7b: DDP scaling efficiency at 4 GPUs"]
     assert four["measured"] is None and four["met"] is False and four["note"] == "not run: 2 GPUs here"
     assert bench.parse_args(["--device", "cpu", "--rows", "hf-fsdp70b"]).rows == "hf-fsdp70b"
+    # a row may name its own GPU counts; the machine's counts are the union
+    a = bench.parse_args(["--device", "cpu", "--gpus", "1,2", "--rows", "ddp7b,hf-fsdp70b@4+1,fsdp70b-linear@2"])
+    assert a.plan == [("ddp7b", [1, 2]), ("hf-fsdp70b", [1, 4]), ("fsdp70b-linear", [2])]
+    assert a.gpu_counts == [1, 2, 4]
+    for bad in ("ddp7b@", "ddp7b@x", "ddp7b@0", "nope@2"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cpu", "--rows", bad])
+    # the A/B row (previous FSDP2 layout) is scored against fsdp70b's one-GPU row
+    assert bench.ROW_ENV["fsdp70b-linear"] == {"QLORA_FSDP_NF4_UNITS": "linear", "QLORA_FSDP_PREFETCH": "0"}
+    ab = [{"row": "fsdp70b", "gpus": 1, "tokens_per_s": 100.0}, {"row": "fsdp70b-linear", "gpus": 2,
+                                                                  "tokens_per_s": 150.0}]
+    t = {x["name"]: x for x in bench.targets(ab)}
+    assert t["fsdp70b-linear (previous FSDP2 layout, A/B): tokens/s vs linear scaling at 2 GPUs"]["measured"] == 0.75
 
 
 def test_resume_under_fsdp_with_paged_optimizer(two_process_run):
