@@ -18,7 +18,9 @@ Settings: (a) batch 4 x 512, LoRA on q,v, HF without checkpointing; (b) batch 4 
 linears, HF with checkpointing; longest: batch 1, all linears, checkpointing, doubling + bisection on the
 sequence length, catching torch.cuda.OutOfMemoryError, capped at --search-seconds per stack; losscheck: 50 steps
 of the fast path vs the plain path on the same data and weights (a 4-layer model of the 7B width); breakdown:
-a torch.profiler pass over two steps of ours in (b) (kernel time by layer type) and CUDA-event phase times.
+a torch.profiler pass over two steps of ours in (b) (kernel time by layer type) and CUDA-event phase times;
+breakdown-a: the same for our fastest (a) variant (no checkpointing), with the kernel sum against the unprofiled
+step time (how much of the step the GPU is busy).
 
 Measurements: tokens/s = batch * seq / median step time of steps 4-8 (1-based, ANCHORS.md's rule), each step
 timed with a device synchronize on both sides; peak memory = torch.cuda.max_memory_allocated, reset after the
@@ -622,17 +624,24 @@ KERNEL_CLASSES = [
 ]
 
 
-def breakdown(args, device, double_quant, seq=2048, batch=4):
-    """Kernel time of two steps of ours in (b), by layer type (torch.profiler), and the CUDA-event phases."""
+def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b"):
+    """Kernel time of two steps of ours, by layer type (torch.profiler), and the CUDA-event phases.
+    setting "b": all seven linears, checkpointing + offload (the variant that meets the memory goal);
+    "a": LoRA on q,v, no checkpointing (our fastest (a) variant). kernel_sum_ms against step_ms tells how
+    much of the step the GPU is busy (a sum well under the step time means the host is the bound)."""
     from torch.profiler import ProfilerActivity, profile
 
     free(device)
-    model = build_ours(args, device, ALL7, double_quant)
-    enable_fast_path(model, checkpointing=True, offload=True, offload_embeddings=True)
+    model = build_ours(args, device, SETTINGS[setting]["targets"], double_quant)
+    if setting == "b":
+        enable_fast_path(model, checkpointing=True, offload=True, offload_embeddings=True)
+    else:
+        enable_fast_path(model, checkpointing=False, offload=False, offload_embeddings=True)
     step = Step(model, our_loss, our_optimizer([p for p in model.parameters() if p.requires_grad], device), device)
     ids = random_ids(batch, seq, args.vocab_size, device, 5)
-    for _ in range(3):
-        step(ids)
+    unprofiled = []
+    for i in range(4):
+        step(ids, unprofiled if i >= 2 else None)
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     phases = []
@@ -655,7 +664,9 @@ def breakdown(args, device, double_quant, seq=2048, batch=4):
     phase_ms = {k: statistics.mean(p[k] for p in phases) for k in phases[0]} if phases else {}
     by_phase = {c: {"forward": round(fwd_totals.get(c, 0.0), 2),
                     "backward+recompute+optimizer": round(totals[c] - fwd_totals.get(c, 0.0), 2)} for c in totals}
-    return dict(setting="b", kernel_ms_per_step=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+    step_ms = statistics.mean(sum(p.values()) for p in unprofiled) if unprofiled else None  # without profiler
+    return dict(setting=setting, kernel_ms_per_step=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+                kernel_sum_ms=round(sum(totals.values()), 2), step_ms=step_ms and round(step_ms, 2),
                 kernel_ms_by_phase=by_phase,
                 phase_ms=phase_ms, top_kernels_ms_per_step=[(k, round(v, 3)) for k, v in top],
                 note="backward includes the checkpoint recompute of each layer's forward; kernels overlap the "
@@ -833,19 +844,21 @@ def main(argv=None):
             log(f"  loss check FAILED: {e}")
             free(device)
         save()
-    if "breakdown" in todo and "ours" in stacks:
-        log("step-time breakdown (ours, setting b)")
+    for key, which in (("breakdown", "b"), ("breakdown-a", "a")):
+        if key not in todo or "ours" not in stacks:
+            continue
+        log(f"step-time breakdown (ours, setting {which})")
         try:
-            shp = setting_shape("b", args)
-            results["breakdown"] = breakdown(args, device, dq, seq=shp["seq"], batch=shp["batch"])
-            for k, v in results["breakdown"]["kernel_ms_per_step"].items():
+            shp = setting_shape(which, args)
+            results[key] = bd = breakdown(args, device, dq, seq=shp["seq"], batch=shp["batch"], setting=which)
+            for k, v in bd["kernel_ms_per_step"].items():
                 log(f"  {k:>50s}: {v:8.1f} ms")
-            for k, v in results["breakdown"]["kernel_ms_by_phase"].items():
+            for k, v in bd["kernel_ms_by_phase"].items():
                 log(f"  {k:>50s}: fwd {v['forward']:7.1f}  bwd+recompute+opt {v['backward+recompute+optimizer']:7.1f} ms")
-            log(f"  phases: {results['breakdown']['phase_ms']}")
+            log(f"  phases: {bd['phase_ms']}; kernel sum {bd['kernel_sum_ms']} ms of a {bd['step_ms']} ms step")
         except Exception as e:  # noqa: BLE001
-            results["breakdown_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
-            log(f"  breakdown FAILED: {e}")
+            results[f"{key}_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+            log(f"  {key} FAILED: {e}")
             free(device)
         save()
     if "longest" in todo:
