@@ -98,3 +98,41 @@ def test_codes_at_thresholds(quant_type):
     ref_packed, ref_absmax = nf4.quantize_4bit(x, 64, quant_type)
     assert_bits_equal(absmax, ref_absmax, "absmax")
     assert_bits_equal(packed, ref_packed, "codes at thresholds")
+
+
+VARIANT_CASES = [(64, 1001), (64, 1002), (32, 778), (128, 3000), (256, 2050), (4096, 4100)]  # tails; odd n
+
+
+@pytest.mark.parametrize("variant", ["pairs", "words"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize,n", VARIANT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_variants_bit_exact(variant, quant_type, blocksize, n, dtype):
+    """Every tile layout of the quantize kernel gives the default kernel's (and the reference's) bits."""
+    x = special_values(n, dtype, n + blocksize, blocksize)
+    ref_packed, ref_absmax = quantize_4bit_triton(x, blocksize, quant_type)
+    assert_bits_equal(ref_packed, nf4.quantize_4bit(x, blocksize, quant_type)[0], "packed codes (default)")
+    for rows in (None, max(2048 // blocksize, 2)):  # the default tile and one twice as tall
+        packed, absmax = quantize_4bit_triton(x, blocksize, quant_type, rows=rows, variant=variant)
+        assert_bits_equal(packed, ref_packed, f"packed codes ({variant}, rows={rows})")
+        assert_bits_equal(absmax, ref_absmax, f"absmax ({variant}, rows={rows})")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_words_variant_bf16_and_fallback(quant_type):
+    """The words kernel reads bfloat16 as integer words (no bfloat16 arithmetic, so the interpreter runs it);
+    a start that is not pair-aligned falls back to the pairs kernel."""
+    from kernels.quantize import words_variant_applies
+    x = special_values(2050, torch.bfloat16, 7, 64)
+    ref = nf4.quantize_4bit(x, 64, quant_type)
+    packed, absmax = quantize_4bit_triton(x, 64, quant_type, variant="words")
+    assert_bits_equal(packed, ref[0], "packed codes (words, bf16)")
+    assert_bits_equal(absmax, ref[1], "absmax (words, bf16)")
+    y = special_values(1001, torch.float16, 8, 64)[1:]  # 1000 elements starting one element in
+    assert not words_variant_applies(y) and words_variant_applies(y.clone())
+    ref = nf4.quantize_4bit(y, 64, quant_type)
+    packed, absmax = quantize_4bit_triton(y, 64, quant_type, variant="words")
+    assert_bits_equal(packed, ref[0], "packed codes (words fallback)")
+    assert_bits_equal(absmax, ref[1], "absmax (words fallback)")
+    with pytest.raises(ValueError, match="variant"):
+        quantize_4bit_triton(y, 64, quant_type, variant="nope")
