@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     from triton.testing import do_bench, do_bench_cudagraph
 
     import kernels
-    from kernels import nf4_matmul as mm
+    import importlib
+
+    mm = importlib.import_module("kernels.nf4_matmul")
 
     def t_plain(fn):
         return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
