@@ -11,9 +11,7 @@ Per block b of `blocksize` elements of the flattened tensor (CUDA semantics, see
 Double quantization (nf4/double_quant.py): offset = mean(absmax); the centred scales are quantized in
 blocks of 256 with the signed dynamic 8-bit map by CUDA's binary search from pivot 127.
 
-Layers: `_quantize_kernel` (and two bit-identical variants with other tile layouts, `_quantize_pairs_kernel`
-and `_quantize_words_kernel`, chosen by `quantize_4bit_triton(variant=...)`; benchmarks/diag/
-quantize_variants.py times them), `_quantize_8bit_kernel`, the launchers `quantize_4bit_triton` /
+Layers: `_quantize_kernel`, `_quantize_8bit_kernel`, the launchers `quantize_4bit_triton` /
 `double_quantize_triton`, and the dispatchers `quantize_4bit`, `double_quantize`, `quantize_weight`
 (CUDA -> Triton, CPU -> the nf4 reference). Bit-exact with the reference.
 
@@ -100,85 +98,6 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _quantize_pairs_kernel(
-    # pointers
-    x_ptr, inv_ptr, thr_ptr, packed_ptr, absmax_ptr,
-    # sizes
-    n, n_blocks,
-    # constexpr
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, IS_NF4: tl.constexpr, USE_PTX: tl.constexpr,
-):
-    """Variant "pairs": the tile is loaded as (ROWS, BLOCKSIZE // 2, 2), the last axis the (even, odd)
-    element pair of one output byte (offset r * BLOCKSIZE + 2 j + k), so `tl.split` of that axis (held in
-    one thread) needs no reshape. Same arithmetic as `_quantize_kernel`."""
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * (ROWS * BLOCKSIZE)
-    r = tl.arange(0, ROWS)
-    j = tl.arange(0, BLOCKSIZE // 2)
-    k = tl.arange(0, 2)
-    off = r[:, None, None] * BLOCKSIZE + 2 * j[None, :, None] + k[None, None, :]   # (ROWS, BLOCKSIZE//2, 2)
-    remaining = n - base
-    x = tl.load(x_ptr + base + off, mask=off < remaining, other=0.0).to(tl.float32)
-    x = tl.where(tl.abs(x) < 1.1754943508222875e-38, 0.0, x)                # flush denormals
-    amax = tl.max(tl.max(_nan_to_neg_max_abs(x), axis=2), axis=1)           # (ROWS,)
-    rows = pid * ROWS + r
-    tl.store(absmax_ptr + rows, amax, mask=rows < n_blocks)
-    if USE_PTX:
-        inv = rcp_approx(amax, USE_PTX)
-    else:
-        inv = tl.load(inv_ptr + rows, mask=rows < n_blocks, other=0.0)
-    codes = _codes(x * inv[:, None, None], thr_ptr, IS_NF4)                 # (ROWS, BLOCKSIZE//2, 2)
-    hi, lo = tl.split(codes)                                                # elements 2j, 2j+1
-    byte = (hi << 4) | lo
-    boff = r[:, None] * (BLOCKSIZE // 2) + j[None, :]
-    tl.store(packed_ptr + base // 2 + boff, byte.to(tl.uint8), mask=2 * boff < remaining)
-
-
-@triton.jit
-def _quantize_words_kernel(
-    # pointers
-    w_ptr, inv_ptr, thr_ptr, packed_ptr, absmax_ptr,
-    # sizes
-    n_words, n_blocks,
-    # constexpr
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, IS_NF4: tl.constexpr, USE_PTX: tl.constexpr,
-    DTYPE: tl.constexpr,
-):
-    """Variant "words": the tile is loaded as (ROWS, BLOCKSIZE // 2) words that each hold one output
-    byte's element pair, int32 for DTYPE 0 (bfloat16) / 1 (float16), int64 for DTYPE 2 (float32);
-    the even element is the low half (little-endian). The halves become float32 by integer shifts and
-    bitcasts (bfloat16: exact by construction, float16: through a float16 bitcast), so no split or
-    reshape is needed. Needs an even n (the launcher checks). Same arithmetic as `_quantize_kernel`."""
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * (ROWS * BLOCKSIZE // 2)                      # first word of the tile
-    r = tl.arange(0, ROWS)
-    woff = r[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (ROWS, BLOCKSIZE//2)
-    wmask = woff < n_words - base
-    w = tl.load(w_ptr + base + woff, mask=wmask, other=0)
-    if DTYPE == 0:
-        ev = (w << 16).to(tl.float32, bitcast=True)
-        od = (w & -65536).to(tl.float32, bitcast=True)
-    elif DTYPE == 1:
-        ev = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        od = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        ev = w.to(tl.int32).to(tl.float32, bitcast=True)
-        od = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    ev = tl.where(tl.abs(ev) < 1.1754943508222875e-38, 0.0, ev)             # flush denormals
-    od = tl.where(tl.abs(od) < 1.1754943508222875e-38, 0.0, od)
-    amax = tl.max(tl.maximum(_nan_to_neg_max_abs(ev), _nan_to_neg_max_abs(od)), axis=1)  # (ROWS,), exact
-    rows = pid * ROWS + r
-    tl.store(absmax_ptr + rows, amax, mask=rows < n_blocks)
-    if USE_PTX:
-        inv = rcp_approx(amax, USE_PTX)
-    else:
-        inv = tl.load(inv_ptr + rows, mask=rows < n_blocks, other=0.0)
-    hi = _codes(ev * inv[:, None], thr_ptr, IS_NF4)
-    lo = _codes(od * inv[:, None], thr_ptr, IS_NF4)
-    tl.store(packed_ptr + base + woff, ((hi << 4) | lo).to(tl.uint8), mask=wmask)
-
-
-@triton.jit
 def _quantize_8bit_kernel(
     # pointers
     a_ptr, offset_ptr, inv_ptr, code_ptr, q_ptr, absmax2_ptr,
@@ -235,27 +154,11 @@ def _dynamic_map_on(device: str) -> torch.Tensor:
     return dynamic_map(signed=True).to(torch.device(device))
 
 
-QUANTIZE_VARIANTS = ("reshape", "pairs", "words")
-_WORD_DTYPES = {torch.bfloat16: (torch.int32, 0), torch.float16: (torch.int32, 1), torch.float32: (torch.int64, 2)}
-
-
-def words_variant_applies(x: torch.Tensor) -> bool:
-    """The "words" variant reads element pairs as one word: it needs an even element count and a pair-aligned
-    start; elsewhere quantize_4bit_triton(variant="words") runs the "pairs" kernel instead."""
-    return x.numel() % 2 == 0 and x.data_ptr() % (2 * x.element_size()) == 0
-
-
-def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps=4, variant="reshape"):
-    """Triton quantization: x (any shape) -> (packed uint8 ((n+1)//2, 1), absmax float32 (n_blocks,)).
-
-    variant (all bit-identical): "reshape" `_quantize_kernel` (default); "pairs" `_quantize_pairs_kernel`
-    (tile loaded as (rows, blocksize/2, 2)); "words" `_quantize_words_kernel` (tile loaded as
-    (rows, blocksize/2) words of two elements; "pairs" where `words_variant_applies` is false)."""
+def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps=4):
+    """Triton quantization: x (any shape) -> (packed uint8 ((n+1)//2, 1), absmax float32 (n_blocks,))."""
     _check_input(x, "quantize_4bit input")
     check_quant_args(blocksize, quant_type)
     check_triton_device(x, "quantize_4bit_triton input")
-    if variant not in QUANTIZE_VARIANTS:
-        raise ValueError(f"variant must be one of {QUANTIZE_VARIANTS}, got {variant!r}")
     xf = x.detach().contiguous().reshape(-1)
     n = xf.numel()
     n_blocks = -(-n // blocksize)
@@ -267,17 +170,9 @@ def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps
     else:  # interpreter: the reciprocal the GPU instruction would give, from the torch reference
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(xf.float()), blocksize))
     rows = rows or _rows_for(blocksize)
-    grid = (triton.cdiv(n_blocks, rows),)
-    thr = thresholds_on(quant_type, x.device)
-    meta = dict(BLOCKSIZE=blocksize, ROWS=rows, IS_NF4=quant_type == "nf4", USE_PTX=ptx, num_warps=num_warps)
-    if variant == "words" and words_variant_applies(xf):
-        word_dtype, code = _WORD_DTYPES[xf.dtype]
-        _quantize_words_kernel[grid](xf.view(word_dtype), inv, thr, packed, absmax, n // 2, n_blocks,
-                                     DTYPE=code, **meta)
-    elif variant == "reshape":
-        _quantize_kernel[grid](xf, inv, thr, packed, absmax, n, n_blocks, **meta)
-    else:
-        _quantize_pairs_kernel[grid](xf, inv, thr, packed, absmax, n, n_blocks, **meta)
+    _quantize_kernel[(triton.cdiv(n_blocks, rows),)](
+        xf, inv, thresholds_on(quant_type, x.device), packed, absmax, n, n_blocks,
+        BLOCKSIZE=blocksize, ROWS=rows, IS_NF4=quant_type == "nf4", USE_PTX=ptx, num_warps=num_warps)
     return packed, absmax
 
 

@@ -80,27 +80,6 @@ def test_bit_exact_with_bitsandbytes(dq):
     assert_bits_equal(kernels.dequantize_weight(qw, torch.bfloat16), bF.dequantize_4bit(bp, bqs), "dequant vs bnb")
 
 
-@pytest.mark.parametrize("variant", ["pairs", "words"])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_quantize_variants_bit_exact(variant, quant_type, dtype):
-    """The alternative tile layouts of the quantize kernel (kernels/quantize.py) give the reference's bits,
-    with an odd tail (n = 1_000_003) and an even one, at two tile heights."""
-    from kernels.quantize import quantize_4bit_triton
-    for n, blocksize, rows in ((1_000_003, 64, None), (1_000_002, 64, 8), (1_000_002, 256, None)):
-        x = weird(n, dtype, 2)
-        p, a = quantize_4bit_triton(x, blocksize, quant_type, rows=rows, variant=variant)
-        pr, ar = nf4.quantize_4bit(x, blocksize, quant_type)
-        assert_bits_equal(p, pr, f"packed ({variant}, n={n}, blocksize={blocksize}, rows={rows})")
-        assert_bits_equal(a, ar, f"absmax ({variant}, n={n}, blocksize={blocksize}, rows={rows})")
-    if bnb is not None and dtype == torch.bfloat16 and quant_type == "nf4":
-        w = torch.randn(3000, 1024, device="cuda", dtype=torch.bfloat16)
-        p, a = quantize_4bit_triton(w, 64, "nf4", variant=variant)
-        bp, bqs = bF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
-        assert_bits_equal(p, bp, f"packed vs bnb ({variant})")
-        assert_bits_equal(a, bqs.absmax, f"absmax vs bnb ({variant})")
-
-
 # explicit configs: every path compiles once, without autotuning (keeps this file at a couple of minutes)
 CONFIGS = {
     "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3, XSPLIT=0),
