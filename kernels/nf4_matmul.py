@@ -479,11 +479,12 @@ class _V2Plan:
     """Everything about a v2 launch that depends only on the weight, M and the config (kernel, grid,
     weight-side arguments, constexprs), built once: decode calls the same linear thousands of times and
     the host's time per call is what small shapes are bound by."""
-    __slots__ = ("qw_ref", "parts", "kernel", "grid", "wargs", "kw", "split_k")
+    __slots__ = ("qw_ref", "parts", "kernel", "grid", "wargs", "kw", "split_k", "path", "n", "k")
 
     def __init__(self, x, qw, bias, path, config):
         M, K = x.shape
         N = qw.shape[0]
+        self.path, self.n, self.k = path, N, K
         if config is None:
             config = _V2_INTERP[path] if interpreting() else _v2_default(path, M, N, K, qw.blocksize, x.dtype)
         config = dict(config)
@@ -517,8 +518,12 @@ class _V2Plan:
 def _launch_v2(x, qw, bias, path, config):
     """Launch the v2 GEMV (M = 1) or the swapped small-M tensor-core kernel. config: constexprs
     (BN, NB, SPLIT_K, LUT, BM for "swap") plus num_warps / num_stages; None: the default for the shape."""
+    return _launch_plan(_v2_plan(x, qw, bias, path, config), x, bias)
+
+
+def _v2_plan(x, qw, bias, path, config):
+    """The cached _V2Plan for this weight, M, dtype, bias and config (built on first use, after the checks)."""
     M, K = x.shape
-    N = qw.shape[0]
     if K % qw.blocksize:
         raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
     if path == "gemv2" and M != 1:
@@ -530,15 +535,22 @@ def _launch_v2(x, qw, bias, path, config):
         if len(_V2_PLANS) > 4096:  # weights come and go (tests, reloads): start over rather than grow
             _V2_PLANS.clear()
         plan = _V2_PLANS[key] = _V2Plan(x, qw, bias, path, config)
+    return plan
+
+
+def _launch_plan(plan, x, bias):
+    """y = x @ W.T (+ bias) with a built plan: allocate y, launch, nothing else (the hot decode path)."""
+    M, K = x.shape
+    N = plan.n
     bias_arg = bias if bias is not None else x
     if plan.split_k > 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     else:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if path == "gemv2":
+    if plan.path == "gemv2":
         x = x.contiguous()
         if plan.kw["XSPLIT"] == 2:  # per 4-bit block: the even columns, then the odd ones
-            x = x.view(K // qw.blocksize, qw.blocksize // 2, 2).transpose(1, 2).contiguous()
+            x = x.view(K // plan.kw["BLOCKSIZE"], plan.kw["BLOCKSIZE"] // 2, 2).transpose(1, 2).contiguous()
         _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, N, K, plan.split_k, **plan.kw)
     else:
         _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1),
@@ -684,22 +696,37 @@ def _forward_candidates(x2, qw, bias):
     return {name: functools.partial(_run_forward, spec, x2, qw, bias) for name, spec in specs.items()}
 
 
+_FAST = {}  # (id(qw), M, K, dtype, bias?, device) -> the _V2Plan that nf4_matmul chose for a small-M call
+
+
 def nf4_matmul(x, qw, bias=None, backend=None):
     """y = x @ W.T (+ bias): x (..., K), W a QuantizedWeight4bit [N, K] -> y (..., N) in x.dtype.
     backend: None (CUDA -> Triton, CPU -> torch reference), "triton" or "torch".
     On CUDA the path (gemv / decode / fused GEMM / dequantize + cuBLAS) is the fastest measured for this
-    (M bucket, N, K, scales, dtype) on first use."""
+    (M bucket, N, K, scales, dtype) on first use. Once a small-M call (M <= DECODE_MAX_M) has chosen a
+    fused kernel, later calls with the same weight, M, dtype and bias go straight to its launch plan:
+    decode calls each linear once per token and small weights are bound by this host time."""
+    K = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)                            # (M, K)
+    if backend != "torch" and (x.is_cuda or backend == "triton"):
+        plan = _FAST.get((id(qw), x2.shape[0], K, x.dtype, bias is None, x.device))
+        if plan is not None and plan.valid_for(qw):
+            y = _launch_plan(plan, x2, bias)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], plan.n)
     backend = backend or ("triton" if x.is_cuda else "torch")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])                                         # (M, K)
     if backend == "torch" or not _triton_ok(x, qw):
         y = F.linear(x2, dequantize_weight(qw, x.dtype), bias)
     else:
         key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
         name = _path_cache.get(key) or _pick(key, _forward_candidates(x2, qw, bias))
         specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
-        y = _run_forward(specs[name], x2, qw, bias)
-    return y.reshape(*lead, qw.shape[0])
+        spec = specs[name]
+        y = _run_forward(spec, x2, qw, bias)
+        if spec is not None and spec[0] in ("gemv2", "swap") and K == qw.shape[1]:
+            if len(_FAST) > 4096:  # weights come and go: start over rather than grow
+                _FAST.clear()
+            _FAST[(id(qw), x2.shape[0], K, x.dtype, bias is None, x.device)] = _v2_plan(x2, qw, bias, *spec)
+    return y.reshape(*x.shape[:-1], qw.shape[0])
 
 
 def nf4_matmul_t(g, qw, backend=None):

@@ -190,3 +190,29 @@ def test_v2_launch_plan_follows_the_weight():
         yn = mm.nf4_matmul_fused(x, qn, path="gemv2")
         assert rel_err(yn, x.double() @ qn.dequantize(torch.float32).double().T) < 1e-5
         del qn
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_small_m_dispatch_fast_path(M):
+    """After its first small-M call, nf4_matmul launches the chosen kernel's plan directly: the same result
+    as the full dispatch, for 2-D and batched x, and a replaced or new weight never reuses a stale plan."""
+    x = torch.randn(M, 128)
+    qa, qb = make(16, 128, False, seed=7), make(16, 128, True, seed=8)
+    first = mm.nf4_matmul(x, qa, backend="triton")
+    key = (id(qa), M, 128, x.dtype, True, x.device)
+    assert key in mm._FAST and mm._FAST[key].valid_for(qa)
+    again = mm.nf4_matmul(x, qa, backend="triton")
+    assert torch.equal(first, again)
+    assert torch.equal(mm.nf4_matmul(x.view(1, M, 128), qa, backend="triton"), first.view(1, M, 16))
+    assert rel_err(first, x.double() @ qa.dequantize(torch.float32).double().T) < 1e-5
+    qa.packed, qa.absmax, qa.nested = qb.packed, qb.absmax, qb.nested        # same object, new tensors
+    y = mm.nf4_matmul(x, qa, backend="triton")
+    assert rel_err(y, x.double() @ qb.dequantize(torch.float32).double().T) < 1e-5
+    for seed in range(9, 12):                                                # new objects (ids may be reused)
+        qn = make(16, 128, seed % 2 == 0, seed=seed)
+        yn = mm.nf4_matmul(x, qn, backend="triton")
+        assert rel_err(yn, x.double() @ qn.dequantize(torch.float32).double().T) < 1e-5
+        del qn
+    assert not mm._FAST.get((id(x), M, 128, x.dtype, True, x.device))       # only weights key plans
+    assert torch.equal(mm.nf4_matmul(x, qb, backend="torch"),               # the torch backend is untouched
+                       torch.nn.functional.linear(x, qb.dequantize(torch.float32)))
