@@ -691,9 +691,17 @@ def _run_forward(spec, x2, qw, bias):
 
 
 def _forward_candidates(x2, qw, bias):
-    """{name: zero-argument call} for the dispatcher to time."""
+    """{name: zero-argument call} for the dispatcher to time: each as later calls will run it (the v2
+    kernels through their launch plan, as nf4_matmul's small-M fast path launches them)."""
     specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
-    return {name: functools.partial(_run_forward, spec, x2, qw, bias) for name, spec in specs.items()}
+    out = {}
+    for name, spec in specs.items():
+        if spec is not None and spec[0] in ("gemv2", "swap") and x2.shape[1] % qw.blocksize == 0:
+            _check(x2, qw, "nf4_matmul")  # what nf4_matmul_fused checks before it builds a plan
+            out[name] = functools.partial(_launch_plan, _v2_plan(x2, qw, bias, *spec), x2, bias)
+        else:
+            out[name] = functools.partial(_run_forward, spec, x2, qw, bias)
+    return out
 
 
 _FAST = {}  # (id(qw), M, K, dtype, bias?, device) -> the _V2Plan that nf4_matmul chose for a small-M call
