@@ -706,13 +706,15 @@ def targets(results) -> list[dict]:
         r = results.get("settings", {}).get(setting)
         return None if not r or "primary" not in r else r["primary"][key]
 
+    not_run = {"met": None, "note": "not run in this invocation (--settings)"}
     for setting, speed_goal in (("b", 2.2), ("a", 2.0)):
         lab = SETTINGS[setting]["label"]
         sp, mem = ratio(setting, "speed_ratio"), ratio(setting, "memory_ratio")
+        ran = setting in results.get("settings", {})
         t.append({"name": f"({setting}) {lab}: tokens/s ours/HF", "measured": sp, "goal": f">= {speed_goal}",
-                  "met": sp is not None and sp >= speed_goal})
+                  "met": sp is not None and sp >= speed_goal, **({} if ran else not_run)})
         t.append({"name": f"({setting}) {lab}: peak memory ours/HF", "measured": mem, "goal": "<= 0.6",
-                  "met": mem is not None and mem <= 0.6})
+                  "met": mem is not None and mem <= 0.6, **({} if ran else not_run)})
     lo = results.get("longest", {})
     lr = None
     if lo.get("ours", {}).get("mode") == "slope" or lo.get("hf", {}).get("mode") == "slope":
@@ -728,11 +730,13 @@ def targets(results) -> list[dict]:
               (lr is None and ex is not None and ex >= 4),
               "extrapolated_ratio_by_peak_memory": ex,
               "note": "both searches stopped at the time cap before an OOM, so the measured ratio does not "
-                      "compare limits; see the extrapolated ratio" if both_capped else None})
+                      "compare limits; see the extrapolated ratio" if both_capped else None,
+              **({} if "longest" in results else not_run)})
     lc = results.get("losscheck")
     t.append({"name": "50-step loss check: max |fast - plain| (bf16)",
               "measured": None if not lc else lc["max_abs_diff"], "goal": "<= 1e-2",
-              "met": bool(lc) and lc["max_abs_diff"] <= 1e-2})
+              "met": bool(lc) and lc["max_abs_diff"] <= 1e-2,
+              **({} if "losscheck" in results or "losscheck_error" in results else not_run)})
     return t
 
 
@@ -899,7 +903,9 @@ def print_table(results):
         log(f"longest  {stack:>20s} fits {r.get('longest_fit')}  first OOM {r.get('first_oom')}  "
             f"capped: {r.get('capped')}  extrapolated {r.get('extrapolated_by_peak_memory')}")
     for t in results.get("targets", []):
-        log(f"target: {t['name']}: {t['measured']} (goal {t['goal']}) {'MET' if t['met'] else 'missed'}")
+        ex = t.get("extrapolated_ratio_by_peak_memory")
+        log(f"target: {t['name']}: {t['measured']}{f' (extrapolated {ex})' if ex is not None else ''} "
+            f"(goal {t['goal']}) {'not run' if t['met'] is None else 'MET' if t['met'] else 'missed'}")
 
 
 if __name__ == "__main__":

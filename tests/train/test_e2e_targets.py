@@ -1,0 +1,30 @@
+"""benchmarks/e2e.py's targets table: what a run measured is scored, what it did not run is said so (never
+scored as a miss), and the longest-sequence target falls back to the memory-slope extrapolation."""
+from benchmarks import e2e
+
+
+def test_targets_score_what_ran_and_mark_what_did_not():
+    res = {"settings": {"b": {"primary": {"speed_ratio": 1.4, "memory_ratio": 0.59}}}}
+    by = {x["name"]: x for x in e2e.targets(res)}
+    b_speed = [x for n, x in by.items() if n.startswith("(b)") and "tokens/s" in n][0]
+    b_mem = [x for n, x in by.items() if n.startswith("(b)") and "memory" in n][0]
+    assert b_speed["met"] is False and b_speed["measured"] == 1.4
+    assert b_mem["met"] is True
+    for n, x in by.items():
+        if n.startswith("(a)") or n.startswith("longest") or n.startswith("50-step"):
+            assert x["met"] is None and "not run" in x["note"], n
+    assert any(n.startswith("(a)") for n in by)                    # listed, though not run
+
+
+def test_longest_uses_the_extrapolated_ratio_and_losscheck_its_bound():
+    res = {"settings": {}, "losscheck": {"max_abs_diff": 0.02},
+           "longest": {"ours": {"mode": "slope", "extrapolated_by_peak_memory": 1000, "longest_fit": 32768},
+                       "hf": {"mode": "slope", "extrapolated_by_peak_memory": 200, "longest_fit": 32768}}}
+    by = {x["name"]: x for x in e2e.targets(res)}
+    lo = [x for n, x in by.items() if n.startswith("longest")][0]
+    assert lo["measured"] is None and lo["extrapolated_ratio_by_peak_memory"] == 5.0 and lo["met"] is True
+    lc = [x for n, x in by.items() if n.startswith("50-step")][0]
+    assert lc["met"] is False and lc["measured"] == 0.02
+    res["longest"]["ours"]["extrapolated_by_peak_memory"] = 700
+    lo = [x for x in e2e.targets(res) if x["name"].startswith("longest")][0]
+    assert lo["met"] is False                                      # 3.5x < 4
