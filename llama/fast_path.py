@@ -964,8 +964,15 @@ class FastLlamaForCausalLM(LlamaForCausalLM):
     `logits` is None; without labels this is the plain forward."""
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, loss_reduction: str = "mean") -> CausalLMOutput:
+        """loss_reduction "mean" (over labelled tokens, as the plain path) or "sum" (the sum of the tokens'
+        losses: train.loop divides by the label tokens of the whole accumulated, all-rank step)."""
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"FastLlamaForCausalLM loss_reduction: expected 'mean' or 'sum', got {loss_reduction!r}")
         if labels is None or logits_to_keep or cache is not None:
+            if loss_reduction == "sum" and labels is not None:
+                raise ValueError("FastLlamaForCausalLM: loss_reduction='sum' needs the chunked loss (no cache, "
+                                 "no logits_to_keep)")
             return LlamaForCausalLM.forward(self, input_ids, attention_mask, position_ids, cache, labels,
                                             logits_to_keep)
         h = self.model(input_ids, attention_mask, position_ids, cache)         # (B, T, C)
@@ -977,7 +984,10 @@ class FastLlamaForCausalLM(LlamaForCausalLM):
             c = torch.get_autocast_dtype(h.device.type)
             h, w = h.to(c), w.to(c)
         with torch.autocast(h.device.type, enabled=False):
-            loss = _kernels()[3].chunked_cross_entropy(h.reshape(B * T, C), w, shifted.reshape(-1))
+            loss = _kernels()[3].chunked_cross_entropy(h.reshape(B * T, C), w, shifted.reshape(-1),
+                                                       reduction=loss_reduction)
+        if loss_reduction == "sum":
+            loss = loss[0]                                                     # (sum, n_tokens) -> sum
         return CausalLMOutput(logits=None, loss=loss)
 
 

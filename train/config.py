@@ -67,6 +67,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(4, "examples per eval batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    fast_path: bool = _f(False, "fused training kernels (llama/fast_path.py): Triton RMSNorm, RoPE, SwiGLU + down projection, LoRA with fused dropout, chunked cross entropy, checkpointing that keeps only each layer's input; numerics equal to the plain path's up to rounding order (dropout masks come from another generator). Single process or DDP")
+    offload_activations: bool = _f(False, "with --fast_path and gradient_checkpointing on CUDA: keep the checkpointed layer inputs (and the frozen input embedding) in pinned host memory")
     max_grad_norm: float = _f(0.3, "clip the global gradient L2 norm to this (0 = no clipping)")
     learning_rate: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.001, "AdamW decoupled weight decay")
@@ -141,6 +143,13 @@ class TrainConfig:
             raise ConfigError("config fields 'fp16' and 'bf16' are both true: choose at most one")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", "auto, cpu, cuda or cuda:N")
+        if self.offload_activations and not (self.fast_path and self.gradient_checkpointing):
+            raise ConfigError("config field 'offload_activations' needs fast_path and gradient_checkpointing (it "
+                              "offloads the checkpointed layer inputs of the fast path)")
+        if self.fast_path and self.distributed == "fsdp":
+            raise ConfigError("config fields 'fast_path' and distributed='fsdp': the fast path's checkpointing is "
+                              "not wired to FSDP2's gathers yet; use distributed='ddp' (or 'auto' for models that "
+                              "fit one GPU) or the plain path")
         return self
 
     @property

@@ -77,6 +77,9 @@ class Trainer:
 
         self.model, self.cfg = model, cfg            # model: the module to call (DDP / FSDP2-wrapped under torchrun)
         self.raw_model = unwrap(model)               # the same parameters under their checkpoint names
+        from llama.fast_path import fast_path_memory_note
+
+        self.fast_path = fast_path_memory_note(self.raw_model) is not None  # llama/fast_path.py swapped in
         self.dist = dist if dist is not None else DistContext()
         self.world = self.dist.world_size if self.dist.active else 1
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -227,8 +230,13 @@ class Trainer:
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
             with self._sync(last=k == len(batches) - 1):
                 with self._autocast():
-                    logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
-                s, _ = token_loss_sum(logits, b["labels"])
+                    if self.fast_path:  # the chunked loss on the hidden states: no (B, T, V) logits
+                        s = self.model(ids, attention_mask=mask, labels=b["labels"].to(self.device),
+                                       loss_reduction="sum").loss
+                    else:
+                        logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
+                if not self.fast_path:
+                    s, _ = token_loss_sum(logits, b["labels"])
                 # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient
                 loss = s / max(n_items, 1) * self.world
                 bad = not bool(torch.isfinite(loss))

@@ -315,6 +315,16 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
                               "adamw_torch, or --save_steps 0")
         log(f"data: each optimizer step = {cfg.gradient_accumulation_steps} micro-batch(es) of "
             f"{cfg.per_device_train_batch_size} x {ctx.world_size} examples, rank r training on its r-th slice")
+    if cfg.fast_path:
+        if ctx.active and ctx.mode == "fsdp":
+            raise ConfigError("--fast_path: this run chose FSDP2 (--distributed auto, a model over half a GPU), "
+                              "which the fast path does not support yet; use --distributed ddp or the plain path")
+        from llama.fast_path import enable_fast_path, fast_path_memory_note
+
+        off = cfg.offload_activations and device.type == "cuda"
+        enable_fast_path(model, checkpointing=cfg.gradient_checkpointing, offload=off, offload_embeddings=off)
+        log(f"fast path (llama/fast_path.py): {fast_path_memory_note(model)}"
+            + ("; --offload_activations needs CUDA: not offloading" if cfg.offload_activations and not off else ""))
     # DDP / FSDP2 under torchrun (a sharded load is wrapped already), else the model itself
     wrapped = model if sharded else wrap_model(model, ctx, device, dtype)
     if ctx.active:

@@ -65,11 +65,15 @@ def make_cfg(out, per_device, **kw):
     return TrainConfig(**base)
 
 
-def train_once(out, nf4, mode="none", ctx=None, per_device=PER_DEVICE * WORLD, resume=None, **kw):
+def train_once(out, nf4, mode="none", ctx=None, per_device=PER_DEVICE * WORLD, resume=None, fast=False, **kw):
     from train.distributed import wrap_model
     from train.loop import Trainer
 
     model = tiny_model(nf4)
+    if fast:  # train.run --fast_path: the fused modules, their checkpointing, the chunked loss's sum
+        from llama.fast_path import enable_fast_path
+
+        enable_fast_path(model, checkpointing=True)
     if ctx is not None:
         ctx.mode = mode
         model = wrap_model(model, ctx, torch.device("cpu"))
@@ -168,6 +172,11 @@ def _worker(rank, world, port, out_root, queue):
                 res, tr = train_once(out, nf4, mode, ctx, per_device=PER_DEVICE)
                 write_adapter(tr.model, os.path.join(out, "adapter"), ctx)
                 results[(mode, nf4)] = res.losses
+        # --fast_path under DDP (the model kwargs labels / loss_reduction pass through the DDP wrapper)
+        for nf4 in (False, True):
+            res, _ = train_once(os.path.join(out_root, f"ddp-fast-{int(nf4)}"), nf4, "ddp", ctx,
+                                per_device=PER_DEVICE, fast=True)
+            results[("ddp-fast", nf4)] = res.losses
         # resume under DDP: 2 steps, checkpoint, a fresh model resumed to STEPS
         out = os.path.join(out_root, "resume")
         # 4 steps: the 4th depends on the optimizer state restored at step 2, not only on the weights
@@ -259,6 +268,20 @@ def test_rank_slices_partition_the_global_batch():
     assert parts == [[0, 1, 2], [3, 4], [5, 6]]
     assert rank_slice([5], 1, 2) == [] and empty_example(2)["labels"] == [-100, -100]
     assert not DistContext().active and DistContext().all_reduce([1.0]) == [1.0]
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_fast_path_under_ddp(two_process_run, tmp_path, nf4):
+    """--fast_path with DDP: 2 processes give the single-process fast path's losses, which (dropout 0) are
+    the plain path's up to float32 rounding order."""
+    _, got = two_process_run
+    fast, _ = train_once(str(tmp_path / "fast"), nf4, fast=True)
+    plain, _ = train_once(str(tmp_path / "plain"), nf4)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=LOSS_RTOL, atol=0)
+    for rank in range(WORLD):
+        dist = got[rank][("ddp-fast", nf4)]
+        assert len(dist) == STEPS
+        torch.testing.assert_close(torch.tensor(dist), torch.tensor(fast.losses), rtol=LOSS_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

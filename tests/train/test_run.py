@@ -95,3 +95,20 @@ def test_tokenizer_adapter_follows_model_convention(tiny_model_dir):
     ids = a.encode("<|im_start|>user\nhi<|im_end|>\n")
     assert ids[0] == 1 and ids[-1] != 2 or ids.count(2) == 1  # chat text already ends with EOS: none appended
     assert a.encode("plain text")[-1] == 2                        # plain text gets EOS
+
+
+def test_fast_path_run(tiny_model_dir, jsonl, tmp_path, capsys):
+    """`python -m train.run --fast_path`: the fused modules train the same model (CPU: their torch references),
+    save a PEFT adapter and generate; the flags that need the fast path say so."""
+    out = tmp_path / "fast"
+    rc = main(_args(tiny_model_dir, jsonl, out, "--fast_path", "--lora_target_modules", "all-linear"))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "fast path (llama/fast_path.py): {'checkpointed_layers': '2 of 2'" in text and "after:" in text
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert os.path.isfile(out / "qlora-adapter" / "adapter_model.safetensors")
+    assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--offload_activations")) == 2
+    assert "'offload_activations' needs fast_path" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--fast_path", "--distributed", "fsdp")) == 2
+    assert "'fast_path' and distributed='fsdp'" in capsys.readouterr().err
