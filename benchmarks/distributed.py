@@ -21,6 +21,8 @@ Rows (issue 8), in the order they run:
     ddp7b       llama-2-7b, batch 4 x 2048 per GPU, DDP on 1/2/4 GPUs    efficiency(N) = tok/s(N) / (N tok/s(1))
     fsdp70b     llama-2-70b, batch 1 x 2048 per GPU, 1 GPU (no wrapper), FSDP2 on 2/4: efficiency as above,
                 per-GPU peak memory (max over ranks of torch.cuda.max_memory_allocated)
+    ddp7b-fast  ddp7b with train.run --fast_path (llama/fast_path.py: fused modules, every layer checkpointed,
+                the chunked cross entropy; no offload), for the ratio against hf-ddp7b
     fsdp70b-linear  fsdp70b with the previous FSDP2 layout (one unit per NF4 linear, no explicit prefetch),
                 for an A/B against fsdp70b; its efficiency is taken against fsdp70b's 1-GPU row
     hf-ddp7b    ddp7b with transformers + peft + bitsandbytes (benchmarks.e2e.build_hf, bnb PagedAdamW32bit)
@@ -71,7 +73,9 @@ ROWS = {  # row -> (model size, per-GPU batch, sequence, mode for N > 1, stack)
     "hf-ddp7b": ("llama-2-7b", 4, 2048, "ddp", "hf"),
     "hf-fsdp70b": ("llama-2-70b", 1, 2048, "fsdp", "hf"),
     "fsdp70b-linear": ("llama-2-70b", 1, 2048, "fsdp", "ours"),  # A/B: the previous FSDP2 layout (see ROW_ENV)
+    "ddp7b-fast": ("llama-2-7b", 4, 2048, "ddp", "ours"),          # ddp7b with train.run --fast_path
 }
+FAST_ROWS = {"ddp7b-fast"}  # rows that run llama/fast_path.py (checkpointing of every layer, chunked loss)
 ROW_ENV = {  # row -> environment for its torchrun job
     "fsdp70b-linear": {"QLORA_FSDP_NF4_UNITS": "linear", "QLORA_FSDP_PREFETCH": "0"},
 }
@@ -152,6 +156,10 @@ def worker(a) -> None:
         else:
             model = e2e.build_ours(args, device, ALL7, double_quant=False)
             model.model.gradient_checkpointing = True
+            if a.fast_path:  # what train.run --fast_path does: fused modules, their checkpointing, chunked loss
+                from llama.fast_path import enable_fast_path
+
+                enable_fast_path(model, checkpointing=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             out["weights_gib_before_wrap"] = torch.cuda.memory_allocated(device) / GIB
@@ -199,6 +207,8 @@ def worker(a) -> None:
             with no_sync(wrapped, True), autocast:
                 if a.stack == "hf":
                     loss = wrapped(input_ids=ids, labels=ids).loss
+                elif a.fast_path:   # the chunked cross entropy of the same shifted tokens (no logits)
+                    loss = wrapped(ids, labels=ids).loss
                 else:
                     logits = wrapped(ids).logits
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
@@ -270,7 +280,7 @@ def run_job(row: str, n: int, a, timeout: float | None = None) -> dict:
                str(a.master_port), os.path.abspath(__file__), "--worker", "--result", result, "--size", size,
                "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
                "--mode", mode if n > 1 else "single", "--row-mode", mode, "--stack", stack, "--device", a.device,
-               "--nf4-path", a.nf4_path]
+               "--nf4-path", a.nf4_path] + (["--fast-path"] if row in FAST_ROWS else [])
         log(f"== {row} on {n} {'GPU' if a.device == 'cuda' else 'process'}(es), timeout {timeout:.0f} s: "
             f"{' '.join(cmd[3:])}")
         t = time.time()
@@ -316,6 +326,15 @@ def targets(rows: list[dict], missing: dict | None = None) -> list[dict]:
             if row == "fsdp70b" and "peak_gib_per_gpu" in by.get((row, n), {}):
                 entry["peak_gib_per_gpu"] = by[(row, n)]["peak_gib_per_gpu"]
             out.append(entry)
+    fast1 = by.get(("ddp7b-fast", 1), {}).get("tokens_per_s")
+    for n in (1, 2, 4):
+        tps, hf = by.get(("ddp7b-fast", n), {}).get("tokens_per_s"), by.get(("hf-ddp7b", n), {}).get("tokens_per_s")
+        if tps and fast1 and n > 1:
+            out.append({"name": f"ddp7b-fast (train.run --fast_path): DDP scaling efficiency at {n} GPUs",
+                        "measured": round(tps / (n * fast1), 3), "goal": "report", "met": None})
+        if tps and hf:
+            out.append({"name": f"ddp7b-fast: ours (--fast_path) / HF+peft+bnb tokens/s at {n} GPUs",
+                        "measured": round(tps / hf, 3), "goal": "report", "met": None})
     one = by.get(("fsdp70b", 1), {}).get("tokens_per_s")
     for n in (2, 4):
         tps = by.get(("fsdp70b-linear", n), {}).get("tokens_per_s")
@@ -400,6 +419,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("single", "ddp", "fsdp"), help=argparse.SUPPRESS)
     p.add_argument("--row-mode", choices=("ddp", "fsdp"), default="ddp", help=argparse.SUPPRESS)
     p.add_argument("--stack", choices=("ours", "hf"), default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--fast-path", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.missing = {}
     if not a.worker:

@@ -367,6 +367,13 @@ def test_benchmark_arguments_and_targets():
                                                                   "tokens_per_s": 150.0}]
     t = {x["name"]: x for x in bench.targets(ab)}
     assert t["fsdp70b-linear (previous FSDP2 layout, A/B): tokens/s vs linear scaling at 2 GPUs"]["measured"] == 0.75
+    # the --fast_path row: its own scaling and its ratio to the HF stack at the same GPU count
+    assert "ddp7b-fast" in bench.FAST_ROWS and bench.ROWS["ddp7b-fast"][:3] == bench.ROWS["ddp7b"][:3]
+    fr = [{"row": "ddp7b-fast", "gpus": 1, "tokens_per_s": 100.0}, {"row": "ddp7b-fast", "gpus": 2, "tokens_per_s": 196.0},
+          {"row": "hf-ddp7b", "gpus": 2, "tokens_per_s": 98.0}]
+    t = {x["name"]: x for x in bench.targets(fr)}
+    assert t["ddp7b-fast (train.run --fast_path): DDP scaling efficiency at 2 GPUs"]["measured"] == 0.98
+    assert t["ddp7b-fast: ours (--fast_path) / HF+peft+bnb tokens/s at 2 GPUs"]["measured"] == 2.0
 
 
 def test_resume_under_fsdp_with_paged_optimizer(two_process_run):
