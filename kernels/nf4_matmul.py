@@ -690,17 +690,26 @@ def _run_forward(spec, x2, qw, bias):
     return nf4_matmul_fused(x2, qw, bias, path=spec[0], config=spec[1])
 
 
+def _fused_plan(spec, x2, qw, bias):
+    """The launch plan of a v2 forward candidate (gemv2 / swap), after nf4_matmul_fused's checks; None for the
+    other candidates (dequantize + cuBLAS, the v1 kernels), which run through _run_forward."""
+    if spec is None or spec[0] not in ("gemv2", "swap"):
+        return None
+    _check(x2, qw, "nf4_matmul")
+    if qw.shape[1] != x2.shape[1]:
+        raise ValueError(f"nf4_matmul_fused: x has {x2.shape[1]} features, weight expects {qw.shape[1]}")
+    return _v2_plan(x2, qw, bias, *spec)
+
+
 def _forward_candidates(x2, qw, bias):
     """{name: zero-argument call} for the dispatcher to time: each as later calls will run it (the v2
     kernels through their launch plan, as nf4_matmul's small-M fast path launches them)."""
     specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
     out = {}
     for name, spec in specs.items():
-        if spec is not None and spec[0] in ("gemv2", "swap") and x2.shape[1] % qw.blocksize == 0:
-            _check(x2, qw, "nf4_matmul")  # what nf4_matmul_fused checks before it builds a plan
-            out[name] = functools.partial(_launch_plan, _v2_plan(x2, qw, bias, *spec), x2, bias)
-        else:
-            out[name] = functools.partial(_run_forward, spec, x2, qw, bias)
+        plan = _fused_plan(spec, x2, qw, bias)
+        out[name] = functools.partial(_run_forward, spec, x2, qw, bias) if plan is None else \
+            functools.partial(_launch_plan, plan, x2, bias)
     return out
 
 
@@ -716,8 +725,9 @@ def nf4_matmul(x, qw, bias=None, backend=None):
     decode calls each linear once per token and small weights are bound by this host time."""
     K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)                            # (M, K)
+    fast_key = (id(qw), x2.shape[0], K, x.dtype, bias is None, x.device)
     if backend != "torch" and (x.is_cuda or backend == "triton"):
-        plan = _FAST.get((id(qw), x2.shape[0], K, x.dtype, bias is None, x.device))
+        plan = _FAST.get(fast_key)
         if plan is not None and plan.valid_for(qw):
             y = _launch_plan(plan, x2, bias)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], plan.n)
@@ -727,13 +737,15 @@ def nf4_matmul(x, qw, bias=None, backend=None):
     else:
         key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
         name = _path_cache.get(key) or _pick(key, _forward_candidates(x2, qw, bias))
-        specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
-        spec = specs[name]
-        y = _run_forward(spec, x2, qw, bias)
-        if spec is not None and spec[0] in ("gemv2", "swap") and K == qw.shape[1]:
+        spec = _forward_specs(x2.shape[0], qw.shape[0], K, qw.blocksize, x2.dtype, x2.is_cuda)[name]
+        plan = _fused_plan(spec, x2, qw, bias)
+        if plan is None:
+            y = _run_forward(spec, x2, qw, bias)
+        else:
             if len(_FAST) > 4096:  # weights come and go: start over rather than grow
                 _FAST.clear()
-            _FAST[(id(qw), x2.shape[0], K, x.dtype, bias is None, x.device)] = _v2_plan(x2, qw, bias, *spec)
+            _FAST[fast_key] = plan
+            y = _launch_plan(plan, x2, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])
 
 

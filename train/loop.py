@@ -221,6 +221,15 @@ class Trainer:
         self.model.train(was_training)
         return total / max(count, 1)
 
+    def _loss_sum(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the next-token CE over one micro-batch's labelled tokens (the step divides by their count)."""
+        with self._autocast():
+            if self.fast_path:  # the chunked loss on the hidden states: no (B, T, V) logits
+                return self.model(ids, attention_mask=mask, labels=labels.to(self.device),
+                                  loss_reduction="sum").loss
+            logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
+        return token_loss_sum(logits, labels)[0]
+
     def _one_step(self) -> tuple[float, float, int]:
         """Forward/backward over the step's micro-batches, clip, update. Returns (loss, grad_norm, tokens)."""
         batches = self._next_step_batches()
@@ -229,14 +238,7 @@ class Trainer:
         for k, b in enumerate(batches):
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
             with self._sync(last=k == len(batches) - 1):
-                with self._autocast():
-                    if self.fast_path:  # the chunked loss on the hidden states: no (B, T, V) logits
-                        s = self.model(ids, attention_mask=mask, labels=b["labels"].to(self.device),
-                                       loss_reduction="sum").loss
-                    else:
-                        logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
-                if not self.fast_path:
-                    s, _ = token_loss_sum(logits, b["labels"])
+                s = self._loss_sum(ids, mask, b["labels"])
                 # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient
                 loss = s / max(n_items, 1) * self.world
                 bad = not bool(torch.isfinite(loss))
