@@ -164,13 +164,14 @@ def default_chunk_size(N: int, V: int, H: int) -> int:
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
                           ignore_index: int = -100, chunk_size: int | None = None, reduction: str = "mean",
-                          use_triton: bool | None = None):
+                          use_triton: bool | None = None, return_count: bool = True):
     """Cross entropy of `hidden @ lm_head_weight.T` against `labels` without the full fp32 logits.
 
     hidden (N, H) (or (..., H) with labels (...)), lm_head_weight (V, H), labels (N,) int64 (already shifted).
     reduction="mean" -> loss () float32, = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index).
     reduction="sum"  -> (loss_sum () float32, n_tokens int): divide by the count of the whole accumulated
-    batch, as transformers does for gradient accumulation.
+    batch, as transformers does for gradient accumulation. return_count=False: the sum alone (counting the tokens
+    reads a device value on the host, which a CUDA-graph capture cannot).
     use_triton: None = on CUDA tensors (the fused chunk kernel); False = torch chunk ops.
     """
     if reduction not in ("mean", "sum"):
@@ -189,7 +190,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
         use_triton = hidden.is_cuda
     loss = ChunkedCrossEntropyFunction.apply(h2.contiguous(), lm_head_weight, y.contiguous(), ignore_index,
                                              int(chunk_size), reduction, use_triton, torch.is_grad_enabled())
-    if reduction == "sum":
+    if reduction == "sum" and return_count:
         return loss, int((y != ignore_index).sum())
     return loss
 

@@ -27,6 +27,7 @@ On CPU tensors every kernel call dispatches to its pure-torch reference, so the 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -162,8 +163,10 @@ try:
 
     @triton.jit(do_not_specialize=["seed", "row0"])
     def _dropout4_kernel(x_ptr, out_ptr, N, K, Q, stride_xm, stride_om, t31, scale, seed, row0,
-                         ACCUMULATE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr):
+                         ACCUMULATE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, SEED_PTR: tl.constexpr):
         # out = dropout(x)  (ACCUMULATE: out += dropout(x)); program = BM rows x (BQ columns in each quarter)
+        if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
+            seed = tl.load(seed)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)                   # (BM,)
         j = tl.program_id(1) * BQ + tl.arange(0, BQ)                    # (BQ,) column within a quarter
         mm = (rm < N)[:, None]
@@ -190,9 +193,11 @@ try:
     @triton.jit(do_not_specialize=["seed", "row0"])
     def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, N, K, Q, R, stride_xm, stride_am, stride_om, j_per_split, t31, scale,
                         seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                        PARTIAL: tl.constexpr):
+                        PARTIAL: tl.constexpr, SEED_PTR: tl.constexpr):
         # xa (N, R) = dropout(x) @ A^T: x (N, K), A (R, K); program = (BM rows, a range of j_per_split columns
         # per quarter); PARTIAL: fp32 partial sums into xa_ptr[split] (S, N, R), summed by the launcher
+        if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
+            seed = tl.load(seed)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         split = tl.program_id(1)
         mm = rm < N
@@ -233,8 +238,11 @@ try:
 
     @triton.jit(do_not_specialize=["seed", "row0"])
     def _lora_da_kernel(dxa_ptr, x_ptr, part_ptr, N, K, Q, R, stride_dm, stride_xm, rows_per_split, t31, scale,
-                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        SEED_PTR: tl.constexpr):
         # part[s] (R, K) = dxa[rows of s]^T @ dropout(x[rows of s]); program = (BQ columns per quarter, split s)
+        if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
+            seed = tl.load(seed)
         j = tl.program_id(0) * BQ + tl.arange(0, BQ)
         split = tl.program_id(1)
         jm = j < Q
@@ -276,8 +284,11 @@ try:
 
     @triton.jit(do_not_specialize=["seed", "row0"])
     def _lora_dx_kernel(dx_ptr, dxa_ptr, a_ptr, N, K, Q, R, stride_gm, stride_dm, stride_am, t31, scale, seed, row0,
-                        BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+                        BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        SEED_PTR: tl.constexpr):
         # dx (N, K) += dropout(dxa @ A): dxa (N, R), A (R, K); program = BM rows x (BQ columns per quarter)
+        if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
+            seed = tl.load(seed)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         j = tl.program_id(1) * BQ + tl.arange(0, BQ)
         mm = rm < N
@@ -345,7 +356,7 @@ def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Te
     if N and K:
         _dropout4_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
             x2, o2, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0, ACCUMULATE=accumulate, BM=BM,
-            BQ=BQ, num_warps=4)
+            BQ=BQ, SEED_PTR=torch.is_tensor(seed), num_warps=4)
     return out.view(x.shape)
 
 
@@ -379,6 +390,10 @@ def _use_triton_dropout(x: torch.Tensor, rows: Optional[int] = None) -> bool:
 
 def _keep_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     """Dropout keep-mask of the torch family (0/1 in dtype, P(1) = 1 - p), reproducible from `seed`."""
+    if torch.is_tensor(seed):
+        raise RuntimeError(f"LoRA dropout on a {tuple(shape)} input: seeds in device memory (seed_slots, CUDA "
+                           "graphs) need the Triton philox mask family, which does not apply here (no Triton, a "
+                           "CPU tensor, or more than 2**31 mask counters)")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
@@ -420,7 +435,8 @@ def _xa_fused(x2, Ac, p, seed, row0, cfg):
     out = torch.empty((split, N, R) if split > 1 else (N, R), device=x2.device,
                       dtype=torch.float32 if split > 1 else x2.dtype)
     _lora_xa_kernel[(n_m, split)](x2, Ac, out, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale, seed,
-                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1, **cfg)
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1,
+                                  SEED_PTR=torch.is_tensor(seed), **cfg)
     return out.sum(0).to(x2.dtype) if split > 1 else out
 
 
@@ -442,7 +458,8 @@ def _da_fused(dxa, x2, p, seed, row0, cfg):
     split = triton.cdiv(N, rows)
     part = torch.empty((split, R, K), device=x2.device, dtype=torch.float32)
     _lora_da_kernel[(n_j, split)](dxa, x2, part, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale, seed,
-                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), **cfg)
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), SEED_PTR=torch.is_tensor(seed),
+                                  **cfg)
     return part.sum(0) if split > 1 else part[0]
 
 
@@ -454,7 +471,7 @@ def _dx_fused_(dx, dxa, Ac, p, seed, row0, cfg):
     BM, BQ = cfg.pop("BM"), cfg["BQ"]
     _lora_dx_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
         dx, dxa, Ac, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0, BM=BM,
-        BR=_br(R), PREC=_prec(dx.dtype), **cfg)
+        BR=_br(R), PREC=_prec(dx.dtype), SEED_PTR=torch.is_tensor(seed), **cfg)
     return dx
 
 
@@ -683,8 +700,83 @@ def _dropout_p(lora_module: nn.Module) -> float:
     return float(d.p) if isinstance(d, nn.Dropout) and lora_module.training else 0.0
 
 
-def _draw_seed(p: float) -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0    # from the CPU generator
+def _host_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())                   # from the CPU generator
+
+
+class SeedSlots:
+    """LoRA dropout seeds in device memory, for a step that is captured in a CUDA graph and replayed.
+
+    Eagerly (no seed slots) each fused LoRA call draws its seed from the CPU generator and passes it to the
+    kernels as an integer, which a graph would freeze. Under `seed_slots(slots)` the i-th call of the step gets
+    slot i of `buf` instead (the kernels read it, SEED_PTR) and the seed is drawn at the same moment from the same
+    generator and written there, so a step run this way draws exactly the masks of the eager step. A checkpointed
+    layer's recompute rewinds to the slots of its forward (`rewound`), as the eager recompute restores the CPU
+    generator. While a graph is captured nothing is drawn; before each replay `refill()` draws the `used` seeds
+    of one step, in order, and copies them to `buf` (one host-to-device copy)."""
+
+    def __init__(self, device, capacity: int = 4096):
+        self.buf = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.used = 0           # slots the step takes (set by the eager steps; a capture must take the same)
+        self.cursor = 0         # next slot of the current step
+        self.high = 0           # slots drawn so far in the current step
+        self.capturing = False
+
+    def begin_step(self, capturing: bool = False) -> None:
+        self.cursor, self.high, self.capturing = 0, 0, capturing
+
+    def take(self) -> torch.Tensor:
+        i = self.cursor
+        if i >= self.buf.numel():
+            raise RuntimeError(f"SeedSlots: more than {self.buf.numel()} dropout LoRA calls in one step")
+        self.cursor += 1
+        if i >= self.high:
+            self.high = i + 1
+            if self.capturing:
+                if i >= self.used:
+                    raise RuntimeError(f"SeedSlots: the captured step takes dropout seed {i + 1}, the eager steps "
+                                       f"took {self.used}: the step's LoRA calls changed between warm-up and capture")
+            else:
+                self.buf[i].fill_(_host_seed())
+                self.used = max(self.used, i + 1)
+        return self.buf[i:i + 1]
+
+    @contextlib.contextmanager
+    def rewound(self, cursor: int):
+        saved, self.cursor = self.cursor, cursor
+        try:
+            yield
+        finally:
+            self.cursor = saved
+
+    def refill(self) -> None:
+        """Draw the seeds of one replay (as the eager step would, in call order) into buf."""
+        if self.used:
+            vals = torch.tensor([_host_seed() for _ in range(self.used)], dtype=torch.int64)
+            if self.buf.is_cuda:
+                vals = vals.pin_memory()          # an asynchronous copy (the host allocator keeps it until done)
+            self.buf[:self.used].copy_(vals, non_blocking=self.buf.is_cuda)
+
+
+_SLOTS: list = [None]          # the active SeedSlots (seed_slots), else None
+
+
+@contextlib.contextmanager
+def seed_slots(slots: Optional[SeedSlots]):
+    """Within the block, fused LoRA calls take their dropout seeds from `slots` (see SeedSlots)."""
+    prev, _SLOTS[0] = _SLOTS[0], slots
+    try:
+        yield slots
+    finally:
+        _SLOTS[0] = prev
+
+
+def _draw_seed(p: float):
+    """The dropout seed of one LoRA call: a host int, or (under seed_slots) a 1-element device tensor."""
+    if p <= 0.0:
+        return 0
+    slots = _SLOTS[0]
+    return _host_seed() if slots is None else slots.take()
 
 
 def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -880,8 +972,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.layer, ctx.offloader = layer, offloader
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.slots = _SLOTS[0]                           # seeds in device memory: recompute rewinds to these
+        ctx.slot0 = ctx.slots.cursor if ctx.slots is not None else 0
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        # (with seed slots no CUDA generator is used: the masks come from the slots, and a graph capture cannot
+        # read the generator's state)
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda and ctx.slots is None else None
         with torch.no_grad():
             y = layer._plain_forward(x, cos, sin, mask)
         if offloader is not None:
@@ -901,8 +997,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         else:
             x, cos, sin, mask = ctx.saved_tensors
         x = x.detach().requires_grad_(True)
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
+        devices = [x.device] if ctx.cuda_rng is not None else []
+        rewind = ctx.slots.rewound(ctx.slot0) if ctx.slots is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), rewind:
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
@@ -985,9 +1082,7 @@ class FastLlamaForCausalLM(LlamaForCausalLM):
             h, w = h.to(c), w.to(c)
         with torch.autocast(h.device.type, enabled=False):
             loss = _kernels()[3].chunked_cross_entropy(h.reshape(B * T, C), w, shifted.reshape(-1),
-                                                       reduction=loss_reduction)
-        if loss_reduction == "sum":
-            loss = loss[0]                                                     # (sum, n_tokens) -> sum
+                                                       reduction=loss_reduction, return_count=False)
         return CausalLMOutput(logits=None, loss=loss)
 
 

@@ -275,6 +275,58 @@ def check_model_masks_are_per_linear():
     assert len(seeds) == 2 * 7 and len(set(seeds)) == len(seeds), seeds
 
 
+def check_seed_slots_match_host_seeds():
+    """Seeds in device memory (SeedSlots, as a CUDA-graph step uses them). The kernels reading the seed from
+    memory give the host seed's mask. A model step under seed_slots (checkpointed layers rewinding to their
+    forward's slots) gives the eager step's loss and grads bit for bit from the same CPU generator state, and a
+    "replay" (refill(), then a step that draws nothing, as the captured graph runs) gives the next eager step's."""
+    from llama.fast_path import SeedSlots, enable_fast_path, seed_slots
+
+    x, d = torch.randn(33, 37), torch.randn(33, 4)
+    A = torch.randn(4, 37) / 6
+    t = torch.tensor([0, 424242, 0])
+    close(fp._dropout_triton(x, 0.3, t[1:2]), fp._dropout_triton(x, 0.3, 424242), 0, 0, "dropout, seed in memory")
+    fp._FORCE_PATH = "fused"
+    try:
+        close(fp._lora_xa(x, A, 0.3, t[1:2], "philox", 3), fp._lora_xa(x, A, 0.3, 424242, "philox", 3), 0, 0,
+              "xa, seed in memory")
+        close(fp._lora_da(d, x, 0.3, t[1:2], "philox"), fp._lora_da(d, x, 0.3, 424242, "philox"), 0, 0,
+              "dA, seed in memory")
+        close(fp._lora_dx_(x.clone(), d, A, 0.3, t[1:2], "philox"), fp._lora_dx_(x.clone(), d, A, 0.3, 424242,
+                                                                                   "philox"), 0, 0, "dx, seed in memory")
+        base = _tiny(0.3)
+        ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+
+        def step(model):
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+
+        for ckpt in (1,):                                     # layer 0 recomputed (rewinds), layer 1 not
+            m = enable_fast_path(copy.deepcopy(base), checkpointing=ckpt)
+            torch.manual_seed(5)
+            eager = [step(m), step(m)]
+            slots = SeedSlots(torch.device("cpu"), capacity=64)
+            torch.manual_seed(5)
+            slots.begin_step()
+            with seed_slots(slots):
+                first = step(m)
+            assert slots.used == 2 * 7, f"slots used {slots.used}, want one per LoRA call (14)"
+            slots.refill()
+            slots.begin_step(capturing=True)
+            with seed_slots(slots):
+                replay = step(m)
+            for (le, ge), (ls, gs), what in ((eager[0], first, "slots"), (eager[1], replay, "refill + replay")):
+                close(ls, le, 0, 0, f"loss ({what}, checkpointing={ckpt})")
+                for name in ge:
+                    close(gs[name], ge[name], 0, 0, f"grad {name} ({what}, checkpointing={ckpt})")
+            assert not torch.equal(eager[0][1][next(iter(eager[0][1]))], eager[1][1][next(iter(eager[1][1]))]), \
+                "two steps drew the same masks"
+    finally:
+        fp._FORCE_PATH = None
+
+
 CHECKS = {n[len("check_"):]: f for n, f in dict(globals()).items() if n.startswith("check_") and callable(f)}
 
 

@@ -1,0 +1,173 @@
+"""CUDA graphs for the training step: forward, loss and backward of a fast-path model, captured once per input
+shape and replayed.
+
+At 4 x 512 tokens a 7B model's step launches a few thousand kernels from Python and the GPU waits for the host
+(benchmarks/e2e.py's breakdown-a: the GPU is busy for a third of the step). A replayed graph launches them all
+with one call.
+
+    gs = GraphedStep(model, params)          # enable_fast_path(model) applied; one process, CUDA
+    optimizer.zero_grad(set_to_none=True)    # the params' .grad become static buffers, zeroed in place
+    for batch in micro_batches:
+        s = gs(loss_fn, dict(input_ids=ids, attention_mask=mask, labels=labels), scale=1 / n_tokens)
+    clip + optimizer.step()                  # eager, on the same .grad tensors
+
+loss_fn(model, **inputs) returns the loss tensor; gs backpropagates `loss * scale` and returns the loss value.
+Per input signature (names, shapes, dtypes): `warmup` eager calls, then one capture, then replays. What the
+graph needs, and how it gets it:
+- static inputs: every call copies its tensors into buffers that the graph reads. The input embedding runs
+  eagerly before the graph (it may gather rows on the host: llama.fast_path.CPUEmbedding) into a buffer that
+  the embedding returns inside the step, so the embedding must be frozen;
+- new dropout masks per replay: the LoRA dropout seeds live in device memory (llama.fast_path.SeedSlots), drawn
+  from the CPU generator as the eager step draws them; the warm-up calls already run this way, so graphed,
+  warm-up and eager steps draw the same masks from the same generator state;
+- gradients: backward accumulates in place into the static `.grad` buffers, so micro-batches accumulate as
+  they do eagerly; a None .grad (zero_grad(set_to_none=True)) is zeroed in place when the next step begins;
+- the loss scale (1 / label tokens of the step, different every step) is a device scalar;
+- nothing in the step reads a device value on the host (the fast path's loss skips its token count), and
+  warm-up compiles every Triton kernel and runs the one-time timing of the NF4 and LoRA kernel choices;
+- memory: the graphs share one pool; before a capture the warm-up's cached blocks go back to the driver.
+An input signature beyond `max_graphs` runs eagerly (pad batches to a few lengths to stay graphed).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+
+def _find_embedding(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    inner = getattr(model, "model", None)
+    return getattr(inner, "embed_tokens", None)
+
+
+@contextlib.contextmanager
+def _static_embedding(emb: Optional[torch.nn.Module], out: Optional[torch.Tensor]):
+    """Within the block, emb(ids) returns `out` (the eagerly computed embedding of the static ids)."""
+    if emb is None or out is None:
+        yield
+        return
+    had = "forward" in emb.__dict__
+    prev = emb.__dict__.get("forward")
+    emb.forward = lambda ids: out
+    try:
+        yield
+    finally:
+        if had:
+            emb.forward = prev
+        else:
+            del emb.forward
+
+
+class _Entry:
+    """One input signature: its static inputs, seed slots, graph and output."""
+
+    def __init__(self, inputs: dict, device: torch.device, slots):
+        self.static = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in inputs.items()}
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.emb_out: Optional[torch.Tensor] = None
+        self.slots = slots
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.out: Optional[torch.Tensor] = None
+
+
+class GraphedStep:
+    """Forward + loss + backward of `model` as CUDA graphs (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, params, warmup: int = 2, max_graphs: int = 4):
+        from llama.fast_path import fast_path_memory_note
+
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("GraphedStep: no trainable parameters")
+        devs = {p.device for p in self.params}
+        if len(devs) != 1 or next(iter(devs)).type != "cuda":
+            raise ValueError(f"GraphedStep: CUDA graphs need every trainable parameter on one CUDA device, got "
+                             f"{sorted(str(d) for d in devs)}")
+        if type(model).__module__.startswith("torch.nn.parallel") or hasattr(model, "reshard"):
+            raise ValueError("GraphedStep: DDP / FSDP-wrapped models are not supported (their gradient hooks "
+                             "communicate during backward); use one process")
+        if fast_path_memory_note(model) is None:
+            raise ValueError("GraphedStep: the model must run llama.fast_path (enable_fast_path): the plain path "
+                             "reads the label count on the host and draws dropout masks from the CUDA generator")
+        if warmup < 1:
+            raise ValueError(f"GraphedStep warmup: expected >= 1 eager call before the capture, got {warmup}")
+        self.model, self.device = model, next(iter(devs))
+        self.emb = _find_embedding(model)
+        if self.emb is not None and any(p.requires_grad for p in self.emb.parameters()):
+            raise ValueError("GraphedStep: the input embedding is trainable; the graph starts after the embedding, "
+                             "which runs eagerly, so it must be frozen")
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.grads = [torch.zeros_like(p) for p in self.params]      # the static .grad of every parameter
+        self.entries: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captures = 0
+        self.eager_calls = 0       # calls past max_graphs (run without a graph)
+
+    # ---------------------------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Start a step: zero the gradient buffers in place and attach them as the parameters' .grad."""
+        torch._foreach_zero_(self.grads)
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+
+    def _attach(self) -> None:
+        """Make every .grad its static buffer: a None .grad (optimizer.zero_grad(set_to_none=True)) is a zero one;
+        a gradient held elsewhere is copied in."""
+        fresh = [g for p, g in zip(self.params, self.grads) if p.grad is None]
+        if fresh:
+            torch._foreach_zero_(fresh)
+        for p, g in zip(self.params, self.grads):
+            if p.grad is not g:
+                if p.grad is not None:
+                    g.copy_(p.grad)
+                p.grad = g
+
+    def _body(self, e: _Entry, loss_fn: Callable) -> torch.Tensor:
+        from llama.fast_path import seed_slots
+
+        with _static_embedding(self.emb, e.emb_out), seed_slots(e.slots):
+            loss = loss_fn(self.model, **e.static)
+            (loss * e.scale).backward()
+        return loss.detach()
+
+    def __call__(self, loss_fn: Callable, inputs: dict, scale: float = 1.0) -> torch.Tensor:
+        """Backpropagate loss_fn(model, **inputs) * scale into the .grad buffers; returns the loss (a new tensor)."""
+        from llama.fast_path import SeedSlots
+
+        self._attach()
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+        e = self.entries.get(key)
+        if e is None:
+            if len(self.entries) >= self.max_graphs:
+                self.eager_calls += 1
+                loss = loss_fn(self.model, **{k: v.to(self.device, non_blocking=True) for k, v in inputs.items()})
+                (loss * scale).backward()
+                return loss.detach()
+            e = self.entries[key] = _Entry(inputs, self.device, SeedSlots(self.device))
+        for k, v in inputs.items():
+            e.static[k].copy_(v, non_blocking=True)
+        e.scale.fill_(scale)
+        if self.emb is not None and "input_ids" in inputs:
+            with torch.no_grad():
+                out = self.emb(inputs["input_ids"])
+            if e.emb_out is None:
+                e.emb_out = torch.empty(out.shape, dtype=out.dtype, device=self.device)
+            e.emb_out.copy_(out, non_blocking=True)
+        if e.graph is None and e.calls < self.warmup:            # eager, exactly as the graph will run
+            e.calls += 1
+            e.slots.begin_step()
+            return self._body(e, loss_fn)
+        if e.graph is None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            g = torch.cuda.CUDAGraph()
+            e.slots.begin_step(capturing=True)
+            with torch.cuda.graph(g, pool=self.pool):
+                e.out = self._body(e, loss_fn)
+            e.graph = g
+            self.captures += 1
+        e.slots.refill()
+        e.graph.replay()
+        return e.out.clone()
