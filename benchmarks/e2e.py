@@ -65,11 +65,15 @@ SETTINGS = {
 # Our variants per setting: how our stack saves memory (the issue leaves the choice to us; both are reported).
 # Both extremes are measured, then "ours+ckpt-k" checkpoints the first k layers, k chosen from the two peaks so
 # that the predicted peak is 0.6x HF's (or, when even full checkpointing misses that, 0.95x HF's).
+# "+graph": the same with forward + loss + backward replayed from a CUDA graph (CUDA only), the partial
+# checkpointing variant included.
 OUR_VARIANTS = {
     "a": [dict(name="ours+ckpt-offload", checkpointing=True, offload=True),
-          dict(name="ours", checkpointing=False, offload=False)],
+          dict(name="ours", checkpointing=False, offload=False),
+          dict(name="ours+graph", checkpointing=False, offload=False, graph=True)],
     "b": [dict(name="ours+ckpt-offload", checkpointing=True, offload=True),
-          dict(name="ours", checkpointing=False, offload=False)],
+          dict(name="ours", checkpointing=False, offload=False),
+          dict(name="ours+graph+ckpt-offload", checkpointing=True, offload=True, graph=True)],
 }
 
 
@@ -333,6 +337,49 @@ class Step:
         return loss.detach()
 
 
+class GraphStep(Step):
+    """Step whose forward + loss + backward replay from a CUDA graph (train.cuda_graph.GraphedStep: 2 eager
+    warm-up steps, the capture on the third); clip and the optimizer run eagerly, as in train.loop.
+    Peak memory: a replay allocates nothing (its blocks were allocated at capture and the allocator counts them
+    free between replays), so the capture's own peak (max_memory_allocated around it) is recorded and the
+    variant's peak is the larger of it and the replayed steps' peak."""
+
+    def __init__(self, model, loss_fn, opt, device):
+        from train.cuda_graph import GraphedStep
+
+        super().__init__(model, loss_fn, opt, device)
+        self.gs = GraphedStep(model, self.params)
+        self.calls, self.capture_peak_gib = 0, 0.0
+
+    @staticmethod
+    def _loss(model, input_ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return model(input_ids, labels=input_ids).loss
+
+    def __call__(self, ids, phases: list | None = None):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        capture = self.calls == self.gs.warmup
+        self.calls += 1
+        if capture:
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        ev[0].record()
+        loss = self.gs(self._loss, {"input_ids": ids}, scale=1.0)
+        ev[1].record()
+        if capture:
+            sync(self.device)
+            self.capture_peak_gib = peak_gib(self.device)
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ev[2].record()
+        if phases is not None:
+            sync(self.device)
+            phases.append({"forward+backward (graph)": ev[0].elapsed_time(ev[1]),
+                           "clip+optimizer": ev[1].elapsed_time(ev[2])})
+        return loss
+
+
 def random_ids(batch, seq, vocab, device, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
@@ -380,9 +427,17 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res = time_steps(Step(model, loss_fn, opt, device), s["batch"], s["seq"], args.vocab_size, device, n_steps)
+    graphed = bool(variant and variant.get("graph"))
+    if graphed:
+        memsave["cuda_graph"] = "forward+loss+backward replayed (train.cuda_graph.GraphedStep)"
+    step = (GraphStep if graphed else Step)(model, loss_fn, opt, device)
+    res = time_steps(step, s["batch"], s["seq"], args.vocab_size, device, n_steps)
     res.update(peak_gib=peak_gib(device), build_s=round(build_s, 2), memory_saving=memsave,
                name=variant["name"] if variant else "hf")
+    if graphed:
+        res.update(peak_gib_replays=res["peak_gib"], capture_peak_gib=round(step.capture_peak_gib, 3),
+                   peak_gib=max(res["peak_gib"], step.capture_peak_gib),
+                   reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 3))
     log(f"  {res['name']:>20s} ({setting}): {res['tokens_per_s']:9.0f} tok/s  step {res['step_s']*1e3:8.1f} ms  "
         f"peak {res['peak_gib']:.2f} GiB  build {build_s:.1f} s  losses {res['losses'][:3]}..")
     extra = {}
@@ -815,12 +870,18 @@ def main(argv=None):
         log(f"setting ({setting}): {SETTINGS[setting]['label']}")
         runs = ([("hf", None)] if "hf" in stacks else []) + \
                ([("ours", v) for v in OUR_VARIANTS[setting]] if "ours" in stacks else [])
-        runs.append(("ours", "partial")) if "ours" in stacks else None
+        if "ours" in stacks:
+            runs += [("ours", "partial")] + ([("ours", "partial-graph")] if setting == "a" else [])
+        if device.type != "cuda":                            # CUDA graphs need CUDA
+            runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph")) and v != "partial-graph"]
         for stack, variant in runs:
-            if variant == "partial":
+            if variant in ("partial", "partial-graph"):
+                graph = variant == "partial-graph"
                 variant = partial_variant(entry, args.num_hidden_layers)
                 if variant is None:
                     continue
+                if graph:
+                    variant = dict(variant, graph=True, name=variant["name"].replace("ours+", "ours+graph+"))
                 log(f"  partial checkpointing: {variant}")
             key = "hf" if stack == "hf" else variant["name"]
             try:

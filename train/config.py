@@ -69,6 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     fast_path: bool = _f(False, "fused training kernels (llama/fast_path.py): Triton RMSNorm, RoPE, SwiGLU + down projection, LoRA with fused dropout, chunked cross entropy, checkpointing that keeps only each layer's input; numerics equal to the plain path's up to rounding order (dropout masks come from another generator). Single process or DDP")
     offload_activations: bool = _f(False, "with --fast_path and gradient_checkpointing on CUDA: keep the checkpointed layer inputs (and the frozen input embedding) in pinned host memory")
+    cuda_graph: bool = _f(False, "with --fast_path on one CUDA GPU: capture each micro-batch's forward, loss and backward in a CUDA graph (per batch shape, after 2 eager warm-up calls) and replay it, so the host no longer launches every kernel; same masks and numerics as without. Pays where the host is slower than the GPU (short sequences, small batches); fixed-length batches keep one graph")
     max_grad_norm: float = _f(0.3, "clip the global gradient L2 norm to this (0 = no clipping)")
     learning_rate: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.001, "AdamW decoupled weight decay")
@@ -146,6 +147,12 @@ class TrainConfig:
         if self.offload_activations and not (self.fast_path and self.gradient_checkpointing):
             raise ConfigError("config field 'offload_activations' needs fast_path and gradient_checkpointing (it "
                               "offloads the checkpointed layer inputs of the fast path)")
+        if self.cuda_graph and not self.fast_path:
+            raise ConfigError("config field 'cuda_graph' needs fast_path (the plain path reads the label count on "
+                              "the host and draws dropout masks from the CUDA generator)")
+        if self.cuda_graph and self.fp16:
+            raise ConfigError("config fields 'cuda_graph' and 'fp16': the fp16 GradScaler's inf checks read device "
+                              "values on the host; use bf16")
         if self.fast_path and self.distributed == "fsdp":
             raise ConfigError("config fields 'fast_path' and distributed='fsdp': the fast path's checkpointing is "
                               "not wired to FSDP2's gathers yet; use distributed='ddp' (or 'auto' for models that "

@@ -78,6 +78,9 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, params, warmup: int = 2, max_graphs: int = 4):
         from llama.fast_path import fast_path_memory_note
 
+        if fast_path_memory_note(model) is None:
+            raise ValueError("GraphedStep: the model must run llama.fast_path (enable_fast_path): the plain path "
+                             "reads the label count on the host and draws dropout masks from the CUDA generator")
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("GraphedStep: no trainable parameters")
@@ -88,9 +91,6 @@ class GraphedStep:
         if type(model).__module__.startswith("torch.nn.parallel") or hasattr(model, "reshard"):
             raise ValueError("GraphedStep: DDP / FSDP-wrapped models are not supported (their gradient hooks "
                              "communicate during backward); use one process")
-        if fast_path_memory_note(model) is None:
-            raise ValueError("GraphedStep: the model must run llama.fast_path (enable_fast_path): the plain path "
-                             "reads the label count on the host and draws dropout masks from the CUDA generator")
         if warmup < 1:
             raise ValueError(f"GraphedStep warmup: expected >= 1 eager call before the capture, got {warmup}")
         self.model, self.device = model, next(iter(devs))

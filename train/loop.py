@@ -106,6 +106,14 @@ class Trainer:
                                          cfg.warmup_steps, cfg.warmup_ratio)
         self.autocast_dtype = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(cfg.fp16 and self.device.type == "cuda"))
+        self.graph = None
+        if getattr(cfg, "cuda_graph", False):
+            from .cuda_graph import GraphedStep
+
+            if self.device.type != "cuda" or self.world > 1:
+                raise ValueError(f"cuda_graph: CUDA graphs run on one CUDA device in one process; this run has "
+                                 f"device {self.device} and {self.world} process(es)")
+            self.graph = GraphedStep(self.raw_model, self.params)
         self.global_step = 0
         self.epoch = 0
         self.micro_in_epoch = 0  # micro-batches of the current epoch already consumed (at a step boundary)
@@ -230,6 +238,14 @@ class Trainer:
             logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
         return token_loss_sum(logits, labels)[0]
 
+    def _graph_loss(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
+        """_loss_sum for GraphedStep (its tensors are the graph's static inputs; no autocast weight cache, which a
+        captured graph would freeze)."""
+        ctx = torch.autocast(self.device.type, enabled=False) if self.autocast_dtype is None else \
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+        with ctx:
+            return model(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sum").loss
+
     def _one_step(self) -> tuple[float, float, int]:
         """Forward/backward over the step's micro-batches, clip, update. Returns (loss, grad_norm, tokens)."""
         batches = self._next_step_batches()
@@ -237,6 +253,14 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for k, b in enumerate(batches):
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
+            if self.graph is not None:  # forward + loss + backward replayed from a CUDA graph (train/cuda_graph.py)
+                s = self.graph(self._graph_loss, {"input_ids": ids, "attention_mask": mask, "labels": b["labels"]},
+                               scale=1.0 / max(n_items, 1))
+                if not bool(torch.isfinite(s)):
+                    return float("nan"), float("nan"), tokens
+                loss_sum += float(s)
+                tokens += int(mask.sum())
+                continue
             with self._sync(last=k == len(batches) - 1):
                 s = self._loss_sum(ids, mask, b["labels"])
                 # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient

@@ -252,3 +252,23 @@ def test_fast_path_resume_equals_uninterrupted(tmp_path, byte_tok):
     cp = str(tmp_path / "a" / "out" / "checkpoint-3")
     part = Trainer(_fast(tiny_model(3, dropout=0.1)), cfg_for(tmp_path / "b", **kw), ds, pad_id=2).train(resume_from=cp)
     assert part.losses == full.losses
+
+
+def test_cuda_graph_needs_fast_path_bf16_and_one_cuda_device(tmp_path, byte_tok):
+    """--cuda_graph: config errors name the fields; on the CPU the Trainer and GraphedStep refuse with the device.
+    (The graphed step itself runs in tests/train/test_cuda_graph_cuda.py on a GPU.)"""
+    from train.config import ConfigError
+    from train.cuda_graph import GraphedStep
+
+    with pytest.raises(ConfigError, match="'cuda_graph' needs fast_path"):
+        cfg_for(tmp_path, cuda_graph=True).validate()
+    with pytest.raises(ConfigError, match="'cuda_graph' and 'fp16'"):
+        cfg_for(tmp_path, cuda_graph=True, fast_path=True, fp16=True).validate()
+    ds = tiny_data(byte_tok, n=8)
+    model = _fast(tiny_model(1))
+    with pytest.raises(ValueError, match="one CUDA device in one process; this run has device cpu"):
+        Trainer(model, cfg_for(tmp_path, cuda_graph=True, fast_path=True), ds, pad_id=2)
+    with pytest.raises(ValueError, match="one CUDA device"):
+        GraphedStep(model, [p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match="llama.fast_path"):
+        GraphedStep(tiny_model(1), [torch.nn.Parameter(torch.zeros(2))])

@@ -1,0 +1,103 @@
+"""GPU only: the training step replayed from CUDA graphs (train/cuda_graph.py) against the same step run eagerly.
+
+On a CPU-only machine these are skipped: CUDA graphs need a CUDA device. The seed slots that let a replay draw
+new dropout masks are checked on the CPU in Triton's interpreter (tests/llama/fast_dropout_checks.py,
+check_seed_slots_match_host_seeds); the config errors in tests/train/test_loop.py.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(dropout=0.1, checkpointing=1, seed=0):
+    from kernels import NF4Linear
+    from llama import LlamaForCausalLM, ModelArgs
+    from llama.fast_path import enable_fast_path
+    from lora import LoraConfig, inject_lora
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(ModelArgs.from_name("tiny")).cuda()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(mod))
+    model.requires_grad_(False)
+    inject_lora(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL7,
+                                  init_lora_weights=False))
+    return enable_fast_path(model.cuda().train(), checkpointing=checkpointing)
+
+
+def _loss(model, input_ids, labels):
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        return model(input_ids, labels=labels, loss_reduction="sum").loss
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("checkpointing", [0, 1])
+def test_graphed_step_matches_eager(checkpointing):
+    """Five steps (2 warm-up, capture + replay, 2 replays) on the same batches as five eager steps from the same
+    CPU generator state: the same losses and LoRA gradients (the same dropout masks), and the masks change from
+    step to step. Gradients accumulate over two micro-batches with the loss scale as the Trainer sets it."""
+    from train.cuda_graph import GraphedStep
+
+    eager_m = _model(checkpointing=checkpointing)
+    graph_m = copy.deepcopy(eager_m)
+    gen = torch.Generator().manual_seed(1)
+    batches = [[torch.randint(0, 256, (2, 40), generator=gen).cuda() for _ in range(2)] for _ in range(5)]
+    batches[4] = batches[3]                                   # same data twice: only the masks differ
+    params_e = [p for p in eager_m.parameters() if p.requires_grad]
+    params_g = [p for p in graph_m.parameters() if p.requires_grad]
+    gs = GraphedStep(graph_m, params_g)
+    torch.manual_seed(11)
+    eager = []
+    for mb in batches:
+        for p in params_e:
+            p.grad = None
+        losses = []
+        for ids in mb:
+            s = _loss(eager_m, ids, ids)
+            (s * (1 / 150)).backward()
+            losses.append(float(s))
+        eager.append((losses, [p.grad.clone() for p in params_e]))
+    torch.manual_seed(11)
+    for i, mb in enumerate(batches):
+        for p in params_g:
+            p.grad = None
+        losses = [float(gs(_loss, {"input_ids": ids, "labels": ids}, scale=1 / 150)) for ids in mb]
+        want_l, want_g = eager[i]
+        for a, b in zip(losses, want_l):
+            assert abs(a - b) <= 1e-5 * abs(b), f"step {i}: loss {a} vs eager {b}"
+        worst = max(_rel(p.grad, g) for p, g in zip(params_g, want_g))
+        assert worst < 1e-4, f"step {i}: LoRA grads differ from eager by {worst:.2e} (relative Frobenius)"
+    assert gs.captures == 1 and gs.eager_calls == 0
+    assert max(_rel(a, b) for a, b in zip(eager[3][1], eager[4][1])) > 1e-2, "steps 4 and 5 drew the same masks"
+
+
+def test_trainer_cuda_graph_matches_eager(tmp_path):
+    """train.loop with cuda_graph: the losses of 6 steps (2 micro-batches each, dropout 0.1) equal the eager fast
+    path's from the same seed; batches of other lengths past max_graphs run eagerly."""
+    from tests.train.conftest import ByteTokenizer
+    from tests.train.test_loop import cfg_for, tiny_data
+    from train.loop import Trainer
+
+    ds = tiny_data(ByteTokenizer(), n=24)
+    kw = dict(max_steps=6, lora_dropout=0.1, bf16=True, fast_path=True, optim="paged_adamw_32bit")
+    res = {}
+    for graph in (False, True):
+        torch.manual_seed(3)
+        model = _model(dropout=0.1, checkpointing=1, seed=4)
+        tr = Trainer(model, cfg_for(tmp_path / str(graph), cuda_graph=graph, **kw), ds, pad_id=2, device="cuda")
+        res[graph] = tr.train().losses
+        if graph:
+            assert tr.graph.captures >= 1, "no batch shape was captured"
+    assert len(res[True]) == 6
+    torch.testing.assert_close(torch.tensor(res[True]), torch.tensor(res[False]), rtol=2e-3, atol=0)
