@@ -77,19 +77,30 @@ OUR_VARIANTS = {
 }
 
 
-def partial_variant(entry, n_layers):
-    """The k-layer checkpointing variant interpolated from the measured extremes (None when not useful)."""
+def partial_variant(entry, n_layers, graph=False):
+    """The k-layer checkpointing variant interpolated from the measured extremes (None when not useful).
+    graph: for the CUDA-graph variant, whose peak is the eager one plus the overhead measured without
+    checkpointing ("ours+graph" - "ours")."""
     hf, full, none = entry.get("hf"), entry.get("ours+ckpt-offload"), entry.get("ours")
     if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none)):
         return None
     per_layer = (none["peak_gib"] - full["peak_gib"]) / n_layers
     if not per_layer > 0:
         return None
+    overhead = 0.0
+    if graph:
+        g = entry.get("ours+graph")
+        if not (isinstance(g, dict) and "peak_gib" in g):
+            return None
+        overhead = max(0.0, g["peak_gib"] - none["peak_gib"])
     goal = 0.6 * hf["peak_gib"] if full["peak_gib"] <= 0.6 * hf["peak_gib"] else 0.95 * hf["peak_gib"]
-    keep = int((goal - full["peak_gib"]) // per_layer)           # layers that keep their activations
+    keep = int((goal - full["peak_gib"] - overhead) // per_layer)   # layers that keep their activations
     k = n_layers - keep
     if keep <= 0 or k <= 0:
         return None
+    if graph:
+        return dict(name=f"ours+graph+ckpt-{k}of{n_layers}", checkpointing=k, offload=True, graph=True,
+                    predicted_peak_gib=round(full["peak_gib"] + keep * per_layer + overhead, 2))
     return dict(name=f"ours+ckpt-{k}of{n_layers}", checkpointing=k, offload=True, predicted_peak_gib=round(
         full["peak_gib"] + keep * per_layer, 2))
 
@@ -170,57 +181,12 @@ def build_ours(args: ModelArgs, device, targets, double_quant: bool, seed: int =
     return model.train()
 
 
-def _multi_tensor_paged_adamw():
-    """train.optim.PagedAdamW32bit whose step updates every parameter of a group in one Triton launch
-    (kernels.adamw.adamw_step_multi_) instead of one launch per tensor; same states, same math. Falls back to
-    the per-tensor step for anything unusual. (Belongs in train/optim.py; kept here until its owner takes it.)"""
-    from kernels.adamw import adamw_step_multi_
-    from train.optim import PagedAdamW32bit
-    from train.paged import prefetch
-
-    class MultiTensorPagedAdamW32bit(PagedAdamW32bit):
-        @torch.no_grad()
-        def step(self, closure=None):
-            if closure is not None or self.optim_bits != 32:
-                return super().step(closure)
-            for group in self.param_groups:
-                ps = [p for p in group["params"] if p.grad is not None]
-                if not ps or not all(p.is_cuda and p.is_contiguous() and p.grad.is_contiguous()
-                                     and p.dtype == ps[0].dtype and p.grad.dtype == ps[0].grad.dtype for p in ps):
-                    return super().step(closure)
-                states = [self.state[p] if "state1" in self.state[p] else self._init_state(p) for p in ps]
-                steps = {st["step"] for st in states}
-                if len(steps) != 1:
-                    return super().step(closure)
-                for st, p in zip(states, ps):
-                    prefetch(st["state1"], p.device)
-                    prefetch(st["state2"], p.device)
-                    st["step"] += 1
-                b1, b2 = group["betas"]
-                decay_after = self.decay_after if self.decay_after is not None else True
-                try:
-                    adamw_step_multi_(ps, [p.grad for p in ps], [st["state1"] for st in states],
-                                      [st["state2"] for st in states], states[0]["step"], group["lr"], b1, b2,
-                                      group["eps"], group["weight_decay"], decay_after=decay_after)
-                except Exception as e:  # noqa: BLE001  (launch failed before any update: per-tensor step)
-                    log(f"  multi-tensor AdamW failed ({type(e).__name__}: {e}); per-tensor steps")
-                    for st in states:
-                        st["step"] -= 1
-                    return super().step(closure)
-            return None
-
-    return MultiTensorPagedAdamW32bit
-
-
 def our_optimizer(params, device):
+    """train.optim.PagedAdamW32bit as train.run builds it: on CUDA one Triton launch updates every parameter
+    (kernels.adamw.adamw_step_multi_), the states in managed memory (train.paged), prefetched only when the GPU's
+    memory ran short since the last step (PagedAdamW._prefetch_needed)."""
     from train.optim import PagedAdamW32bit
 
-    update = None
-    if device.type == "cuda":
-        try:
-            from kernels.adamw import adamw_update_ as update  # the Triton update (train.optim's own lookup
-        except ImportError:                                  # goes through the kernels package exports)
-            update = None
     paged = True
     if device.type == "cuda":
         try:                                                 # managed memory through train.paged (ctypes cudart)
@@ -229,13 +195,7 @@ def our_optimizer(params, device):
         except Exception as e:  # noqa: BLE001
             log(f"  paged states unavailable ({type(e).__name__}: {e}); optimizer states on the device")
             paged = False
-    cls = PagedAdamW32bit
-    if device.type == "cuda":
-        try:
-            cls = _multi_tensor_paged_adamw()
-        except ImportError:
-            pass
-    return cls(params, lr=LR, weight_decay=WD, update_fn=update, is_paged=paged)
+    return PagedAdamW32bit(params, lr=LR, weight_decay=WD, is_paged=paged)
 
 
 def our_loss(model, ids):
@@ -876,12 +836,9 @@ def main(argv=None):
             runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph")) and v != "partial-graph"]
         for stack, variant in runs:
             if variant in ("partial", "partial-graph"):
-                graph = variant == "partial-graph"
-                variant = partial_variant(entry, args.num_hidden_layers)
+                variant = partial_variant(entry, args.num_hidden_layers, graph=variant == "partial-graph")
                 if variant is None:
                     continue
-                if graph:
-                    variant = dict(variant, graph=True, name=variant["name"].replace("ours+", "ours+graph+"))
                 log(f"  partial checkpointing: {variant}")
             key = "hf" if stack == "hf" else variant["name"]
             try:

@@ -185,7 +185,11 @@ def adamw_multi_triton_(params, grads, ms, vs, step, lr, beta1, beta2, eps, weig
     for (p_dtype, g_dtype), idx in groups.items():
         rows = [[params[k].data_ptr(), grads[k].data_ptr(), ms[k].data_ptr(), vs[k].data_ptr(), params[k].numel()]
                 for k in idx]
-        table = torch.tensor(rows, dtype=torch.int64).to(device)                              # (n_tensors, 5)
+        table = torch.tensor(rows, dtype=torch.int64)                                         # (n_tensors, 5)
+        if device.type == "cuda":   # pinned + asynchronous: a pageable copy would wait for the GPU to drain
+            table = table.pin_memory().to(device, non_blocking=True)
+        else:
+            table = table.to(device)
         blocks = _block_table(tuple(params[k].numel() for k in idx), block, device)           # (n_blocks, 2)
         _adamw_multi_kernel[(blocks.shape[0],)](table, blocks, beta1, beta2, omb1, omb2, step_size, eps_c2, decay,
                                                 P_CODE=_DTYPE_CODE[p_dtype], G_CODE=_DTYPE_CODE[g_dtype],

@@ -22,6 +22,8 @@ import torch
 from .adamw import BLOCKSIZE_8BIT, adamw8bit_update_, adamw_update_, create_dynamic_map
 from .paged import PAGE_THRESHOLD, paged_zeros, prefetch
 
+PREFETCH_FREE_MARGIN = 1 << 30   # bytes of free GPU memory under which every step prefetches the paged states
+
 UpdateFn = Callable[..., None]
 
 
@@ -81,6 +83,23 @@ class PagedAdamW(torch.optim.Optimizer):
         self.update_fn = update_fn
         self.code1 = create_dynamic_map(signed=True)
         self.code2 = create_dynamic_map(signed=False)
+        self._stepped_on: set = set()      # devices whose paged states were prefetched by an earlier step
+
+    def _prefetch_needed(self, device: torch.device, cache: dict) -> bool:
+        """Whether this step prefetches the paged states on `device` (once per step and device).
+
+        Managed pages leave the GPU only when its memory runs out, and the caching allocator keeps its peak
+        reservation between steps, so free device memory above a margin now means the states were not evicted
+        since the last step's prefetch. The prefetch is then skipped: each cudaMemPrefetchAsync holds the stream
+        for tens of microseconds even when the pages are resident, which for a few hundred LoRA tensors is
+        milliseconds per step. Only speed depends on this: an evicted page that is not prefetched faults in."""
+        if device not in cache:
+            need = True
+            if device.type == "cuda" and device in self._stepped_on:
+                free, total = torch.cuda.mem_get_info(device)
+                need = free < max(PREFETCH_FREE_MARGIN, total // 20)
+            cache[device] = need
+        return cache[device]
 
     # ---------------------------------------------------------------------------------------------------
     def _buffer(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,6 +142,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        need_prefetch: dict = {}
+        stepped: set = set()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             multi: dict[tuple, list] = {}  # CUDA 32-bit states: one Triton launch over all of them
@@ -136,8 +157,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 if "state1" not in state:
                     state = self._init_state(p)
                 p, grad = _local(p), _local(p.grad)  # FSDP2 DTensors: update this rank's shard in place
-                for key in ("state1", "state2"):
-                    prefetch(state[key], p.device)
+                if self._prefetch_needed(p.device, need_prefetch):
+                    for key in ("state1", "state2"):
+                        prefetch(state[key], p.device)
+                stepped.add(p.device)
                 state["step"] += 1
                 decay_after = self.decay_after if self.decay_after is not None else p.device.type == "cuda"
                 fn = self.update_fn or _device_update_fn(p.device)
@@ -161,6 +184,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 ps, gs, ms, vs = (list(x) for x in zip(*items))
                 multi_fn(ps, gs, ms, vs, step, group["lr"], b1, b2, group["eps"], group["weight_decay"],
                          decay_after=decay_after)
+        self._stepped_on |= stepped
         return loss
 
     # ---------------------------------------------------------------------------------------------------

@@ -28,3 +28,17 @@ def test_longest_uses_the_extrapolated_ratio_and_losscheck_its_bound():
     res["longest"]["ours"]["extrapolated_by_peak_memory"] = 700
     lo = [x for x in e2e.targets(res) if x["name"].startswith("longest")][0]
     assert lo["met"] is False                                      # 3.5x < 4
+
+
+def test_partial_checkpointing_variants_from_the_measured_peaks():
+    """The k-layer variant keeps as many layers' activations as fit 0.6x HF's peak between the measured
+    extremes; the CUDA-graph one also fits the graph's measured overhead, so it checkpoints more layers."""
+    entry = {"hf": {"peak_gib": 14.45}, "ours+ckpt-offload": {"peak_gib": 4.02}, "ours": {"peak_gib": 10.0},
+             "ours+graph": {"peak_gib": 10.24}}
+    eager = e2e.partial_variant(entry, 32)
+    graph = e2e.partial_variant(entry, 32, graph=True)
+    assert eager["name"] == "ours+ckpt-8of32" and eager["predicted_peak_gib"] <= 0.6 * 14.45
+    assert graph["name"] == "ours+graph+ckpt-9of32" and graph["graph"] is True
+    assert graph["predicted_peak_gib"] <= 0.6 * 14.45 < graph["predicted_peak_gib"] + 0.19
+    del entry["ours+graph"]
+    assert e2e.partial_variant(entry, 32, graph=True) is None         # no graph peak measured: no guess

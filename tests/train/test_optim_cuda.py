@@ -59,3 +59,28 @@ def test_managed_memory_roundtrip_and_prefetch():
     u = paged_zeros((7,), torch.uint8, "cuda")
     u.fill_(3)
     assert u.cpu().tolist() == [3] * 7
+
+
+def test_paged_states_prefetched_only_when_memory_ran_short(monkeypatch):
+    """PagedAdamW prefetches its managed states on the first step; later steps skip the prefetch while free GPU
+    memory stays above the margin (pages leave the GPU only when it runs out), and prefetch again below it. The
+    update is the same either way."""
+    import train.optim as optim
+
+    calls = []
+    real = optim.prefetch
+    monkeypatch.setattr(optim, "prefetch", lambda t, d=None: (calls.append(t.data_ptr()), real(t, d)))
+    ps = [torch.nn.Parameter(torch.randn(512, 512, device="cuda")) for _ in range(3)]
+    opt = optim.PagedAdamW32bit(ps, **HP)
+    assert getattr(opt._buffer(ps[0], torch.float32), "is_paged", False)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(calls) == 6                                           # first step: both states of 3 params
+    opt.step()
+    free = torch.cuda.mem_get_info()[0]
+    if free > max(optim.PREFETCH_FREE_MARGIN, torch.cuda.mem_get_info()[1] // 20):
+        assert len(calls) == 6, "a second step with free memory prefetched again"
+    monkeypatch.setattr(optim, "PREFETCH_FREE_MARGIN", 1 << 62)      # "memory ran short": prefetch
+    opt.step()
+    assert len(calls) >= 12
