@@ -639,11 +639,12 @@ KERNEL_CLASSES = [
 ]
 
 
-def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b"):
+def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=False):
     """Kernel time of two steps of ours, by layer type (torch.profiler), and the CUDA-event phases.
     setting "b": all seven linears, checkpointing + offload (the variant that meets the memory goal);
     "a": LoRA on q,v, no checkpointing (our fastest (a) variant). kernel_sum_ms against step_ms tells how
-    much of the step the GPU is busy (a sum well under the step time means the host is the bound)."""
+    much of the step the GPU is busy (a sum well under the step time means the host is the bound).
+    graph: forward + loss + backward replayed from a CUDA graph (GraphStep), as the "+graph" variants."""
     from torch.profiler import ProfilerActivity, profile
 
     free(device)
@@ -652,7 +653,8 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b"):
         enable_fast_path(model, checkpointing=True, offload=True, offload_embeddings=True)
     else:
         enable_fast_path(model, checkpointing=False, offload=False, offload_embeddings=True)
-    step = Step(model, our_loss, our_optimizer([p for p in model.parameters() if p.requires_grad], device), device)
+    step = (GraphStep if graph else Step)(model, our_loss, our_optimizer([p for p in model.parameters()
+                                                                          if p.requires_grad], device), device)
     ids = random_ids(batch, seq, args.vocab_size, device, 5)
     unprofiled = []
     for i in range(4):
@@ -680,7 +682,7 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b"):
     by_phase = {c: {"forward": round(fwd_totals.get(c, 0.0), 2),
                     "backward+recompute+optimizer": round(totals[c] - fwd_totals.get(c, 0.0), 2)} for c in totals}
     step_ms = statistics.mean(sum(p.values()) for p in unprofiled) if unprofiled else None  # without profiler
-    return dict(setting=setting, kernel_ms_per_step=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+    return dict(setting=setting + ("+graph" if graph else ""), kernel_ms_per_step=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
                 kernel_sum_ms=round(sum(totals.values()), 2), step_ms=step_ms and round(step_ms, 2),
                 kernel_ms_by_phase=by_phase,
                 phase_ms=phase_ms, top_kernels_ms_per_step=[(k, round(v, 3)) for k, v in top],
@@ -866,13 +868,15 @@ def main(argv=None):
             log(f"  loss check FAILED: {e}")
             free(device)
         save()
-    for key, which in (("breakdown", "b"), ("breakdown-a", "a")):
-        if key not in todo or "ours" not in stacks:
+    for key, which, graph in (("breakdown", "b", False), ("breakdown-a", "a", False),
+                              ("breakdown-a-graph", "a", True)):
+        if key not in todo or "ours" not in stacks or (graph and device.type != "cuda"):
             continue
-        log(f"step-time breakdown (ours, setting {which})")
+        log(f"step-time breakdown (ours, setting {which}{', CUDA graph' if graph else ''})")
         try:
             shp = setting_shape(which, args)
-            results[key] = bd = breakdown(args, device, dq, seq=shp["seq"], batch=shp["batch"], setting=which)
+            results[key] = bd = breakdown(args, device, dq, seq=shp["seq"], batch=shp["batch"], setting=which,
+                                          graph=graph)
             for k, v in bd["kernel_ms_per_step"].items():
                 log(f"  {k:>50s}: {v:8.1f} ms")
             for k, v in bd["kernel_ms_by_phase"].items():
