@@ -69,7 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     fast_path: bool = _f(False, "fused training kernels (llama/fast_path.py): Triton RMSNorm, RoPE, SwiGLU + down projection, LoRA with fused dropout, chunked cross entropy, checkpointing that keeps only each layer's input; numerics equal to the plain path's up to rounding order (dropout masks come from another generator). Single process or DDP")
     offload_activations: bool = _f(False, "with --fast_path and gradient_checkpointing on CUDA: keep the checkpointed layer inputs (and the frozen input embedding) in pinned host memory")
-    cuda_graph: bool = _f(False, "with --fast_path on one CUDA GPU: capture each micro-batch's forward, loss and backward in a CUDA graph (per batch shape, after 2 eager warm-up calls) and replay it, so the host no longer launches every kernel; same masks and numerics as without. Pays where the host is slower than the GPU (short sequences, small batches); fixed-length batches keep one graph")
+    cuda_graph: bool = _f(False, "with --fast_path on one CUDA GPU: capture each micro-batch's forward, loss and backward in a CUDA graph (per batch shape, after 2 eager warm-up calls) and replay it, so the host no longer launches every kernel; same masks and numerics as without. Micro-batches are right-padded to a multiple of 64 tokens (padding no loss counts); up to 8 lengths get a graph, others run eagerly. Pays where the host is slower than the GPU (short sequences, small batches)")
     max_grad_norm: float = _f(0.3, "clip the global gradient L2 norm to this (0 = no clipping)")
     learning_rate: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.001, "AdamW decoupled weight decay")

@@ -60,6 +60,19 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"), n
 
 
+GRAPH_LENGTH_MULTIPLE = 64   # --cuda_graph pads micro-batches to a multiple of this length: few shapes, few graphs
+
+
+def _pad_to_multiple(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, multiple: int, pad_id: int):
+    """Right-pad (B, T) ids / mask / labels to a length that is a multiple of `multiple` with pad_id / 0 / -100:
+    padding that no attention reaches and no loss counts (positions come from the mask)."""
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return ids, mask, labels
+    pad = (0, extra)
+    return (F.pad(ids, pad, value=pad_id), F.pad(mask, pad, value=0), F.pad(labels, pad, value=IGNORE_INDEX))
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -113,7 +126,7 @@ class Trainer:
             if self.device.type != "cuda" or self.world > 1:
                 raise ValueError(f"cuda_graph: CUDA graphs run on one CUDA device in one process; this run has "
                                  f"device {self.device} and {self.world} process(es)")
-            self.graph = GraphedStep(self.raw_model, self.params)
+            self.graph = GraphedStep(self.raw_model, self.params, max_graphs=8)
         self.global_step = 0
         self.epoch = 0
         self.micro_in_epoch = 0  # micro-batches of the current epoch already consumed (at a step boundary)
@@ -254,7 +267,8 @@ class Trainer:
         for k, b in enumerate(batches):
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
             if self.graph is not None:  # forward + loss + backward replayed from a CUDA graph (train/cuda_graph.py)
-                s = self.graph(self._graph_loss, {"input_ids": ids, "attention_mask": mask, "labels": b["labels"]},
+                ids_g, mask_g, labels_g = _pad_to_multiple(ids, mask, b["labels"], GRAPH_LENGTH_MULTIPLE, self.pad_id)
+                s = self.graph(self._graph_loss, {"input_ids": ids_g, "attention_mask": mask_g, "labels": labels_g},
                                scale=1.0 / max(n_items, 1))
                 if not bool(torch.isfinite(s)):
                     return float("nan"), float("nan"), tokens

@@ -83,18 +83,19 @@ def test_graphed_step_matches_eager(checkpointing):
 
 
 def test_trainer_cuda_graph_matches_eager(tmp_path):
-    """train.loop with cuda_graph: the losses of 6 steps (2 micro-batches each, dropout 0.1) equal the eager fast
-    path's from the same seed; batches of other lengths past max_graphs run eagerly."""
+    """train.loop with cuda_graph: the losses of 6 steps (2 micro-batches each) equal the eager fast path's from the
+    same seed. Dropout 0: the graphed micro-batches are padded to a multiple of 64 tokens, which moves the rows of
+    the philox mask counters (test_graphed_step_matches_eager checks the masks, unpadded)."""
     from tests.train.conftest import ByteTokenizer
     from tests.train.test_loop import cfg_for, tiny_data
     from train.loop import Trainer
 
     ds = tiny_data(ByteTokenizer(), n=24)
-    kw = dict(max_steps=6, lora_dropout=0.1, bf16=True, fast_path=True, optim="paged_adamw_32bit")
+    kw = dict(max_steps=6, lora_dropout=0.0, bf16=True, fast_path=True, optim="paged_adamw_32bit")
     res = {}
     for graph in (False, True):
         torch.manual_seed(3)
-        model = _model(dropout=0.1, checkpointing=1, seed=4)
+        model = _model(dropout=0.0, checkpointing=1, seed=4)
         tr = Trainer(model, cfg_for(tmp_path / str(graph), cuda_graph=graph, **kw), ds, pad_id=2, device="cuda")
         res[graph] = tr.train().losses
         if graph:

@@ -272,3 +272,24 @@ def test_cuda_graph_needs_fast_path_bf16_and_one_cuda_device(tmp_path, byte_tok)
         GraphedStep(model, [p for p in model.parameters() if p.requires_grad])
     with pytest.raises(ValueError, match="llama.fast_path"):
         GraphedStep(tiny_model(1), [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_graph_padding_adds_only_ignored_positions(tmp_path, byte_tok):
+    """--cuda_graph pads micro-batches to a multiple of 64 tokens: the padded batch gives the same summed loss and
+    label count (the padding is masked and unlabelled), so the graphed step trains on the same objective."""
+    from train.data import collate
+    from train.loop import _pad_to_multiple
+
+    ds = tiny_data(byte_tok, n=6)
+    b = collate([ds[i] for i in range(3)], 2)
+    ids, mask, labels = _pad_to_multiple(b["input_ids"], b["attention_mask"], b["labels"], 64, 2)
+    assert ids.shape[1] % 64 == 0 and ids.shape[1] - b["input_ids"].shape[1] < 64
+    assert torch.equal(ids[:, :b["input_ids"].shape[1]], b["input_ids"]) and (mask[:, b["input_ids"].shape[1]:] == 0).all()
+    model = _fast(tiny_model(2), checkpointing=False).eval()
+    with torch.no_grad():
+        s0 = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], loss_reduction="sum").loss
+        s1 = model(ids, attention_mask=mask, labels=labels, loss_reduction="sum").loss
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    assert int((labels[:, 1:] != -100).sum()) == int((b["labels"][:, 1:] != -100).sum())
+    same = _pad_to_multiple(ids, mask, labels, 64, 2)
+    assert same[0] is ids
