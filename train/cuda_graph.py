@@ -14,9 +14,10 @@ with one call.
 loss_fn(model, **inputs) returns the loss tensor; gs backpropagates `loss * scale` and returns the loss value.
 Per input signature (names, shapes, dtypes): `warmup` eager calls, then one capture, then replays. What the
 graph needs, and how it gets it:
-- static inputs: every call copies its tensors into buffers that the graph reads. The input embedding runs
-  eagerly before the graph (it may gather rows on the host: llama.fast_path.CPUEmbedding) into a buffer that
-  the embedding returns inside the step, so the embedding must be frozen;
+- static inputs: every call copies its tensors into buffers that the graph reads. An embedding on the device
+  runs inside the graph. One in host memory (llama.fast_path.CPUEmbedding, a frozen table) gathers this call's
+  rows on the CPU into a static pinned buffer, and the graph holds their host-to-device copy, into a tensor of
+  the graph's pool that is freed after the first layer (no device copy of the embedding output persists);
 - new dropout masks per replay: the LoRA dropout seeds live in device memory (llama.fast_path.SeedSlots), drawn
   from the CPU generator as the eager step draws them; the warm-up calls already run this way, so graphed,
   warm-up and eager steps draw the same masks from the same generator state;
@@ -41,15 +42,22 @@ def _find_embedding(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     return getattr(inner, "embed_tokens", None)
 
 
+def _host_resident(emb: Optional[torch.nn.Module]) -> bool:
+    """An embedding whose table lives in host memory (llama.fast_path.CPUEmbedding): it gathers on the CPU."""
+    w = getattr(emb, "weight", None)
+    return isinstance(w, torch.Tensor) and w.device.type == "cpu"
+
+
 @contextlib.contextmanager
-def _static_embedding(emb: Optional[torch.nn.Module], out: Optional[torch.Tensor]):
-    """Within the block, emb(ids) returns `out` (the eagerly computed embedding of the static ids)."""
-    if emb is None or out is None:
+def _rows_from_host(emb: Optional[torch.nn.Module], rows: Optional[torch.Tensor], device: torch.device):
+    """Within the block, emb(ids) copies `rows` (the pinned (B*T, C) rows gathered for the static ids) to the
+    device: a host-to-device copy that the graph captures, into a tensor of the graph's pool freed after use."""
+    if emb is None or rows is None:
         yield
         return
     had = "forward" in emb.__dict__
     prev = emb.__dict__.get("forward")
-    emb.forward = lambda ids: out
+    emb.forward = lambda ids: rows.to(device, non_blocking=True).view(*ids.shape, rows.shape[-1])
     try:
         yield
     finally:
@@ -65,7 +73,8 @@ class _Entry:
     def __init__(self, inputs: dict, device: torch.device, slots):
         self.static = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in inputs.items()}
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        self.emb_out: Optional[torch.Tensor] = None
+        self.rows: Optional[torch.Tensor] = None      # pinned embedding rows (a host-resident embedding)
+        self.done: Optional[torch.cuda.Event] = None   # the last call's work (before `rows` is written again)
         self.slots = slots
         self.calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -94,10 +103,11 @@ class GraphedStep:
         if warmup < 1:
             raise ValueError(f"GraphedStep warmup: expected >= 1 eager call before the capture, got {warmup}")
         self.model, self.device = model, next(iter(devs))
-        self.emb = _find_embedding(model)
-        if self.emb is not None and any(p.requires_grad for p in self.emb.parameters()):
-            raise ValueError("GraphedStep: the input embedding is trainable; the graph starts after the embedding, "
-                             "which runs eagerly, so it must be frozen")
+        emb = _find_embedding(model)
+        self.host_emb = emb if _host_resident(emb) else None
+        if self.host_emb is not None and any(p.requires_grad for p in self.host_emb.parameters()):
+            raise ValueError("GraphedStep: a trainable input embedding in host memory cannot be graphed (its rows "
+                             "are gathered on the CPU before the graph)")
         self.warmup, self.max_graphs = warmup, max_graphs
         self.grads = [torch.zeros_like(p) for p in self.params]      # the static .grad of every parameter
         self.entries: dict = {}
@@ -127,7 +137,7 @@ class GraphedStep:
     def _body(self, e: _Entry, loss_fn: Callable) -> torch.Tensor:
         from llama.fast_path import seed_slots
 
-        with _static_embedding(self.emb, e.emb_out), seed_slots(e.slots):
+        with _rows_from_host(self.host_emb, e.rows, self.device), seed_slots(e.slots):
             loss = loss_fn(self.model, **e.static)
             (loss * e.scale).backward()
         return loss.detach()
@@ -149,25 +159,38 @@ class GraphedStep:
         for k, v in inputs.items():
             e.static[k].copy_(v, non_blocking=True)
         e.scale.fill_(scale)
-        if self.emb is not None and "input_ids" in inputs:
-            with torch.no_grad():
-                out = self.emb(inputs["input_ids"])
-            if e.emb_out is None:
-                e.emb_out = torch.empty(out.shape, dtype=out.dtype, device=self.device)
-            e.emb_out.copy_(out, non_blocking=True)
+        if self.host_emb is not None and "input_ids" in inputs:
+            ids = inputs["input_ids"].reshape(-1).cpu()
+            w = self.host_emb.weight
+            if e.rows is None:
+                e.rows = torch.empty((ids.numel(), w.shape[1]), dtype=w.dtype, pin_memory=True)
+            if e.done is not None:
+                e.done.synchronize()                # the previous call's copy of these rows has run
+            torch.index_select(w, 0, ids, out=e.rows)
         if e.graph is None and e.calls < self.warmup:            # eager, exactly as the graph will run
             e.calls += 1
             e.slots.begin_step()
-            return self._body(e, loss_fn)
+            out = self._body(e, loss_fn)
+            e.done = torch.cuda.Event()
+            e.done.record()
+            return out
         if e.graph is None:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             g = torch.cuda.CUDAGraph()
             e.slots.begin_step(capturing=True)
-            with torch.cuda.graph(g, pool=self.pool):
-                e.out = self._body(e, loss_fn)
+            try:
+                with torch.cuda.graph(g, pool=self.pool):
+                    e.out = self._body(e, loss_fn)
+            except Exception as err:
+                raise RuntimeError(f"GraphedStep: capturing forward + backward for inputs "
+                                   f"{[(k, shape) for k, shape, _ in key]} failed ({type(err).__name__}: {err}); "
+                                   f"an op in the step cannot be captured: run without CUDA graphs "
+                                   f"(--cuda_graph off)") from err
             e.graph = g
             self.captures += 1
         e.slots.refill()
         e.graph.replay()
+        e.done = e.done or torch.cuda.Event()
+        e.done.record()
         return e.out.clone()

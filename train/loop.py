@@ -73,6 +73,11 @@ def _pad_to_multiple(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     return (F.pad(ids, pad, value=pad_id), F.pad(mask, pad, value=0), F.pad(labels, pad, value=IGNORE_INDEX))
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row of the (B, T) 0/1 mask is ones then zeros, with a real first token."""
+    return bool((mask[:, 0] == 1).all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -251,9 +256,11 @@ class Trainer:
             logits = self.model(ids, attention_mask=mask).logits  # (B, T, V)
         return token_loss_sum(logits, labels)[0]
 
-    def _graph_loss(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
+    def _graph_loss(self, model, input_ids, labels, attention_mask=None) -> torch.Tensor:
         """_loss_sum for GraphedStep (its tensors are the graph's static inputs; no autocast weight cache, which a
-        captured graph would freeze)."""
+        captured graph would freeze). Right-padded batches come without their mask: causal attention alone gives
+        every real position what the mask would (it never reaches the padding after it), through flash SDPA,
+        whose backward captures (a masked SDPA backward did not, on an H100 with torch 2.11)."""
         ctx = torch.autocast(self.device.type, enabled=False) if self.autocast_dtype is None else \
             torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
         with ctx:
@@ -268,8 +275,10 @@ class Trainer:
             ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
             if self.graph is not None:  # forward + loss + backward replayed from a CUDA graph (train/cuda_graph.py)
                 ids_g, mask_g, labels_g = _pad_to_multiple(ids, mask, b["labels"], GRAPH_LENGTH_MULTIPLE, self.pad_id)
-                s = self.graph(self._graph_loss, {"input_ids": ids_g, "attention_mask": mask_g, "labels": labels_g},
-                               scale=1.0 / max(n_items, 1))
+                inputs = {"input_ids": ids_g, "labels": labels_g}
+                if not _right_padded(b["attention_mask"]):
+                    inputs["attention_mask"] = mask_g
+                s = self.graph(self._graph_loss, inputs, scale=1.0 / max(n_items, 1))
                 if not bool(torch.isfinite(s)):
                     return float("nan"), float("nan"), tokens
                 loss_sum += float(s)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(dropout=0.1, checkpointing=1, seed=0):
+def _model(dropout=0.1, checkpointing=1, seed=0, offload_embeddings=False):
     from kernels import NF4Linear
     from llama import LlamaForCausalLM, ModelArgs
     from llama.fast_path import enable_fast_path
@@ -30,7 +30,7 @@ def _model(dropout=0.1, checkpointing=1, seed=0):
     model.requires_grad_(False)
     inject_lora(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL7,
                                   init_lora_weights=False))
-    return enable_fast_path(model.cuda().train(), checkpointing=checkpointing)
+    return enable_fast_path(model.cuda().train(), checkpointing=checkpointing, offload_embeddings=offload_embeddings)
 
 
 def _loss(model, input_ids, labels):
@@ -42,15 +42,21 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("checkpointing", [0, 1])
-def test_graphed_step_matches_eager(checkpointing):
+@pytest.mark.parametrize("checkpointing,offload_embeddings", [(0, False), (1, False), (1, True)])
+def test_graphed_step_matches_eager(checkpointing, offload_embeddings):
     """Five steps (2 warm-up, capture + replay, 2 replays) on the same batches as five eager steps from the same
     CPU generator state: the same losses and LoRA gradients (the same dropout masks), and the masks change from
-    step to step. Gradients accumulate over two micro-batches with the loss scale as the Trainer sets it."""
+    step to step. Gradients accumulate over two micro-batches with the loss scale as the Trainer sets it.
+    offload_embeddings: the embedding table in pinned host memory (its rows copied to the device in the graph)."""
     from train.cuda_graph import GraphedStep
 
     eager_m = _model(checkpointing=checkpointing)
     graph_m = copy.deepcopy(eager_m)
+    if offload_embeddings:
+        from llama.fast_path import enable_fast_path
+        for m in (eager_m, graph_m):
+            enable_fast_path(m, checkpointing=checkpointing, offload_embeddings=True)
+        assert graph_m.model.embed_tokens.weight.device.type == "cpu"
     gen = torch.Generator().manual_seed(1)
     batches = [[torch.randint(0, 256, (2, 40), generator=gen).cuda() for _ in range(2)] for _ in range(5)]
     batches[4] = batches[3]                                   # same data twice: only the masks differ

@@ -293,3 +293,11 @@ def test_graph_padding_adds_only_ignored_positions(tmp_path, byte_tok):
     assert int((labels[:, 1:] != -100).sum()) == int((b["labels"][:, 1:] != -100).sum())
     same = _pad_to_multiple(ids, mask, labels, 64, 2)
     assert same[0] is ids
+
+
+def test_right_padded_masks():
+    from train.loop import _right_padded
+
+    assert _right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert not _right_padded(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))      # left padding
+    assert not _right_padded(torch.tensor([[1, 0, 1, 0]]))                    # a hole
