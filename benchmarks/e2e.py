@@ -657,8 +657,9 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=
                                                                           if p.requires_grad], device), device)
     ids = random_ids(batch, seq, args.vocab_size, device, 5)
     unprofiled = []
-    for i in range(4):
-        step(ids, unprofiled if i >= 2 else None)
+    warm = 5 if graph else 2                     # a graph: 2 eager warm-up steps, the capture, then replays
+    for i in range(warm + 2):
+        step(ids, unprofiled if i >= warm else None)
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     phases = []
