@@ -9,11 +9,14 @@ Files: config.py (TrainConfig, CLI), data.py (loading, tokenization, packing, co
 (LengthGroupedSampler), dataset_builtin.py (embedded instruction set), adamw.py (bitsandbytes' AdamW math,
 8-bit blockwise states), paged.py (CUDA managed memory via ctypes), optim.py (PagedAdamW32bit/8bit,
 build_optimizer), schedule.py (get_scheduler equivalents), loop.py (Trainer), checkpoint.py (atomic
-checkpoints, resume), logging_utils.py (console, tqdm, TensorBoard, loss curve), run.py (the entry point).
+checkpoints, resume), logging_utils.py (console, tqdm, TensorBoard, loss curve), run.py (the entry point),
+cuda_graph.py (GraphedStep: forward, loss and backward replayed from CUDA graphs; --cuda_graph),
+distributed.py (DDP and FSDP2 under torchrun).
 """
 from .adamw import adamw8bit_update_, adamw_update_, create_dynamic_map
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, build_arg_parser, parse_args
+from .cuda_graph import GraphedStep
 from .data import (DataError, TokenizedDataset, chatml, collate, llama2_chat, load_records, pack, records_to_texts,
                    split_train_eval, tokenize_texts)
 from .dataset_builtin import builtin_dataset
@@ -29,6 +32,6 @@ __all__ = [
     "LengthGroupedSampler", "RandomSampler", "get_length_grouped_indices",
     "adamw_update_", "adamw8bit_update_", "create_dynamic_map", "PagedAdamW", "PagedAdamW32bit", "PagedAdamW8bit",
     "build_optimizer", "build_scheduler",
-    "Trainer", "TrainResult", "TrainingError",
+    "Trainer", "TrainResult", "TrainingError", "GraphedStep",
     "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "CheckpointError",
 ]
