@@ -204,3 +204,42 @@ def test_triton_dropout_kernel_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_seed_slots_bookkeeping():
+    """SeedSlots (LoRA dropout seeds in device memory, for CUDA graphs): each call of a step takes the next slot and
+    writes the seed the eager call would draw from the CPU generator; a rewound recompute reuses its slots without
+    drawing; a capture draws nothing and may not take more slots than the eager steps did; refill() draws one
+    step's seeds in call order. The torch mask family cannot read a seed from memory and says so."""
+    from llama.fast_path import SeedSlots, _host_seed, seed_slots, _draw_seed
+
+    torch.manual_seed(123)
+    want = [_host_seed() for _ in range(3)]
+    slots = SeedSlots(torch.device("cpu"), capacity=3)
+    torch.manual_seed(123)
+    slots.begin_step()
+    with seed_slots(slots):
+        a = _draw_seed(0.1)
+        assert _draw_seed(0.0) == 0                                   # no dropout: no slot, no draw
+        state = torch.get_rng_state()
+        with slots.rewound(0):
+            assert _draw_seed(0.1).data_ptr() == a.data_ptr()         # the recompute reads the forward's slot
+        assert torch.equal(torch.get_rng_state(), state)              # ... and drew nothing
+        b, c = _draw_seed(0.1), _draw_seed(0.1)
+        with pytest.raises(RuntimeError, match="more than 3 dropout LoRA calls"):
+            _draw_seed(0.1)
+    assert [int(t) for t in (a, b, c)] == want and slots.used == 3
+    slots.used = 2
+    slots.begin_step(capturing=True)
+    state = torch.get_rng_state()
+    slots.take(), slots.take()
+    assert torch.equal(torch.get_rng_state(), state)                  # a capture draws nothing
+    with pytest.raises(RuntimeError, match="takes dropout seed 3, the eager steps took 2"):
+        slots.take()
+    torch.manual_seed(7)
+    want = [_host_seed() for _ in range(2)]
+    torch.manual_seed(7)
+    slots.refill()
+    assert slots.buf[:2].tolist() == want
+    with pytest.raises(RuntimeError, match="philox mask family"):
+        _keep_mask((4, 4), 0.1, slots.buf[0:1], torch.device("cpu"), torch.float32)
