@@ -395,6 +395,9 @@ class Trainer:
                 self.logger.close_progress()
         self.result.global_step = self.global_step
         self.result.train_seconds = time.time() - t0
+        if self.graph is not None and self.logger:
+            self.logger.info(f"CUDA graphs: {self.graph.captures} batch shape(s) captured; "
+                             f"{self.graph.eager_calls} micro-batch(es) of further lengths ran eagerly")
         return self.result
 
     def _rewind_unfinished_step(self) -> None:
