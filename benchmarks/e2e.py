@@ -692,6 +692,17 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=
 
 
 # ------------------------------------------------------------------------------------------------ main
+def host_info() -> dict:
+    """The CPU that launches the kernels: a host-bound step (HF's at 4 x 512) moves with it between machines."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count()}
+
+
 def gpu_name(device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -798,7 +809,7 @@ def main(argv=None):
     gpu = gpu_name(device)
     out_path = a.out or os.path.join(ROOT, "benchmarks", "results", f"e2e-{slug(gpu)}.json")
     results = {"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "commit": git_commit(), "size": a.size, "device": str(device),
+               "commit": git_commit(), "size": a.size, "device": str(device), "host": host_info(),
                "versions": {"torch": torch.__version__}, "model": {
                    "hidden": args.hidden_size, "layers": args.num_hidden_layers, "mlp": args.intermediate_size,
                    "vocab": args.vocab_size, "heads": args.num_attention_heads},

@@ -42,3 +42,9 @@ def test_partial_checkpointing_variants_from_the_measured_peaks():
     assert graph["predicted_peak_gib"] <= 0.6 * 14.45 < graph["predicted_peak_gib"] + 0.19
     del entry["ours+graph"]
     assert e2e.partial_variant(entry, 32, graph=True) is None         # no graph peak measured: no guess
+
+
+def test_results_name_the_host_cpu():
+    """The host that launches the kernels is recorded (HF's host-bound (a) step varies with it between machines)."""
+    h = e2e.host_info()
+    assert set(h) == {"cpu", "cores"} and isinstance(h["cpu"], str) and h["cpu"] and h["cores"] >= 1
