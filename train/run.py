@@ -269,6 +269,9 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
     device = resolve_device(cfg)
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if cfg.cuda_graph and (device.type != "cuda" or ctx.active):   # before anything loads
+        raise ConfigError(f"--cuda_graph: CUDA graphs need one CUDA GPU in one process; this run has device "
+                          f"{device}" + (f" and {ctx.world_size} processes" if ctx.active else ""))
     seed_everything(cfg.seed)
     dtype = resolve_precision(cfg, device, log)
     from llama import load_tokenizer
@@ -323,9 +326,6 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
 
         off = cfg.offload_activations and device.type == "cuda"
         enable_fast_path(model, checkpointing=cfg.gradient_checkpointing, offload=off, offload_embeddings=off)
-        if cfg.cuda_graph and (device.type != "cuda" or ctx.active):
-            raise ConfigError(f"--cuda_graph: CUDA graphs need one CUDA GPU in one process; this run has device "
-                              f"{device}" + (f" and {ctx.world_size} processes" if ctx.active else ""))
         log(f"fast path (llama/fast_path.py): {fast_path_memory_note(model)}"
             + ("; --offload_activations needs CUDA: not offloading" if cfg.offload_activations and not off else ""))
     # DDP / FSDP2 under torchrun (a sharded load is wrapped already), else the model itself

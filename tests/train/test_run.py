@@ -112,3 +112,8 @@ def test_fast_path_run(tiny_model_dir, jsonl, tmp_path, capsys):
     assert "'offload_activations' needs fast_path" in capsys.readouterr().err
     assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--fast_path", "--distributed", "fsdp")) == 2
     assert "'fast_path' and distributed='fsdp'" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--cuda_graph")) == 2
+    assert "'cuda_graph' needs fast_path" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--fast_path", "--cuda_graph", "--device", "cpu")) == 1
+    assert "--cuda_graph: CUDA graphs need one CUDA GPU in one process; this run has device cpu" in \
+        capsys.readouterr().out
