@@ -285,9 +285,7 @@ class Step:
         loss.backward()
         if ev:
             ev[2].record()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._update()
         if ev:
             ev[3].record()
         if phases is not None and ev:
@@ -295,6 +293,11 @@ class Step:
             phases.append({"forward": ev[0].elapsed_time(ev[1]), "backward": ev[1].elapsed_time(ev[2]),
                            "clip+optimizer": ev[2].elapsed_time(ev[3])})
         return loss.detach()
+
+    def _update(self):
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 class GraphStep(Step):
@@ -329,9 +332,7 @@ class GraphStep(Step):
         if capture:
             sync(self.device)
             self.capture_peak_gib = peak_gib(self.device)
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._update()
         ev[2].record()
         if phases is not None:
             sync(self.device)

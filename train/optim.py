@@ -142,8 +142,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        need_prefetch: dict = {}
-        stepped: set = set()
+        need_prefetch: dict = {}     # device -> this step prefetches there (the devices this step updates)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             multi: dict[tuple, list] = {}  # CUDA 32-bit states: one Triton launch over all of them
@@ -160,7 +159,6 @@ class PagedAdamW(torch.optim.Optimizer):
                 if self._prefetch_needed(p.device, need_prefetch):
                     for key in ("state1", "state2"):
                         prefetch(state[key], p.device)
-                stepped.add(p.device)
                 state["step"] += 1
                 decay_after = self.decay_after if self.decay_after is not None else p.device.type == "cuda"
                 fn = self.update_fn or _device_update_fn(p.device)
@@ -184,7 +182,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 ps, gs, ms, vs = (list(x) for x in zip(*items))
                 multi_fn(ps, gs, ms, vs, step, group["lr"], b1, b2, group["eps"], group["weight_decay"],
                          decay_after=decay_after)
-        self._stepped_on |= stepped
+        self._stepped_on |= set(need_prefetch)
         return loss
 
     # ---------------------------------------------------------------------------------------------------
