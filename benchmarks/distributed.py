@@ -12,8 +12,8 @@ linears), wraps it with train.distributed.wrap_model (DDP, or FSDP2 sharding the
 per decoder layer one unit for its seven NF4 linears and one for its LoRA A/B and norms, with explicit
 prefetch one layer ahead; QLORA_FSDP_NF4_UNITS=linear QLORA_FSDP_PREFETCH=0 in the environment, or the
 fsdp70b-linear row, give the earlier one-unit-per-NF4-linear layout), and times optimizer steps on random
-token batches (labels = inputs): bf16 autocast, gradient checkpointing, clip 0.3, paged AdamW 32-bit (its states on each rank's shard under FSDP2), gradients reduced
-once per step.
+token batches (labels = inputs): bf16 autocast, gradient checkpointing, clip 0.3, paged AdamW 32-bit (its
+states on each rank's shard under FSDP2), gradients reduced once per step.
 
 A row may name its own GPU counts: --rows ddp7b,hf-fsdp70b@1+4 runs hf-fsdp70b on 1 and 4 GPUs only.
 
