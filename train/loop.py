@@ -138,10 +138,10 @@ class Trainer:
         self.result = TrainResult(global_step=0)
 
     # -----------------------------------------------------------------------------------------------------
-    def _autocast(self, cache_enabled: bool = True):
+    def _autocast(self):
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_batches_epoch", None) == epoch:
@@ -261,16 +261,10 @@ class Trainer:
         captured graph would freeze). Right-padded batches come without their mask: causal attention alone gives
         every real position what the mask would (it never reaches the padding after it), through flash SDPA,
         whose backward captures (a masked SDPA backward did not, on an H100 with torch 2.11)."""
-        with self._autocast(cache_enabled=False):
+        ctx = torch.autocast(self.device.type, enabled=False) if self.autocast_dtype is None else \
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+        with ctx:
             return model(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sum").loss
-
-    def _graph_backward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, scale: float):
-        """One micro-batch's forward, loss and backward (loss * scale) replayed by GraphedStep; its loss sum."""
-        ids, mask, labels = _pad_to_multiple(ids, mask, labels, GRAPH_LENGTH_MULTIPLE, self.pad_id)
-        inputs = {"input_ids": ids, "labels": labels}
-        if not _right_padded(mask):
-            inputs["attention_mask"] = mask
-        return self.graph(self._graph_loss, inputs, scale=scale)
 
     def _one_step(self) -> tuple[float, float, int]:
         """Forward/backward over the step's micro-batches, clip, update. Returns (loss, grad_norm, tokens)."""
@@ -278,25 +272,30 @@ class Trainer:
         n_items = self._step_items  # label tokens of the whole step, all ranks (see the module docstring)
         loss_sum, tokens = 0.0, 0
         for k, b in enumerate(batches):
+            ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
             if self.graph is not None:  # forward + loss + backward replayed from a CUDA graph (train/cuda_graph.py)
-                s = self._graph_backward(b["input_ids"].to(self.device), b["attention_mask"], b["labels"],
-                                         scale=1.0 / max(n_items, 1))
+                ids_g, mask_g, labels_g = _pad_to_multiple(ids, mask, b["labels"], GRAPH_LENGTH_MULTIPLE, self.pad_id)
+                inputs = {"input_ids": ids_g, "labels": labels_g}
+                if not _right_padded(b["attention_mask"]):
+                    inputs["attention_mask"] = mask_g
+                s = self.graph(self._graph_loss, inputs, scale=1.0 / max(n_items, 1))
                 if not bool(torch.isfinite(s)):
                     return float("nan"), float("nan"), tokens
-            else:
-                ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
-                with self._sync(last=k == len(batches) - 1):
-                    s = self._loss_sum(ids, mask, b["labels"])
-                    # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient
-                    loss = s / max(n_items, 1) * self.world
-                    bad = not bool(torch.isfinite(loss))
-                    if self.world > 1:
-                        bad = self.dist.any(bad)
-                    if bad:
-                        return float("nan"), float("nan"), tokens
-                    self.scaler.scale(loss).backward()
+                loss_sum += float(s)
+                tokens += int(mask.sum())
+                continue
+            with self._sync(last=k == len(batches) - 1):
+                s = self._loss_sum(ids, mask, b["labels"])
+                # DDP / FSDP2 average gradients over ranks: * world makes the result the single-process gradient
+                loss = s / max(n_items, 1) * self.world
+                bad = not bool(torch.isfinite(loss))
+                if self.world > 1:
+                    bad = self.dist.any(bad)
+                if bad:
+                    return float("nan"), float("nan"), tokens
+                self.scaler.scale(loss).backward()
             loss_sum += float(s.detach())
-            tokens += int(b["attention_mask"].sum())              # the host's copy: no device read
+            tokens += int(mask.sum())
         if self.world > 1:
             loss_sum, tokens = self.dist.all_reduce([loss_sum, float(tokens)])
             tokens = int(tokens)
