@@ -142,7 +142,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        need_prefetch: dict = {}     # device -> this step prefetches there (the devices this step updates)
+        need_prefetch: dict = {}
+        stepped: set = set()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             multi: dict[tuple, list] = {}  # CUDA 32-bit states: one Triton launch over all of them
@@ -159,6 +160,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if self._prefetch_needed(p.device, need_prefetch):
                     for key in ("state1", "state2"):
                         prefetch(state[key], p.device)
+                stepped.add(p.device)
                 state["step"] += 1
                 decay_after = self.decay_after if self.decay_after is not None else p.device.type == "cuda"
                 fn = self.update_fn or _device_update_fn(p.device)
@@ -182,7 +184,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 ps, gs, ms, vs = (list(x) for x in zip(*items))
                 multi_fn(ps, gs, ms, vs, step, group["lr"], b1, b2, group["eps"], group["weight_decay"],
                          decay_after=decay_after)
-        self._stepped_on |= set(need_prefetch)
+        self._stepped_on |= stepped
         return loss
 
     # ---------------------------------------------------------------------------------------------------
