@@ -27,6 +27,8 @@ graph needs, and how it gets it:
 - nothing in the step reads a device value on the host (the fast path's loss skips its token count), and
   warm-up compiles every Triton kernel and runs the one-time timing of the NF4 and LoRA kernel choices;
 - memory: the graphs share one pool; before a capture the warm-up's cached blocks go back to the driver.
+- streams: every call runs on one side stream of the GraphedStep, which waits for the caller's stream first; the
+  caller's stream waits for it after (the optimizer then sees the gradients).
 An input signature beyond `max_graphs` runs eagerly (pad batches to a few lengths to stay graphed). Attention
 masks: SDPA's backward with an explicit mask did not capture on an H100 (torch 2.11); a right-padded batch needs
 no mask under causal attention, so the Trainer passes none for those.
@@ -114,6 +116,12 @@ class GraphedStep:
         self.grads = [torch.zeros_like(p) for p in self.params]      # the static .grad of every parameter
         self.entries: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # Warm-up, capture, replays and eager calls all run on this one side stream (the recipe of PyTorch's CUDA
+        # graph notes), so that every autograd node of the captured step, AccumulateGrad included, is on the
+        # capture stream. With warm-up on the default (legacy) stream, the Trainer's capture failed on an H100
+        # inside backward (cudaErrorStreamCaptureImplicit: "operation would make the legacy stream depend on a
+        # capturing blocking stream", after torch's warning of an AccumulateGrad node on another stream).
+        self.stream = torch.cuda.Stream(self.device)
         self.captures = 0
         self.eager_calls = 0       # calls past max_graphs (run without a graph)
 
@@ -146,6 +154,15 @@ class GraphedStep:
 
     def __call__(self, loss_fn: Callable, inputs: dict, scale: float = 1.0) -> torch.Tensor:
         """Backpropagate loss_fn(model, **inputs) * scale into the .grad buffers; returns the loss (a new tensor)."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)             # the caller's inputs, optimizer update and zeroing come first
+        with torch.cuda.stream(self.stream):
+            out = self._call(loss_fn, inputs, scale)
+        caller.wait_stream(self.stream)             # the caller sees the gradients and the loss
+        out.record_stream(caller)
+        return out
+
+    def _call(self, loss_fn: Callable, inputs: dict, scale: float) -> torch.Tensor:
         from llama.fast_path import SeedSlots
 
         self._attach()
@@ -182,7 +199,7 @@ class GraphedStep:
             g = torch.cuda.CUDAGraph()
             e.slots.begin_step(capturing=True)
             try:
-                with torch.cuda.graph(g, pool=self.pool):
+                with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
                     e.out = self._body(e, loss_fn)
             except Exception as err:
                 raise RuntimeError(f"GraphedStep: capturing forward + backward for inputs "
