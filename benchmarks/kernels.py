@@ -6,8 +6,9 @@
 Weight shapes [out, in] of Llama-2-7B/70B, M in {1, 4, 16, 64, 256, 4096, 8192}, blocksize 64, NF4,
 double quantization off and on, bf16. Every timed variant is checked first (bit equality for
 quantize/dequantize against bitsandbytes, relative Frobenius error against a float32 matmul for the
-matmuls). Times are medians of triton.testing.do_bench. The device-to-device copy bandwidth is measured in
-the same run and is the ceiling for the memory-bound targets.
+matmuls). Times: each variant of a row (ours, bitsandbytes, bf16 cuBLAS) gets a triton.testing.do_bench
+median in each of 2 rounds over the row, and keeps its fastest (bench_all). The device-to-device copy bandwidth
+is measured in the same run and is the ceiling for the memory-bound targets.
 
 Writes <out-dir>/kernels-<gpu>.json ({gpu, date, commit, copy_tb_s, rows, targets}) and
 <out-dir>/kernels-<gpu>.md (the README table).
@@ -35,7 +36,24 @@ BLOCKSIZE = 64
 
 
 def bench(fn):
-    return do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3  # microseconds
+    return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3  # microseconds
+
+
+ROUNDS = 2  # every variant of a row is timed once per round, rounds in sequence; the result is its fastest median
+
+
+def bench_all(fns: dict) -> dict:
+    """{name: microseconds}: the fastest of ROUNDS medians, the variants interleaved round by round, so that a
+    burst of contention on a shared GPU host (seen on an H100: one variant of a row 2-4x its own other rounds)
+    does not decide a ratio; a variant that raises is NaN."""
+    out = {name: float("inf") for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            try:
+                out[name] = min(out[name], bench(fn))
+            except Exception:  # noqa: BLE001 -- the caller's correctness check reports it
+                out[name] = float("nan")
+    return out
 
 
 def rel_err(a, b):
@@ -96,16 +114,19 @@ def main():
             else:
                 ok &= bits_equal(qw.absmax, bqs.absmax)
             check(ok, f"quantize {tag} bit-exact vs bnb")
-            t_q = bench(lambda: kernels.quantize_weight(w, BLOCKSIZE, "nf4", dq))
-            t_bq = bench(lambda: bF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq, quant_type="nf4"))
+            t = bench_all({"ours": lambda: kernels.quantize_weight(w, BLOCKSIZE, "nf4", dq),
+                           "bnb": lambda: bF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=dq,
+                                                           quant_type="nf4")})
+            t_q, t_bq = t["ours"], t["bnb"]
             rows.append(dict(op="quantize", shape=tag, dq=dq, ours_us=t_q, bnb_us=t_bq, speedup=t_bq / t_q))
             # ---- dequantize -------------------------------------------------------------------
             out = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
             d = kernels.dequantize_weight(qw, torch.bfloat16, out=out)
             bd = bF.dequantize_4bit(bp, bqs, blocksize=BLOCKSIZE, quant_type="nf4")
             check(bits_equal(d, bd), f"dequantize {tag} bit-exact vs bnb")
-            t_d = bench(lambda: kernels.dequantize_weight(qw, torch.bfloat16, out=out))
-            t_bd = bench(lambda: bF.dequantize_4bit(bp, bqs, blocksize=BLOCKSIZE, quant_type="nf4"))
+            t = bench_all({"ours": lambda: kernels.dequantize_weight(qw, torch.bfloat16, out=out),
+                           "bnb": lambda: bF.dequantize_4bit(bp, bqs, blocksize=BLOCKSIZE, quant_type="nf4")})
+            t_d, t_bd = t["ours"], t["bnb"]
             bw = n * 2.5 / (t_d * 1e-6) / 1e12
             rows.append(dict(op="dequantize", shape=tag, dq=dq, ours_us=t_d, bnb_us=t_bd, tb_s=bw,
                              frac_copy=bw / copy_tb, bnb_frac_copy=n * 2.5 / (t_bd * 1e-6) / 1e12 / copy_tb))
@@ -136,21 +157,23 @@ def main():
                        "dequant+cublas": lambda: mm.nf4_matmul_t_dequant(g, qw)}
                 if M <= args.fused_max_m:
                     bwd["fused"] = lambda: mm.nf4_matmul_t_fused(g, qw)
-                res = {}
+                timed = {}
                 for kind, fns, want in (("fwd", fwd, ref), ("bwd", bwd, gref)):
                     for name, fn in fns.items():
                         try:
                             e = rel_err(fn(), want)
                             check(e < 1e-2, f"{kind} {tag} M={M} {name}: rel err {e:.2e}")
-                            res[f"{kind} {name}"] = bench(fn)
+                            timed[f"{kind} {name}"] = fn
                         except Exception as ex:  # keep measuring the other variants
                             check(False, f"{kind} {tag} M={M} {name}: {type(ex).__name__}: {str(ex)[:300]}")
-                            res[f"{kind} {name}"] = float("nan")
-                if not dq:  # bf16 cuBLAS does not depend on the quantization
-                    bf = {"fwd": bench(lambda: x @ w.T), "bwd": bench(lambda: g @ w)}
-                    bf16_cache[(N, K, M)] = bf
-                bf = bf16_cache[(N, K, M)]
-                res["fwd bf16"], res["bwd bf16"] = bf["fwd"], bf["bwd"]
+                # bf16 cuBLAS in the same rounds as ours (DQ rows time it again: the ratio's two sides come from
+                # the same minutes)
+                timed["fwd bf16"] = lambda: x @ w.T
+                timed["bwd bf16"] = lambda: g @ w
+                t = bench_all(timed)
+                res = {f"{kind} {name}": t.get(f"{kind} {name}", float("nan"))
+                       for kind, fns in (("fwd", fwd), ("bwd", bwd)) for name in fns}
+                res["fwd bf16"], res["bwd bf16"] = t["fwd bf16"], t["bwd bf16"]
                 row = dict(op="matmul", shape=tag, dq=dq, M=M, weight_bytes=wbytes, **res,
                            weight_tb_s=wbytes / (res["fwd ours"] * 1e-6) / 1e12)
                 rows.append(row)
@@ -172,6 +195,7 @@ def save(args, gpu, copy_tb, rows, failures, bnb):
     result = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   commit=commit, torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
                   copy_tb_s=copy_tb, blocksize=BLOCKSIZE,
+                  timing=f"fastest of {ROUNDS} interleaved do_bench medians (warmup 5 ms, rep 20 ms) per variant",
                   chosen_paths={str(k): v for k, v in mm.chosen_paths().items()},
                   check_failures=failures, targets=targets, rows=rows)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -182,9 +206,6 @@ def save(args, gpu, copy_tb, rows, failures, bnb):
     with open(os.path.join(args.out_dir, f"kernels-{gpu}.md"), "w") as f:
         f.write(md)
     return md
-
-
-bf16_cache = {}
 
 
 def make_targets(rows, copy_tb):
@@ -220,7 +241,7 @@ def make_targets(rows, copy_tb):
 def markdown(res):
     lines = [f"Measured on {res['gpu']} ({res['date'][:10]}, commit {res['commit']}, torch {res['torch']}, "
              f"triton {res['triton']}, bitsandbytes {res['bitsandbytes']}); device copy "
-             f"{res['copy_tb_s']:.2f} TB/s. Medians of `triton.testing.do_bench`, microseconds, bf16, blocksize 64.",
+             f"{res['copy_tb_s']:.2f} TB/s. Fastest of 2 interleaved `triton.testing.do_bench` medians, microseconds, bf16, blocksize 64.",
              "", "| target | measured (worst case) | goal | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
