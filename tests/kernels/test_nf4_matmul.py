@@ -216,3 +216,35 @@ def test_small_m_dispatch_fast_path(M):
     assert not mm._FAST.get((id(x), M, 128, x.dtype, True, x.device))       # only weights key plans
     assert torch.equal(mm.nf4_matmul(x, qb, backend="torch"),               # the torch backend is untouched
                        torch.nn.functional.linear(x, qb.dequantize(torch.float32)))
+
+
+def test_pick_interleaves_rounds(monkeypatch):
+    """The dispatcher's choice (GPU only; timer faked): every candidate is timed once per round, the rounds one
+    after another, and keeps its best, so a burst that slows one candidate in one round does not decide; a
+    candidate that raises is never chosen and not retried."""
+    script = {("a", 0): 5.0, ("b", 0): 2.0, ("a", 1): 1.0, ("b", 1): 2.0}   # "a" hit by a burst in round 0
+    order = []
+
+    def fake_time(fn, calls=20, reps=3):
+        return fn()
+
+    def cand(name):
+        def fn():
+            r = sum(1 for n in order if n == name)
+            order.append(name)
+            if name == "bad":
+                raise RuntimeError("does not compile here")
+            return script[(name, r)]
+        return fn
+
+    monkeypatch.setattr(mm, "_time_pipelined", fake_time)
+    monkeypatch.setattr(mm, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    key = ("test_pick_interleaves_rounds",)
+    mm._path_cache.pop(key, None)
+    try:
+        assert mm._pick(key, {"b": cand("b"), "bad": cand("bad"), "a": cand("a")}) == "a"
+        assert order == ["b", "bad", "a"] + ["b", "a"] * (mm.PICK_ROUNDS - 1)
+    finally:
+        mm._path_cache.pop(key, None)
