@@ -30,8 +30,9 @@ graph needs, and how it gets it:
 - streams: every call runs on one side stream of the GraphedStep, which waits for the caller's stream first; the
   caller's stream waits for it after (the optimizer then sees the gradients).
 An input signature beyond `max_graphs` runs eagerly (pad batches to a few lengths to stay graphed). Attention
-masks: SDPA's backward with an explicit mask did not capture on an H100 (torch 2.11); a right-padded batch needs
-no mask under causal attention, so the Trainer passes none for those.
+masks capture (tests/train/test_cuda_graph_cuda.py, a left-padded batch); a right-padded batch needs no mask
+under causal attention, so the Trainer passes none for those and they take flash SDPA, faster than the masked
+kernel. (Before the side stream, masked batches seemed not to capture on an H100: the same failure.)
 """
 from __future__ import annotations
 
