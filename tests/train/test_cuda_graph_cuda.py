@@ -42,14 +42,45 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def _graphed_matches_eager(eager_m, graph_m, steps, loss_fn, scale, seed):
+    """steps: per optimizer step, its micro-batches as loss_fn(model, **inputs) keyword dicts. Runs them eagerly
+    from torch seed `seed`, then through a GraphedStep from the same seed, and asserts per step the same losses
+    (1e-5 relative) and LoRA gradients (1e-4 relative Frobenius). Returns (the GraphedStep, eager grads per step)."""
+    from train.cuda_graph import GraphedStep
+
+    params_e = [p for p in eager_m.parameters() if p.requires_grad]
+    params_g = [p for p in graph_m.parameters() if p.requires_grad]
+    gs = GraphedStep(graph_m, params_g)
+    torch.manual_seed(seed)
+    eager = []
+    for mb in steps:
+        for p in params_e:
+            p.grad = None
+        losses = []
+        for inputs in mb:
+            s = loss_fn(eager_m, **inputs)
+            (s * scale).backward()
+            losses.append(float(s))
+        eager.append((losses, [p.grad.clone() for p in params_e]))
+    torch.manual_seed(seed)
+    for i, mb in enumerate(steps):
+        for p in params_g:
+            p.grad = None
+        losses = [float(gs(loss_fn, inputs, scale=scale)) for inputs in mb]
+        want_l, want_g = eager[i]
+        for a, b in zip(losses, want_l):
+            assert abs(a - b) <= 1e-5 * abs(b), f"step {i}: loss {a} vs eager {b}"
+        worst = max(_rel(p.grad, g) for p, g in zip(params_g, want_g))
+        assert worst < 1e-4, f"step {i}: LoRA grads differ from eager by {worst:.2e} (relative Frobenius)"
+    return gs, [g for _, g in eager]
+
+
 @pytest.mark.parametrize("checkpointing,offload_embeddings", [(0, False), (1, False), (1, True)])
 def test_graphed_step_matches_eager(checkpointing, offload_embeddings):
     """Five steps (2 warm-up, capture + replay, 2 replays) on the same batches as five eager steps from the same
     CPU generator state: the same losses and LoRA gradients (the same dropout masks), and the masks change from
     step to step. Gradients accumulate over two micro-batches with the loss scale as the Trainer sets it.
     offload_embeddings: the embedding table in pinned host memory (its rows copied to the device in the graph)."""
-    from train.cuda_graph import GraphedStep
-
     eager_m = _model(checkpointing=checkpointing)
     graph_m = copy.deepcopy(eager_m)
     if offload_embeddings:
@@ -60,32 +91,10 @@ def test_graphed_step_matches_eager(checkpointing, offload_embeddings):
     gen = torch.Generator().manual_seed(1)
     batches = [[torch.randint(0, 256, (2, 40), generator=gen).cuda() for _ in range(2)] for _ in range(5)]
     batches[4] = batches[3]                                   # same data twice: only the masks differ
-    params_e = [p for p in eager_m.parameters() if p.requires_grad]
-    params_g = [p for p in graph_m.parameters() if p.requires_grad]
-    gs = GraphedStep(graph_m, params_g)
-    torch.manual_seed(11)
-    eager = []
-    for mb in batches:
-        for p in params_e:
-            p.grad = None
-        losses = []
-        for ids in mb:
-            s = _loss(eager_m, ids, ids)
-            (s * (1 / 150)).backward()
-            losses.append(float(s))
-        eager.append((losses, [p.grad.clone() for p in params_e]))
-    torch.manual_seed(11)
-    for i, mb in enumerate(batches):
-        for p in params_g:
-            p.grad = None
-        losses = [float(gs(_loss, {"input_ids": ids, "labels": ids}, scale=1 / 150)) for ids in mb]
-        want_l, want_g = eager[i]
-        for a, b in zip(losses, want_l):
-            assert abs(a - b) <= 1e-5 * abs(b), f"step {i}: loss {a} vs eager {b}"
-        worst = max(_rel(p.grad, g) for p, g in zip(params_g, want_g))
-        assert worst < 1e-4, f"step {i}: LoRA grads differ from eager by {worst:.2e} (relative Frobenius)"
+    steps = [[{"input_ids": ids, "labels": ids} for ids in mb] for mb in batches]
+    gs, grads = _graphed_matches_eager(eager_m, graph_m, steps, _loss, scale=1 / 150, seed=11)
     assert gs.captures == 1 and gs.eager_calls == 0
-    assert max(_rel(a, b) for a, b in zip(eager[3][1], eager[4][1])) > 1e-2, "steps 4 and 5 drew the same masks"
+    assert max(_rel(a, b) for a, b in zip(grads[3], grads[4])) > 1e-2, "steps 4 and 5 drew the same masks"
 
 
 def test_trainer_cuda_graph_matches_eager(tmp_path):
@@ -112,9 +121,7 @@ def test_trainer_cuda_graph_matches_eager(tmp_path):
 
 def test_graphed_step_with_left_padding_mask():
     """A batch whose attention mask is not right-padded (left padding: the mask reaches the masked SDPA path and its
-    backward) captures and replays with the same losses and LoRA gradients as the eager step, new masks each step."""
-    from train.cuda_graph import GraphedStep
-
+    backward) captures and replays with the same losses and LoRA gradients as the eager step (dropout 0.1)."""
     eager_m = _model(checkpointing=1)
     graph_m = copy.deepcopy(eager_m)
     gen = torch.Generator().manual_seed(5)
@@ -127,23 +134,6 @@ def test_graphed_step_with_left_padding_mask():
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             return model(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sum").loss
 
-    params_e = [p for p in eager_m.parameters() if p.requires_grad]
-    params_g = [p for p in graph_m.parameters() if p.requires_grad]
-    gs = GraphedStep(graph_m, params_g)
-    torch.manual_seed(12)
-    eager = []
-    for i, y in zip(ids, labels):
-        for p in params_e:
-            p.grad = None
-        s = loss_fn(eager_m, i, y, mask)
-        (s * 0.01).backward()
-        eager.append((float(s), [p.grad.clone() for p in params_e]))
-    torch.manual_seed(12)
-    for step, (i, y) in enumerate(zip(ids, labels)):
-        for p in params_g:
-            p.grad = None
-        s = float(gs(loss_fn, {"input_ids": i, "labels": y, "attention_mask": mask}, scale=0.01))
-        assert abs(s - eager[step][0]) <= 1e-5 * abs(eager[step][0]), f"step {step}: loss {s} vs {eager[step][0]}"
-        worst = max(_rel(p.grad, g) for p, g in zip(params_g, eager[step][1]))
-        assert worst < 1e-4, f"step {step}: LoRA grads differ from eager by {worst:.2e}"
+    steps = [[{"input_ids": i, "labels": y, "attention_mask": mask}] for i, y in zip(ids, labels)]
+    gs, _ = _graphed_matches_eager(eager_m, graph_m, steps, loss_fn, scale=0.01, seed=12)
     assert gs.captures == 1
