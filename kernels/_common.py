@@ -146,6 +146,76 @@ def _prmt_lookup_asm(quant_type: str) -> str:
             "prmt.b32 s, v, 0, 0x0020;\n" + lookup("s", "$0", "$1") + "}")
 
 
+def _word_lookup_asm() -> str:
+    """PTX for the word GEMV: the 8 codes of one 32-bit word of packed weights ($8; byte i holds columns 2i
+    (high nibble) and 2i+1) -> their table values as float32 ($0..$7, columns 0..7), through the float16
+    table held in registers: operands $9..$12 are its low bytes L[0..15], $13..$16 its high bytes H[0..15]
+    (4 entries per register, `word_table_on`), $17 the constant 0x4444. prmt reads only a selector's low 16
+    bits (4 nibbles), so the word itself selects the codes of bytes 0-1 (nibble order: column 1, 0, 3, 2)
+    and word >> 16 those of bytes 2-3. Per 4 codes: 2 prmt look up L[c & 7] among entries 0-7 and 8-15, a
+    third keeps the half that bit 3 of each code asks for, the same for H, one more pairs (L, H) into two
+    float16 values, and cvt widens each to float32. The table comes in as operands rather than immediates
+    so that it stays in 9 per-thread registers for the whole kernel (immediates were re-materialized on every
+    use; a uniform register cannot feed prmt)."""
+    def lookup(sel, cols):
+        a, b, c, d = cols
+        return (f"and.b32 c, {sel}, 0x7777;\n shr.b32 t, {sel}, 1;\n and.b32 t, t, $17;\n or.b32 t, t, 0x3210;\n"
+                "prmt.b32 a0, $9, $10, c;\n prmt.b32 a1, $11, $12, c;\n prmt.b32 lb, a0, a1, t;\n"
+                "prmt.b32 a0, $13, $14, c;\n prmt.b32 a1, $15, $16, c;\n prmt.b32 hb, a0, a1, t;\n"
+                "prmt.b32 p, lb, hb, 0x5140;\n mov.b32 {e0, e1}, p;\n"
+                f"cvt.f32.f16 ${a}, e0;\n cvt.f32.f16 ${b}, e1;\n"
+                "prmt.b32 p, lb, hb, 0x7362;\n mov.b32 {e0, e1}, p;\n"
+                f"cvt.f32.f16 ${c}, e0;\n cvt.f32.f16 ${d}, e1;\n")
+
+    return ("{\n .reg .b32 s, t, c, a0, a1, lb, hb, p;\n .reg .b16 e0, e1;\n" + lookup("$8", (1, 0, 3, 2)) +
+            "shr.b32 s, $8, 16;\n" + lookup("s", (5, 4, 7, 6)) + "}")
+
+
+WORD_LOOKUP: tl.constexpr = tl.constexpr(_word_lookup_asm())
+
+
+@functools.lru_cache(maxsize=None)
+def _word_tables(quant_type: str, device: str):
+    table = code_table(quant_type, torch.device("cpu")).float()
+    half = table.half()
+    bits = half.view(torch.int16).to(torch.int64) & 0xFFFF
+    lo, hi = bits & 0xFF, bits >> 8
+    words = [int(sum(int(b[4 * i + j]) << (8 * j) for j in range(4))) for b in (lo, hi) for i in range(4)]
+    row = torch.tensor(words + [0x4444] + [0] * 7, dtype=torch.int64)
+    row = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
+    return row.repeat(32).to(device), half.float().contiguous().to(device)
+
+
+def word_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The word GEMV's register table (int32 [32 x 16]: per lane the 4 + 4 words of float16 low / high bytes
+    and 0x4444; one copy per lane so that the kernel loads it into per-thread registers) (cached)."""
+    return _word_tables(quant_type, str(device))[0]
+
+
+def half_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry code table rounded to float16, as float32 (the word GEMV's values off the GPU) (cached)."""
+    return _word_tables(quant_type, str(device))[1]
+
+
+@triton.jit
+def word_values(word, tw, table_ptr, USE_PTX: tl.constexpr):
+    """int32 words of 8 packed codes -> the 8 table values (float16-rounded) as float32, columns 0..7.
+    tw: the 9 register-table words (GPU); table_ptr: the float16-rounded float32 table (interpreter)."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise(WORD_LOOKUP, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                         [word, tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        b0 = word & 0xFF
+        b1 = (word >> 8) & 0xFF
+        b2 = (word >> 16) & 0xFF
+        b3 = (word >> 24) & 0xFF
+        return (tl.load(table_ptr + (b0 >> 4)), tl.load(table_ptr + (b0 & 15)),
+                tl.load(table_ptr + (b1 >> 4)), tl.load(table_ptr + (b1 & 15)),
+                tl.load(table_ptr + (b2 >> 4)), tl.load(table_ptr + (b2 & 15)),
+                tl.load(table_ptr + (b3 >> 4)), tl.load(table_ptr + (b3 & 15)))
+
+
 PRMT_NF4: tl.constexpr = tl.constexpr(_prmt_lookup_asm("nf4"))
 PRMT_FP4: tl.constexpr = tl.constexpr(_prmt_lookup_asm("fp4"))
 

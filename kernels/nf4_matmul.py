@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, code_table_on, interpreting, load_scales, pair_table_on, scale_args, \
-    unpack_values, unpack_values_lut, use_ptx
+from ._common import check_triton_device, code_table_on, half_table_on, interpreting, load_scales, mul_rn, \
+    pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table_on, word_values
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 
 DECODE_MAX_M = 16
@@ -204,6 +204,123 @@ def _nf4_gemv_v2_kernel(
         tl.atomic_add(y_ptr + rn, y, mask=nmask)
     else:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _word_xpair(xw, XF16: tl.constexpr):
+    """int32 words of x viewed as pairs of bf16 (or fp16) -> (even column, odd column) as float32."""
+    if XF16:
+        e = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        o = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # bf16 -> float32 is the upper half of the float32 bits
+        e = (xw << 16).to(tl.float32, bitcast=True)
+        o = (xw & -65536).to(tl.float32, bitcast=True)
+    return e, o
+
+
+@triton.jit
+def _word_scales(b, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT: tl.constexpr,
+                 USE_PTX: tl.constexpr):
+    """float32 scale of 4-bit block b, unmasked (b is always in range): absmax[b] or the double-quant restore."""
+    if DOUBLE_QUANT:
+        c = tl.load(code8_ptr + tl.load(q_ptr + b).to(tl.int32))
+        return mul_rn(c, tl.load(absmax2_ptr + b // 256), USE_PTX) + offset
+    else:
+        return tl.load(absmax_ptr + b)
+
+
+@triton.jit
+def _word_row(wrow_ptr, srow, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, table_ptr, tw, wc, bidx,
+              x0, x1, x2, x3, x4, x5, x6, x7, acc, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+    """acc + scale * (8-code dot product) for one row of W at words wc (its scales at blocks srow + bidx)."""
+    word = tl.load(wrow_ptr + wc)
+    sc = _word_scales(srow + bidx, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+    v0, v1, v2, v3, v4, v5, v6, v7 = word_values(word, tw, table_ptr, USE_PTX)
+    p = v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7
+    return acc + p * sc
+
+
+@triton.jit
+def _word_row_out(acc, n, N, pid_k, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    y = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + n, y, mask=n < N)
+    else:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
+def _nf4_gemv_w_kernel(
+    # pointers (x and the packed weight viewed as int32 words)
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, bias_ptr, y_ptr,
+    # sizes: N rows, KW = K / 8 words per row
+    N, KW, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    R: tl.constexpr, WT: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+):
+    """y[n] = sum_k x[k] * W[n, k] (+ bias[n]) for one row x of bf16/fp16, K % BLOCKSIZE == 0: the word GEMV.
+
+    Every tensor of the loop is one-dimensional over WT words (one word = 8 codes = 4 bytes of one row), so
+    every load, the table lookup and the FMAs share one register layout: no layout conversion through
+    shared memory (the v2 kernel's (rows, blocks, bytes) tiles needed three per step, its stall). A program
+    takes R rows (R in 1, 2, 4), which share each step's x words (4 int32 loads = 8 columns, widened once);
+    per row and word: one load, the scale, 8 register-table lookups and 8 FMAs, the scale applied to the
+    word's partial sum. Program = (R rows, K slice); SPLIT_K > 1 adds into a zeroed float32 y. Words past
+    the slice's end re-read its last word and meet a zero x; rows past N re-read row N - 1 and are not stored.
+    Numerics as the v2 kernel's register table: values rounded to float16, within a few 1e-4."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCKSIZE // 8                                      # words per 4-bit block
+    KB = KW // WPB
+    n0 = pid_n * R
+    per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
+    w_lo = pid_k * per
+    w_hi = tl.minimum(w_lo + per, KW)
+    # contiguity hint 1: the word loads would otherwise be vectorized into a layout the x loads cannot share
+    rw = tl.max_contiguous(tl.arange(0, WT), 1)
+    lane = (rw % 32) * 16                   # the register table: one copy per lane, loaded into plain registers
+    tw = (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2), tl.load(tw_ptr + lane + 3),
+          tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
+          tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
+    r0 = tl.minimum(n0, N - 1)
+    r1 = tl.minimum(n0 + 1, N - 1)
+    r2 = tl.minimum(n0 + 2, N - 1)
+    r3 = tl.minimum(n0 + 3, N - 1)
+    a0 = tl.zeros((WT,), dtype=tl.float32)
+    a1 = tl.zeros((WT,), dtype=tl.float32)
+    a2 = tl.zeros((WT,), dtype=tl.float32)
+    a3 = tl.zeros((WT,), dtype=tl.float32)
+    for w0 in range(w_lo, w_hi, WT):
+        w = w0 + rw
+        wm = w < w_hi
+        wc = tl.minimum(w, w_hi - 1)
+        bidx = wc // WPB
+        xb = x_ptr + 4 * w
+        x0, x1 = _word_xpair(tl.load(xb, mask=wm, other=0), XF16)
+        x2, x3 = _word_xpair(tl.load(xb + 1, mask=wm, other=0), XF16)
+        x4, x5 = _word_xpair(tl.load(xb + 2, mask=wm, other=0), XF16)
+        x6, x7 = _word_xpair(tl.load(xb + 3, mask=wm, other=0), XF16)
+        a0 = _word_row(packed_ptr + r0 * KW, r0 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, table_ptr,
+                       tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a0, DOUBLE_QUANT, USE_PTX)
+        if R > 1:
+            a1 = _word_row(packed_ptr + r1 * KW, r1 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
+                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a1, DOUBLE_QUANT, USE_PTX)
+        if R > 2:
+            a2 = _word_row(packed_ptr + r2 * KW, r2 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
+                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a2, DOUBLE_QUANT, USE_PTX)
+            a3 = _word_row(packed_ptr + r3 * KW, r3 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
+                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a3, DOUBLE_QUANT, USE_PTX)
+    _word_row_out(a0, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if R > 1:
+        _word_row_out(a1, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if R > 2:
+        _word_row_out(a2, n0 + 2, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_row_out(a3, n0 + 3, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -412,9 +529,9 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
         blocked = K % qw.blocksize == 0
         path = (("gemv2" if blocked else "gemv") if M == 1 else
                 (("swap" if blocked else "decode") if M <= DECODE_MAX_M else "gemm"))
-    if path not in ("gemv2", "gemv", "swap", "decode", "gemm"):
-        raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (gemv2, gemv, swap, decode, gemm)")
-    if path in ("gemv2", "swap"):
+    if path not in ("gemv3", "gemv2", "gemv", "swap", "decode", "gemm"):
+        raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (gemv3, gemv2, gemv, swap, decode, gemm)")
+    if path in ("gemv3", "gemv2", "swap"):
         return _launch_v2(x, qw, bias, path, config)
     wargs, dq = _weight_args(qw, x.device)
     has_bias = bias is not None
@@ -443,7 +560,8 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
 
 
 _LAST = {}  # the last compiled v2 kernel (benchmarks/diag inspect its registers and IR)
-_V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, BN=16, NB=2, SPLIT_K=1, LUT=1)}
+_V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, BN=16, NB=2, SPLIT_K=1, LUT=1),
+              "gemv3": dict(R=4, WT=16, SPLIT_K=1)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -458,16 +576,19 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     below the weight's own rounding for bf16/fp16 compute."""
     n_sm = _sm_count(torch.cuda.current_device())
     # measured best on an H200 (benchmarks/diag/gemv_probe.py): the register table, 4 rows x 8 blocks a step
-    if path == "gemv2":
+    kb = K // blocksize
+    if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
+        cfg = dict(R=4, WT=256, SPLIT_K=1, num_warps=4)
+        progs, kb = triton.cdiv(N, cfg["R"]), K // 8 // cfg["WT"]  # kb: steps of WT words per row
+    elif path == "gemv2":
         cfg = dict(BN=4, NB=8, SPLIT_K=1, LUT=3, num_warps=4)
         progs = triton.cdiv(N, cfg["BN"])
     else:
         cfg = dict(BM=16, BN=64, NB=2, SPLIT_K=1, LUT=3, num_warps=4)
         progs = triton.cdiv(N, cfg["BN"]) * triton.cdiv(M, cfg["BM"])
-    if dtype == torch.float32:
+    if dtype == torch.float32 and path != "gemv3":
         cfg["LUT"] = 1
-    kb = K // blocksize
-    while progs * cfg["SPLIT_K"] < 2 * n_sm and kb // (cfg["SPLIT_K"] * 2) >= 4 * cfg["NB"]:
+    while progs * cfg["SPLIT_K"] < 2 * n_sm and kb // (cfg["SPLIT_K"] * 2) >= 4 * cfg.get("NB", 1):
         cfg["SPLIT_K"] *= 2
     return cfg
 
@@ -488,6 +609,11 @@ class _V2Plan:
         if config is None:
             config = _V2_INTERP[path] if interpreting() else _v2_default(path, M, N, K, qw.blocksize, x.dtype)
         config = dict(config)
+        self.qw_ref = weakref.ref(qw)
+        self.parts = (qw.packed, qw.absmax, qw.nested)
+        if path == "gemv3":
+            self._word_gemv(x, qw, bias, config)
+            return
         if path == "gemv2":
             config.setdefault("XSPLIT", 1)
         lut = config.setdefault("LUT", 1)
@@ -507,8 +633,30 @@ class _V2Plan:
             self.kw["PRECISION"] = _precision(x.dtype)
             self.kernel = _nf4_decode_swap_kernel
             self.grid = (triton.cdiv(N, config["BN"]), triton.cdiv(M, config["BM"]), self.split_k)
-        self.qw_ref = weakref.ref(qw)
-        self.parts = (qw.packed, qw.absmax, qw.nested)
+
+    def _word_gemv(self, x, qw, bias, config):
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"nf4_matmul_fused: the gemv3 path takes bfloat16 or float16 input, got {x.dtype}")
+        K = self.k
+        if K % 8 or qw.blocksize % 8:
+            raise ValueError(f"nf4_matmul_fused: the gemv3 path needs in_features and blocksize divisible by 8, "
+                             f"got {K} and {qw.blocksize}")
+        packed = qw.packed.reshape(-1)
+        if packed.data_ptr() % 4:
+            raise ValueError("nf4_matmul_fused: the gemv3 path reads the packed weight as 32-bit words; "
+                             "its storage is not 4-byte aligned")
+        if config.get("R", 4) not in (1, 2, 4):
+            raise ValueError(f"nf4_matmul_fused: gemv3 takes R = 1, 2 or 4 rows a program, got {config['R']}")
+        config.setdefault("R", 4)
+        config.setdefault("WT", 256)
+        self.split_k = config.pop("SPLIT_K", 1)
+        config["ATOMIC"] = self.split_k > 1
+        a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
+        self.wargs = (packed.view(torch.int32), a, q, a2, code8, offset, half_table_on(qw.quant_type, x.device),
+                      word_table_on(qw.quant_type, x.device))
+        self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
+                       XF16=x.dtype == torch.float16, **config)
+        self.kernel, self.grid = _nf4_gemv_w_kernel, (triton.cdiv(self.n, config["R"]), self.split_k)
 
     def valid_for(self, qw):
         p = self.parts
@@ -526,7 +674,7 @@ def _v2_plan(x, qw, bias, path, config):
     M, K = x.shape
     if K % qw.blocksize:
         raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
-    if path == "gemv2" and M != 1:
+    if path in ("gemv2", "gemv3") and M != 1:
         raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
     key = (path, id(qw), M, x.dtype, bias is None, x.device,
            None if config is None else tuple(sorted(config.items())))
@@ -547,7 +695,13 @@ def _launch_plan(plan, x, bias):
         y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     else:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if plan.path == "gemv2":
+    if plan.path == "gemv3":
+        x = x.contiguous()
+        if x.data_ptr() % 4:  # read as 32-bit pairs
+            x = x.clone()
+        _LAST["compiled"] = plan.kernel[plan.grid](x.view(torch.int32), *plan.wargs, bias_arg, y, N, K // 8,
+                                                   plan.split_k, **plan.kw)
+    elif plan.path == "gemv2":
         x = x.contiguous()
         if plan.kw["XSPLIT"] == 2:  # per 4-bit block: the even columns, then the odd ones
             x = x.view(K // plan.kw["BLOCKSIZE"], plan.kw["BLOCKSIZE"] // 2, 2).transpose(1, 2).contiguous()
@@ -677,6 +831,8 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     specs = {}
     blocked = K % blocksize == 0
     if M == 1:
+        if blocked and K % 8 == 0 and blocksize % 8 == 0 and dtype in (torch.bfloat16, torch.float16):
+            specs["gemv3"] = ("gemv3", _v2_default("gemv3", 1, N, K, blocksize, dtype) if on_gpu else None)
         if blocked:  # x split in registers, or read twice with stride 2: measured per shape
             cfg = _v2_default("gemv2", 1, N, K, blocksize, dtype) if on_gpu else None
             specs["gemv2"] = ("gemv2", cfg)
@@ -703,7 +859,7 @@ def _run_forward(spec, x2, qw, bias):
 def _fused_plan(spec, x2, qw, bias):
     """The launch plan of a v2 forward candidate (gemv2 / swap), after nf4_matmul_fused's checks; None for the
     other candidates (dequantize + cuBLAS, the v1 kernels), which run through _run_forward."""
-    if spec is None or spec[0] not in ("gemv2", "swap"):
+    if spec is None or spec[0] not in ("gemv3", "gemv2", "swap"):
         return None
     _check(x2, qw, "nf4_matmul")
     if qw.shape[1] != x2.shape[1]:

@@ -82,7 +82,8 @@ def test_bit_exact_with_bitsandbytes(dq):
 
 # explicit configs: every path compiles once, without autotuning (keeps this file at a couple of minutes)
 CONFIGS = {
-    "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3, XSPLIT=0),
+    "gemv": dict(BN=16, BK=256), "gemv2": dict(BN=4, NB=8, LUT=3), "gemv3": dict(R=4, WT=256),
+    "gemv3_split": dict(R=2, WT=128, SPLIT_K=3), "gemv2_exact": dict(BN=4, NB=4, LUT=1, SPLIT_K=3, XSPLIT=0),
     "decode": dict(BM=16, BN=32, BK=256, SPLIT_K=1, GROUP_M=1), "swap": dict(BM=16, BN=64, NB=2, LUT=3),
     "swap_split": dict(BM=16, BN=32, NB=4, LUT=0, SPLIT_K=2),
     "gemm": dict(BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=4, num_stages=3),
@@ -105,7 +106,7 @@ def _setup(M, dq, N=1000, K=768):
 @pytest.mark.parametrize("M", [1, 5, 33, 1500])
 def test_matmul_and_grad(M, dq):
     qw, x, b, g, ref, gref = _setup(M, dq)
-    paths = (["gemv", "gemv2", "gemv2_exact", "decode", "swap", "swap_split"] if M == 1 else
+    paths = (["gemv", "gemv2", "gemv2_exact", "gemv3", "gemv3_split", "decode", "swap", "swap_split"] if M == 1 else
              (["decode", "swap", "swap_split", "gemm"] if M <= 16 else ["gemm", "swap"]))
     for p in paths:
         path = p.split("_")[0]
@@ -124,6 +125,27 @@ def test_matmul_and_grad(M, dq):
     assert rel_err(mm.nf4_matmul_t_dequant(g, qw), gref) < 1e-2
     for cfg in T_CONFIGS:
         assert rel_err(mm.nf4_matmul_t_fused(g, qw, config=cfg), gref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_word_gemv(quant_type, dq, dtype):
+    """The word GEMV (register-table lookup in PTX) against float64 math and against the v2 GEMV reading the
+    same float16 values from memory (LUT 2): odd N (a last program with fewer than R rows), K not a multiple
+    of the words a step, blocksizes 32 and 128, split-K, bias."""
+    for N, K, bs, cfg in [(1001, 1344, 64, dict(R=4, WT=256)), (515, 2048, 32, dict(R=2, WT=512, SPLIT_K=4)),
+                          (67, 640, 128, dict(R=1, WT=128, num_warps=1))]:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        qw = kernels.quantize_weight(w, bs, quant_type, dq)
+        x = torch.randn(1, K, device="cuda", dtype=dtype)
+        b = torch.randn(N, device="cuda", dtype=dtype)
+        ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()
+        y = mm.nf4_matmul_fused(x, qw, b, path="gemv3", config=cfg)
+        assert y.dtype == dtype and y.shape == (1, N)
+        assert rel_err(y, ref) < 4e-3, (N, K, bs, rel_err(y, ref))
+        mem = mm.nf4_matmul_fused(x, qw, b, path="gemv2", config=dict(BN=4, NB=2, LUT=2, SPLIT_K=1))
+        assert rel_err(y, mem) < 4e-3, (N, K, bs)
 
 
 @pytest.mark.parametrize("M", [1, 300])

@@ -104,6 +104,41 @@ def test_v2_paths_fp16_and_bad_input():
         mm.nf4_matmul_fused(torch.randn(1, 200), q200, path="gemv2")
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_word_gemv(quant_type, dq):
+    """The word GEMV (gemv3: one 32-bit word of 8 codes per element, R rows a program) against float64 math
+    on the exact dequantized weight: float16 input, then bf16 input through split-K (float32 partial sums);
+    odd N (the last program's extra rows re-read row N - 1 and are not stored), K not a multiple of the
+    words a step (the last word is re-read against a zero x), blocksizes 32 / 64 / 128. Values come from the
+    float16-rounded table, as on the GPU: ~2^-11 per weight, below the float16 output's own rounding."""
+    for N, K, bs, cfg in [(37, 320, 64, dict(R=4, WT=16)), (9, 256, 32, dict(R=2, WT=32)),
+                          (6, 384, 128, dict(R=1, WT=16))]:
+        qw = make(N, K, dq, quant_type, bs, seed=N)
+        w = qw.dequantize(torch.float32).double()
+        x = torch.randn(1, K)
+        b = torch.randn(N)
+        y = mm.nf4_matmul_fused(x.half(), qw, b.half(), path="gemv3", config=dict(cfg, SPLIT_K=1))
+        assert y.dtype == torch.float16 and y.shape == (1, N)
+        assert rel_err(y, x.half().double() @ w.T + b.half().double()) < 2e-3, (N, K, bs)
+        xb = x.bfloat16()
+        y = mm.nf4_matmul_fused(xb, qw, path="gemv3", config=dict(cfg, SPLIT_K=3))
+        assert rel_err(y, xb.double() @ w.T) < 5e-3, (N, K, bs)    # 5e-3: the bf16 output's rounding (2^-9)
+
+
+def test_word_gemv_bad_input():
+    qw = make(8, 256, False)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mm.nf4_matmul_fused(torch.randn(1, 256), qw, path="gemv3")
+    with pytest.raises(ValueError, match="R = 1, 2 or 4"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="gemv3", config=dict(R=3, WT=16))
+    with pytest.raises(ValueError, match="one row"):
+        mm.nf4_matmul_fused(torch.randn(2, 256).half(), qw, path="gemv3")
+    q200 = make(8, 200, False)
+    with pytest.raises(ValueError, match="blocksize"):
+        mm.nf4_matmul_fused(torch.randn(1, 200).half(), q200, path="gemv3")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dq", [False, True])
 @pytest.mark.parametrize("M", [1, 18])
