@@ -150,25 +150,27 @@ def _word_lookup_asm() -> str:
     """PTX for the word GEMV: the 8 codes of one 32-bit word of packed weights ($8; byte i holds columns 2i
     (high nibble) and 2i+1) -> their table values as float32 ($0..$7, columns 0..7), through the float16
     table held in registers: operands $9..$12 are its low bytes L[0..15], $13..$16 its high bytes H[0..15]
-    (4 entries per register, `word_table_on`), $17 the constant 0x4444. prmt reads only a selector's low 16
-    bits (4 nibbles), so the word itself selects the codes of bytes 0-1 (nibble order: column 1, 0, 3, 2)
-    and word >> 16 those of bytes 2-3. Per 4 codes: 2 prmt look up L[c & 7] among entries 0-7 and 8-15, a
-    third keeps the half that bit 3 of each code asks for, the same for H, one more pairs (L, H) into two
-    float16 values, and cvt widens each to float32. The table comes in as operands rather than immediates
-    so that it stays in 9 per-thread registers for the whole kernel (immediates were re-materialized on every
-    use; a uniform register cannot feed prmt)."""
-    def lookup(sel, cols):
-        a, b, c, d = cols
-        return (f"and.b32 c, {sel}, 0x7777;\n shr.b32 t, {sel}, 1;\n and.b32 t, t, $17;\n or.b32 t, t, 0x3210;\n"
-                "prmt.b32 a0, $9, $10, c;\n prmt.b32 a1, $11, $12, c;\n prmt.b32 lb, a0, a1, t;\n"
-                "prmt.b32 a0, $13, $14, c;\n prmt.b32 a1, $15, $16, c;\n prmt.b32 hb, a0, a1, t;\n"
+    (4 entries per register, `word_table_on`), $17 the constant 0x44444444.
+    prmt reads only a selector's low 16 bits (4 nibbles), so one mask of the whole word selects the codes of
+    bytes 0-1 (nibble order: column 1, 0, 3, 2) and the same shifted by 16 those of bytes 2-3: c = the low
+    3 bits of every code, t = per code "byte i of the first or the second candidate" from bit 3. Per 4 codes:
+    2 prmt look up L[c] among entries 0-7 and 8-15, a third keeps the one bit 3 asks for, the same for H,
+    one prmt more pairs (L, H) into two float16 values, and cvt widens each to float32 (an FP-pipe HADD2).
+    The table comes in as operands rather than immediates so that it stays in 9 per-thread registers for
+    the whole kernel (immediates were re-materialized on every use; a uniform register cannot feed prmt)."""
+    def lookup(c, t, cols):
+        a, b, cc, d = cols
+        return (f"prmt.b32 a0, $9, $10, {c};\n prmt.b32 a1, $11, $12, {c};\n prmt.b32 lb, a0, a1, {t};\n"
+                f"prmt.b32 a0, $13, $14, {c};\n prmt.b32 a1, $15, $16, {c};\n prmt.b32 hb, a0, a1, {t};\n"
                 "prmt.b32 p, lb, hb, 0x5140;\n mov.b32 {e0, e1}, p;\n"
                 f"cvt.f32.f16 ${a}, e0;\n cvt.f32.f16 ${b}, e1;\n"
                 "prmt.b32 p, lb, hb, 0x7362;\n mov.b32 {e0, e1}, p;\n"
-                f"cvt.f32.f16 ${c}, e0;\n cvt.f32.f16 ${d}, e1;\n")
+                f"cvt.f32.f16 ${cc}, e0;\n cvt.f32.f16 ${d}, e1;\n")
 
-    return ("{\n .reg .b32 s, t, c, a0, a1, lb, hb, p;\n .reg .b16 e0, e1;\n" + lookup("$8", (1, 0, 3, 2)) +
-            "shr.b32 s, $8, 16;\n" + lookup("s", (5, 4, 7, 6)) + "}")
+    return ("{\n .reg .b32 c, t, c2, t2, a0, a1, lb, hb, p;\n .reg .b16 e0, e1;\n"
+            "and.b32 c, $8, 0x77777777;\n shr.b32 t, $8, 1;\n and.b32 t, t, $17;\n or.b32 t, t, 0x32103210;\n"
+            "shr.b32 c2, c, 16;\n shr.b32 t2, t, 16;\n" +
+            lookup("c", "t", (1, 0, 3, 2)) + lookup("c2", "t2", (5, 4, 7, 6)) + "}")
 
 
 WORD_LOOKUP: tl.constexpr = tl.constexpr(_word_lookup_asm())
@@ -181,14 +183,14 @@ def _word_tables(quant_type: str, device: str):
     bits = half.view(torch.int16).to(torch.int64) & 0xFFFF
     lo, hi = bits & 0xFF, bits >> 8
     words = [int(sum(int(b[4 * i + j]) << (8 * j) for j in range(4))) for b in (lo, hi) for i in range(4)]
-    row = torch.tensor(words + [0x4444] + [0] * 7, dtype=torch.int64)
+    row = torch.tensor(words + [0x44444444] + [0] * 7, dtype=torch.int64)
     row = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
     return row.repeat(32).to(device), half.float().contiguous().to(device)
 
 
 def word_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
     """The word GEMV's register table (int32 [32 x 16]: per lane the 4 + 4 words of float16 low / high bytes
-    and 0x4444; one copy per lane so that the kernel loads it into per-thread registers) (cached)."""
+    and 0x44444444; one copy per lane so that the kernel loads it into per-thread registers) (cached)."""
     return _word_tables(quant_type, str(device))[0]
 
 

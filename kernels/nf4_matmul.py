@@ -219,22 +219,25 @@ def _word_xpair(xw, XF16: tl.constexpr):
 
 
 @triton.jit
-def _word_scales(b, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT: tl.constexpr,
-                 USE_PTX: tl.constexpr):
-    """float32 scale of 4-bit block b, unmasked (b is always in range): absmax[b] or the double-quant restore."""
+def _word_fetch(wrow_ptr, srow, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT: tl.constexpr):
+    """The loads of one row's step: its words and, per word, the block's absmax (or its 8-bit code and
+    absmax2: the code's table lookup waits for `_word_fma`, so that a prefetch never stalls on it)."""
+    word = tl.load(wrow_ptr + wc)
+    b = srow + bidx
     if DOUBLE_QUANT:
-        c = tl.load(code8_ptr + tl.load(q_ptr + b).to(tl.int32))
-        return mul_rn(c, tl.load(absmax2_ptr + b // 256), USE_PTX) + offset
+        return word, tl.load(q_ptr + b).to(tl.int32), tl.load(absmax2_ptr + b // 256)
     else:
-        return tl.load(absmax_ptr + b)
+        return word, tl.load(absmax_ptr + b), 0.0
 
 
 @triton.jit
-def _word_row(wrow_ptr, srow, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, table_ptr, tw, wc, bidx,
-              x0, x1, x2, x3, x4, x5, x6, x7, acc, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
-    """acc + scale * (8-code dot product) for one row of W at words wc (its scales at blocks srow + bidx)."""
-    word = tl.load(wrow_ptr + wc)
-    sc = _word_scales(srow + bidx, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+def _word_fma(acc, word, s0, s1, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
+              DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+    """acc + scale * (the word's 8-code dot product with x)."""
+    if DOUBLE_QUANT:
+        sc = mul_rn(tl.load(code8_ptr + s0), s1, USE_PTX) + offset
+    else:
+        sc = s0
     v0, v1, v2, v3, v4, v5, v6, v7 = word_values(word, tw, table_ptr, USE_PTX)
     p = v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7
     return acc + p * sc
@@ -260,7 +263,7 @@ def _nf4_gemv_w_kernel(
     N, KW, SPLIT_K,
     # constexpr
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    R: tl.constexpr, WT: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+    R: tl.constexpr, WT: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """y[n] = sum_k x[k] * W[n, k] (+ bias[n]) for one row x of bf16/fp16, K % BLOCKSIZE == 0: the word GEMV.
 
@@ -287,34 +290,86 @@ def _nf4_gemv_w_kernel(
           tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
           tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
-    r0 = tl.minimum(n0, N - 1)
-    r1 = tl.minimum(n0 + 1, N - 1)
-    r2 = tl.minimum(n0 + 2, N - 1)
-    r3 = tl.minimum(n0 + 3, N - 1)
+    p0 = packed_ptr + tl.minimum(n0, N - 1) * KW
+    p1 = packed_ptr + tl.minimum(n0 + 1, N - 1) * KW
+    p2 = packed_ptr + tl.minimum(n0 + 2, N - 1) * KW
+    p3 = packed_ptr + tl.minimum(n0 + 3, N - 1) * KW
+    s0 = tl.minimum(n0, N - 1) * KB
+    s1 = tl.minimum(n0 + 1, N - 1) * KB
+    s2 = tl.minimum(n0 + 2, N - 1) * KB
+    s3 = tl.minimum(n0 + 3, N - 1) * KB
     a0 = tl.zeros((WT,), dtype=tl.float32)
     a1 = tl.zeros((WT,), dtype=tl.float32)
     a2 = tl.zeros((WT,), dtype=tl.float32)
     a3 = tl.zeros((WT,), dtype=tl.float32)
+    # software pipelining by hand: the loads of step i + 1 are issued before step i's arithmetic, so each warp
+    # has a step's words in flight while it computes (Triton pipelines only loads that feed tl.dot)
+    w = w_lo + rw
+    wm = w < w_hi
+    wc = tl.minimum(w, w_hi - 1)
+    bidx = wc // WPB
+    xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+    xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+    xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+    xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+    d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    d1, e1, f1 = d0, e0, f0                 # rows a program does not have: never loaded, never used
+    d2, e2, f2 = d0, e0, f0
+    d3, e3, f3 = d0, e0, f0
+    if R > 1:
+        d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    if R > 2:
+        d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
     for w0 in range(w_lo, w_hi, WT):
-        w = w0 + rw
-        wm = w < w_hi
-        wc = tl.minimum(w, w_hi - 1)
-        bidx = wc // WPB
-        xb = x_ptr + 4 * w
-        x0, x1 = _word_xpair(tl.load(xb, mask=wm, other=0), XF16)
-        x2, x3 = _word_xpair(tl.load(xb + 1, mask=wm, other=0), XF16)
-        x4, x5 = _word_xpair(tl.load(xb + 2, mask=wm, other=0), XF16)
-        x6, x7 = _word_xpair(tl.load(xb + 3, mask=wm, other=0), XF16)
-        a0 = _word_row(packed_ptr + r0 * KW, r0 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, table_ptr,
-                       tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a0, DOUBLE_QUANT, USE_PTX)
+        x0, x1 = _word_xpair(xa, XF16)
+        x2, x3 = _word_xpair(xb, XF16)
+        x4, x5 = _word_xpair(xc, XF16)
+        x6, x7 = _word_xpair(xd, XF16)
+        c0, g0, h0 = d0, e0, f0
+        c1, g1, h1 = d1, e1, f1
+        c2, g2, h2 = d2, e2, f2
+        c3, g3, h3 = d3, e3, f3
+        if PREFETCH:  # the next step (past the end: clamped addresses, zero x, never used)
+            w = w0 + WT + rw
+            wm = w < w_hi
+            wc = tl.minimum(w, w_hi - 1)
+            bidx = wc // WPB
+            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            if R > 1:
+                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            if R > 2:
+                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        a0 = _word_fma(a0, c0, g0, h0, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
+                       DOUBLE_QUANT, USE_PTX)
         if R > 1:
-            a1 = _word_row(packed_ptr + r1 * KW, r1 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
-                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a1, DOUBLE_QUANT, USE_PTX)
+            a1 = _word_fma(a1, c1, g1, h1, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
+                           DOUBLE_QUANT, USE_PTX)
         if R > 2:
-            a2 = _word_row(packed_ptr + r2 * KW, r2 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
-                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a2, DOUBLE_QUANT, USE_PTX)
-            a3 = _word_row(packed_ptr + r3 * KW, r3 * KB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset,
-                           table_ptr, tw, wc, bidx, x0, x1, x2, x3, x4, x5, x6, x7, a3, DOUBLE_QUANT, USE_PTX)
+            a2 = _word_fma(a2, c2, g2, h2, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
+                           DOUBLE_QUANT, USE_PTX)
+            a3 = _word_fma(a3, c3, g3, h3, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
+                           DOUBLE_QUANT, USE_PTX)
+        if not PREFETCH:
+            w = w0 + WT + rw
+            wm = w < w_hi
+            wc = tl.minimum(w, w_hi - 1)
+            bidx = wc // WPB
+            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            if R > 1:
+                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            if R > 2:
+                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
     _word_row_out(a0, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
     if R > 1:
         _word_row_out(a1, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
@@ -649,6 +704,7 @@ class _V2Plan:
             raise ValueError(f"nf4_matmul_fused: gemv3 takes R = 1, 2 or 4 rows a program, got {config['R']}")
         config.setdefault("R", 4)
         config.setdefault("WT", 256)
+        config.setdefault("PREFETCH", True)
         self.split_k = config.pop("SPLIT_K", 1)
         config["ATOMIC"] = self.split_k > 1
         a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)

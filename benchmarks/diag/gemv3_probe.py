@@ -23,9 +23,8 @@ from gemv_probe import ir_stats  # noqa: E402
 
 mm = importlib.import_module("kernels.nf4_matmul")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
-CONFIGS = [dict(R=4, WT=256, num_warps=4), dict(R=4, WT=128, num_warps=4), dict(R=4, WT=512, num_warps=4),
-           dict(R=2, WT=256, num_warps=4), dict(R=4, WT=256, num_warps=8), dict(R=4, WT=512, num_warps=8),
-           dict(R=2, WT=512, num_warps=4), dict(R=1, WT=512, num_warps=4), dict(R=4, WT=1024, num_warps=8)]
+CONFIGS = [dict(R=r, WT=wt, num_warps=w, PREFETCH=pf) for pf in (True, False)
+           for r, wt, w in [(4, 256, 4), (4, 128, 4), (2, 512, 4), (4, 512, 8), (2, 256, 4)]]
 
 
 def bench(fn):
@@ -63,7 +62,7 @@ def main():
             errs = {"gemv2": rel(mm.nf4_matmul_fused(x, qw, path="gemv2"), ref)}
             for cfg in CONFIGS:
                 c = dict(cfg, SPLIT_K=1)
-                key = "R{R} WT{WT} w{num_warps}".format(**c)
+                key = "R{R} WT{WT} w{num_warps} pf{PREFETCH:d}".format(**c)
                 f = lambda: mm.nf4_matmul_fused(x, qw, path="gemv3", config=c)  # noqa: E731
                 errs[key] = e = rel(f(), ref)
                 t[key] = bench(f) if e < 1e-2 else float("nan")
