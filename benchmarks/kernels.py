@@ -143,6 +143,7 @@ def main():
                 fwd = {"ours": lambda: mm.nf4_matmul(x, qw),
                        "dequant+cublas": lambda: mm.nf4_matmul_dequant(x, qw)}
                 if M == 1:
+                    fwd["fused-gemv3"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv3")
                     fwd["fused-gemv2"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2")
                     cfg = dict(mm._v2_default("gemv2", 1, N, K, BLOCKSIZE), XSPLIT=0)
                     fwd["fused-gemv2-strided-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg)

@@ -633,7 +633,9 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     # measured best on an H200 (benchmarks/diag/gemv_probe.py): the register table, 4 rows x 8 blocks a step
     kb = K // blocksize
     if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
-        cfg = dict(R=4, WT=256, SPLIT_K=1, num_warps=4)
+        # H200 probe (benchmarks/results/diag/gemv3_probe-*): R 4, WT 256, 4 warps best or within 3% at the 70B
+        # shapes; the hand-pipelined loads (PREFETCH) gained nothing measurable at these occupancies
+        cfg = dict(R=4, WT=256, SPLIT_K=1, PREFETCH=False, num_warps=4)
         progs, kb = triton.cdiv(N, cfg["R"]), K // 8 // cfg["WT"]  # kb: steps of WT words per row
     elif path == "gemv2":
         cfg = dict(BN=4, NB=8, SPLIT_K=1, LUT=3, num_warps=4)
@@ -704,7 +706,7 @@ class _V2Plan:
             raise ValueError(f"nf4_matmul_fused: gemv3 takes R = 1, 2 or 4 rows a program, got {config['R']}")
         config.setdefault("R", 4)
         config.setdefault("WT", 256)
-        config.setdefault("PREFETCH", True)
+        config.setdefault("PREFETCH", False)
         self.split_k = config.pop("SPLIT_K", 1)
         config["ATOMIC"] = self.split_k > 1
         a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)

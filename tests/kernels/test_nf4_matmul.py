@@ -112,7 +112,7 @@ def test_word_gemv(quant_type, dq):
     odd N (the last program's extra rows re-read row N - 1 and are not stored), K not a multiple of the
     words a step (the last word is re-read against a zero x), blocksizes 32 / 64 / 128. Values come from the
     float16-rounded table, as on the GPU: ~2^-11 per weight, below the float16 output's own rounding."""
-    for N, K, bs, cfg in [(37, 320, 64, dict(R=4, WT=16)), (9, 256, 32, dict(R=2, WT=32, PREFETCH=False)),
+    for N, K, bs, cfg in [(37, 320, 64, dict(R=4, WT=16)), (9, 256, 32, dict(R=2, WT=32, PREFETCH=True)),
                           (6, 384, 128, dict(R=1, WT=16))]:
         qw = make(N, K, dq, quant_type, bs, seed=N)
         w = qw.dequantize(torch.float32).double()
