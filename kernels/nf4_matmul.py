@@ -302,26 +302,45 @@ def _nf4_gemv_w_kernel(
     a1 = tl.zeros((WT,), dtype=tl.float32)
     a2 = tl.zeros((WT,), dtype=tl.float32)
     a3 = tl.zeros((WT,), dtype=tl.float32)
-    # software pipelining by hand: the loads of step i + 1 are issued before step i's arithmetic, so each warp
-    # has a step's words in flight while it computes (Triton pipelines only loads that feed tl.dot)
-    w = w_lo + rw
-    wm = w < w_hi
-    wc = tl.minimum(w, w_hi - 1)
-    bidx = wc // WPB
-    xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
-    xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
-    xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
-    xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
-    d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-    d1, e1, f1 = d0, e0, f0                 # rows a program does not have: never loaded, never used
-    d2, e2, f2 = d0, e0, f0
-    d3, e3, f3 = d0, e0, f0
-    if R > 1:
-        d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-    if R > 2:
-        d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-        d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    # PREFETCH: software pipelining by hand, the loads of step i + 1 are issued before step i's arithmetic
+    # (Triton pipelines only loads that feed tl.dot); it holds a step's loads in registers across the loop
+    if PREFETCH:
+        w = w_lo + rw
+        wm = w < w_hi
+        wc = tl.minimum(w, w_hi - 1)
+        bidx = wc // WPB
+        xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+        xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+        xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+        xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+        d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        d1, e1, f1 = d0, e0, f0             # rows a program does not have: never loaded, never used
+        d2, e2, f2 = d0, e0, f0
+        d3, e3, f3 = d0, e0, f0
+        if R > 1:
+            d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        if R > 2:
+            d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
     for w0 in range(w_lo, w_hi, WT):
+        if not PREFETCH:  # this step's loads, then its arithmetic
+            w = w0 + rw
+            wm = w < w_hi
+            wc = tl.minimum(w, w_hi - 1)
+            bidx = wc // WPB
+            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            d1, e1, f1 = d0, e0, f0
+            d2, e2, f2 = d0, e0, f0
+            d3, e3, f3 = d0, e0, f0
+            if R > 1:
+                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            if R > 2:
+                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
         x0, x1 = _word_xpair(xa, XF16)
         x2, x3 = _word_xpair(xb, XF16)
         x4, x5 = _word_xpair(xc, XF16)
@@ -355,21 +374,6 @@ def _nf4_gemv_w_kernel(
                            DOUBLE_QUANT, USE_PTX)
             a3 = _word_fma(a3, c3, g3, h3, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
                            DOUBLE_QUANT, USE_PTX)
-        if not PREFETCH:
-            w = w0 + WT + rw
-            wm = w < w_hi
-            wc = tl.minimum(w, w_hi - 1)
-            bidx = wc // WPB
-            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
-            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
-            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
-            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
-            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            if R > 1:
-                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            if R > 2:
-                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
     _word_row_out(a0, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
     if R > 1:
         _word_row_out(a1, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
