@@ -144,6 +144,8 @@ def main():
                        "dequant+cublas": lambda: mm.nf4_matmul_dequant(x, qw)}
                 if M == 1:
                     fwd["fused-gemv3"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv3")
+                    cfg3 = dict(mm._v2_default("gemv3", 1, N, K, BLOCKSIZE), PREFETCH=True)
+                    fwd["fused-gemv3-prefetch"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv3", config=cfg3)
                     fwd["fused-gemv2"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2")
                     cfg = dict(mm._v2_default("gemv2", 1, N, K, BLOCKSIZE), XSPLIT=0)
                     fwd["fused-gemv2-strided-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg)

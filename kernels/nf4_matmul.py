@@ -894,7 +894,11 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     blocked = K % blocksize == 0
     if M == 1:
         if blocked and K % 8 == 0 and blocksize % 8 == 0 and dtype in (torch.bfloat16, torch.float16):
-            specs["gemv3"] = ("gemv3", _v2_default("gemv3", 1, N, K, blocksize, dtype) if on_gpu else None)
+            cfg3 = _v2_default("gemv3", 1, N, K, blocksize, dtype) if on_gpu else None
+            specs["gemv3"] = ("gemv3", cfg3)
+            if cfg3 is not None:  # step i + 1's loads carried across the loop: faster on long weights, but
+                # 80 registers instead of 56 cost a second wave of programs at N = 4096-8192 (H200)
+                specs["gemv3-prefetch"] = ("gemv3", dict(cfg3, PREFETCH=True))
         if blocked:  # x split in registers, or read twice with stride 2: measured per shape
             cfg = _v2_default("gemv2", 1, N, K, blocksize, dtype) if on_gpu else None
             specs["gemv2"] = ("gemv2", cfg)
