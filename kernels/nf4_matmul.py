@@ -231,6 +231,31 @@ def _word_fetch(wrow_ptr, srow, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE
 
 
 @triton.jit
+def _word_step(x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2_ptr, w, w_hi,
+               WPB: tl.constexpr, R: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """Every load of one step at words w: x's 4 int32 words (zero past w_hi) and each row's `_word_fetch`
+    (words past w_hi clamped to the last one). Rows a program does not have repeat row 0's values: never
+    loaded, never used."""
+    wm = w < w_hi
+    wc = tl.minimum(w, w_hi - 1)
+    bidx = wc // WPB
+    xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
+    xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
+    xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
+    xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
+    d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    d1, e1, f1 = d0, e0, f0
+    d2, e2, f2 = d0, e0, f0
+    d3, e3, f3 = d0, e0, f0
+    if R > 1:
+        d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    if R > 2:
+        d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+    return xa, xb, xc, xd, d0, e0, f0, d1, e1, f1, d2, e2, f2, d3, e3, f3
+
+
+@triton.jit
 def _word_fma(acc, word, s0, s1, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
               DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
     """acc + scale * (the word's 8-code dot product with x)."""
@@ -305,42 +330,14 @@ def _nf4_gemv_w_kernel(
     # PREFETCH: software pipelining by hand, the loads of step i + 1 are issued before step i's arithmetic
     # (Triton pipelines only loads that feed tl.dot); it holds a step's loads in registers across the loop
     if PREFETCH:
-        w = w_lo + rw
-        wm = w < w_hi
-        wc = tl.minimum(w, w_hi - 1)
-        bidx = wc // WPB
-        xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
-        xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
-        xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
-        xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
-        d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-        d1, e1, f1 = d0, e0, f0             # rows a program does not have: never loaded, never used
-        d2, e2, f2 = d0, e0, f0
-        d3, e3, f3 = d0, e0, f0
-        if R > 1:
-            d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-        if R > 2:
-            d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        xa, xb, xc, xd, d0, e0, f0, d1, e1, f1, d2, e2, f2, d3, e3, f3 = _word_step(
+            x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2_ptr, w_lo + rw, w_hi, WPB, R,
+            DOUBLE_QUANT)
     for w0 in range(w_lo, w_hi, WT):
         if not PREFETCH:  # this step's loads, then its arithmetic
-            w = w0 + rw
-            wm = w < w_hi
-            wc = tl.minimum(w, w_hi - 1)
-            bidx = wc // WPB
-            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
-            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
-            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
-            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
-            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            d1, e1, f1 = d0, e0, f0
-            d2, e2, f2 = d0, e0, f0
-            d3, e3, f3 = d0, e0, f0
-            if R > 1:
-                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            if R > 2:
-                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            xa, xb, xc, xd, d0, e0, f0, d1, e1, f1, d2, e2, f2, d3, e3, f3 = _word_step(
+                x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2_ptr, w0 + rw, w_hi, WPB, R,
+                DOUBLE_QUANT)
         x0, x1 = _word_xpair(xa, XF16)
         x2, x3 = _word_xpair(xb, XF16)
         x4, x5 = _word_xpair(xc, XF16)
@@ -350,20 +347,9 @@ def _nf4_gemv_w_kernel(
         c2, g2, h2 = d2, e2, f2
         c3, g3, h3 = d3, e3, f3
         if PREFETCH:  # the next step (past the end: clamped addresses, zero x, never used)
-            w = w0 + WT + rw
-            wm = w < w_hi
-            wc = tl.minimum(w, w_hi - 1)
-            bidx = wc // WPB
-            xa = tl.load(x_ptr + 4 * w, mask=wm, other=0)
-            xb = tl.load(x_ptr + 4 * w + 1, mask=wm, other=0)
-            xc = tl.load(x_ptr + 4 * w + 2, mask=wm, other=0)
-            xd = tl.load(x_ptr + 4 * w + 3, mask=wm, other=0)
-            d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            if R > 1:
-                d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-            if R > 2:
-                d2, e2, f2 = _word_fetch(p2, s2, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
-                d3, e3, f3 = _word_fetch(p3, s3, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+            xa, xb, xc, xd, d0, e0, f0, d1, e1, f1, d2, e2, f2, d3, e3, f3 = _word_step(
+                x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2_ptr, w0 + WT + rw, w_hi, WPB, R,
+                DOUBLE_QUANT)
         a0 = _word_fma(a0, c0, g0, h0, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
                        DOUBLE_QUANT, USE_PTX)
         if R > 1:

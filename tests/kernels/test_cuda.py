@@ -134,7 +134,8 @@ def test_word_gemv(quant_type, dq, dtype):
     """The word GEMV (register-table lookup in PTX) against float64 math and against the v2 GEMV reading the
     same float16 values from memory (LUT 2): odd N (a last program with fewer than R rows), K not a multiple
     of the words a step, blocksizes 32 and 128, split-K, bias."""
-    for N, K, bs, cfg in [(1001, 1344, 64, dict(R=4, WT=256)), (515, 2048, 32, dict(R=2, WT=512, SPLIT_K=4, PREFETCH=True)),
+    for N, K, bs, cfg in [(1001, 1344, 64, dict(R=4, WT=256)),
+                          (515, 2048, 32, dict(R=2, WT=512, SPLIT_K=4, PREFETCH=True)),
                           (67, 640, 128, dict(R=1, WT=128, num_warps=1))]:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         qw = kernels.quantize_weight(w, bs, quant_type, dq)
