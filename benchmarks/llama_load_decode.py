@@ -8,7 +8,8 @@ with model.safetensors.index.json (--ckpt-dir, reused when present) and read thr
 Each stack then runs in its own subprocess, so host peak memory (ru_maxrss) is its own:
 
     ours: llama.load_model(dir, quantize="nf4", device, dtype=bf16)   (quantize-on-load, one tensor at a time)
-          llama.generate(model, prompt, max_new_tokens=128)           (KV cache; kernels.NF4Linear dispatch)
+          llama.generate(model, prompt, max_new_tokens=128)           (KV cache; CUDA-graph decode steps on a GPU;
+                                                                       --compare-dynamic adds the eager decode)
     HF:   AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
           bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=bf16), device_map=device)
           model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
@@ -119,7 +120,7 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     return n
 
 
-def worker(stack: str, ckpt: str, device: str, double_quant: bool) -> dict:
+def worker(stack: str, ckpt: str, device: str, double_quant: bool, decode_mode: str = "auto") -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     args = ModelArgs.from_json(ckpt)
     if stack == "hf":
@@ -147,7 +148,7 @@ def worker(stack: str, ckpt: str, device: str, double_quant: bool) -> dict:
         if stack == "ours":
             from llama import generate
 
-            return generate(model, prompt, max_new_tokens=n, eos_token_id=[])
+            return generate(model, prompt, max_new_tokens=n, eos_token_id=[], decode=decode_mode)
         ids = torch.tensor([prompt], device=device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=0)
@@ -160,7 +161,7 @@ def worker(stack: str, ckpt: str, device: str, double_quant: bool) -> dict:
     sync(device)
     decode_s = time.perf_counter() - t0
     assert len(new) == NEW_TOKENS, len(new)
-    row = {"stack": stack, "load_s": load_s, "host_peak_gib": host_peak / GIB, "gpu_gib": gpu_bytes / GIB,
+    row = {"stack": stack, "decode_mode": decode_mode if stack == "ours" else "hf generate", "load_s": load_s, "host_peak_gib": host_peak / GIB, "gpu_gib": gpu_bytes / GIB,
            "decode_tokens_per_s": NEW_TOKENS / decode_s}
     if stack == "ours":
         row["weight_bytes_per_token"] = bytes_per_token(model)
@@ -171,9 +172,9 @@ def worker(stack: str, ckpt: str, device: str, double_quant: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run_stack(stack: str, a) -> dict:
+def run_stack(stack: str, a, decode_mode: str = "auto") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--ckpt-dir", a.ckpt_dir,
-           "--device", a.device] + (["--double-quant"] if a.double_quant else [])
+           "--device", a.device, "--decode", decode_mode] + (["--double-quant"] if a.double_quant else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{stack} worker failed:\n{r.stderr[-4000:]}")
@@ -189,15 +190,22 @@ def main() -> None:
     ap.add_argument("--double-quant", action="store_true")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graph"],
+                    help="our decode mode (llama.generate's decode=; auto = CUDA graph on a GPU)")
+    ap.add_argument("--compare-dynamic", action="store_true",
+                    help="also run ours with the eager growing-cache decode (row ours_dynamic)")
     a = ap.parse_args()
     a.ckpt_dir = a.ckpt_dir or f"/tmp/qlora-bench-{a.size}-{a.shards}"
     if a.worker:
-        print(json.dumps(worker(a.worker, a.ckpt_dir, a.device, a.double_quant)))
+        print(json.dumps(worker(a.worker, a.ckpt_dir, a.device, a.double_quant, a.decode)))
         return
 
     make_checkpoint(a.size, a.ckpt_dir, a.shards, a.device)
     warm_page_cache(a.ckpt_dir)
-    ours, hf = run_stack("ours", a), run_stack("hf", a)
+    ours, hf = run_stack("ours", a, a.decode), run_stack("hf", a)
+    rows = {"ours": ours, "hf": hf}
+    if a.compare_dynamic:
+        rows["ours_dynamic"] = run_stack("ours", a, "dynamic")
     shard_gib = max(os.path.getsize(os.path.join(a.ckpt_dir, f)) for f in os.listdir(a.ckpt_dir)
                     if f.endswith(".safetensors")) / GIB
     targets = [
@@ -219,7 +227,7 @@ def main() -> None:
         commit = os.environ.get("BENCH_COMMIT", "unknown")
     result = {"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "commit": commit,
               "size": a.size, "shards": a.shards, "largest_shard_gib": shard_gib, "double_quant": a.double_quant,
-              "rows": {"ours": ours, "hf": hf}, "targets": targets}
+              "rows": rows, "targets": targets}
     os.makedirs(a.out_dir, exist_ok=True)
     tag = gpu.replace(" ", "_") if a.device.startswith("cuda") else f"cpu-{a.size}"
     path = os.path.join(a.out_dir, f"llama_load_decode-{tag}.json")
@@ -230,6 +238,8 @@ def main() -> None:
     if "fraction_of_bandwidth_limit" in ours:
         print(f"decode at {ours['fraction_of_bandwidth_limit']:.1%} of the weight-bandwidth limit "
               f"({ours['bandwidth_limit_tokens_per_s']:.0f} tokens/s)")
+    for name, r in rows.items():
+        print(f"{name:<14} decode {r['decode_mode']:<14} {r['decode_tokens_per_s']:9.1f} tokens/s")
     print(f"wrote {path}")
 
 

@@ -65,13 +65,99 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+GRAPH_LEN_BUCKET = 256  # graph decoding rounds the cache length up to this: one graph serves many lengths
+
+
+def _graph_fingerprint(model: torch.nn.Module) -> tuple:
+    """What a captured decode graph depends on besides the batch size and cache length: every module (a merged or
+    swapped layer is a new module), every parameter's and buffer's storage (a reloaded weight is a new tensor;
+    in-place updates, as an optimizer makes, are seen by the replay) and train/eval mode."""
+    quantized = [m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None]  # NF4 linears
+    return (model.training, tuple(id(m) for m in model.modules()),
+            tuple(t.data_ptr() for t in model.parameters()), tuple(t.data_ptr() for t in model.buffers()),
+            tuple((id(q), q.packed.data_ptr()) for q in quantized))
+
+
+class StaticDecodeStep:
+    """One decode step (B new tokens, one each) against a KV cache in static mode, in fixed buffers.
+
+    ``graph=False`` runs it eagerly. ``graph=True`` (CUDA) runs ``warmup`` steps eagerly on a side stream (the NF4
+    dispatcher times its candidates, Triton compiles, cuBLAS sets up on first use), then captures the next step in
+    a CUDA graph and replays it from then on: the whole model forward, the cache writes and the position updates
+    are one launch from the host, where an eager step pays Python and launch overhead for every op (hundreds per
+    layer stack). The returned logits live in the graph's output buffer: read them before the next call."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, key_mask: torch.Tensor, next_pos: torch.Tensor,
+                 graph: bool, warmup: int = 2) -> None:
+        if graph and not cache.k[0].is_cuda:
+            raise ValueError("StaticDecodeStep: CUDA-graph decoding needs the model and cache on a CUDA device")
+        self.model, self.cache, self.graph_mode, self.warmup = model, cache, graph, warmup
+        self.ids = torch.zeros((key_mask.shape[0], 1), dtype=torch.long, device=key_mask.device)  # (B, 1)
+        self.pos_ids = next_pos.clone()  # (B, 1) position of the token fed next
+        self.key_mask = key_mask  # (B, max_len)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def reset(self, key_mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Reuse this step (and its captured graph) for a new sequence of the same batch size and cache length:
+        the new values go into the same buffers."""
+        self.key_mask.copy_(key_mask)
+        self.pos_ids.copy_(next_pos)
+
+    def _body(self) -> torch.Tensor:
+        mask = self.cache.static_mask(self.key_mask)  # (B, 1, 1, max_len)
+        logits = self.model(self.ids, attention_mask=mask, position_ids=self.pos_ids, cache=self.cache,
+                            logits_to_keep=1).logits[:, -1]  # (B, V)
+        self.cache.step()
+        self.pos_ids.add_(1)
+        return logits
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, 1) -> logits (B, V) of the next token."""
+        self.ids.copy_(ids)
+        if not self.graph_mode:
+            return self._body()
+        if self.graph is None:
+            if self.calls < self.warmup:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self._body()
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: the replay below computes this step
+                self.logits = self._body()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             decode: str = "auto") -> list[list[int]]:
     """Continue each prompt (a list of token ids, or a list of such lists); returns the new tokens of each, up to and
-    including its first EOS. ``eos_token_id`` defaults to the model config's; ``pad_token_id`` to EOS."""
+    including its first EOS. ``eos_token_id`` defaults to the model config's; ``pad_token_id`` to EOS.
+
+    ``decode`` picks how the steps after the prompt run: "dynamic" (the cache grows by one position a step),
+    "static" (fixed-shape steps against the whole preallocated cache, see :class:`StaticDecodeStep`), "graph"
+    (static steps captured once in a CUDA graph and replayed) or "auto" (graph on CUDA with a cache, else dynamic).
+    All three compute the same tokens; the prompt itself always runs as one dynamic forward. With "graph" the
+    cache length is rounded up to a multiple of 256 and the cache and captured graph stay with the model
+    (``model._decode_graph``, one at a time), so later calls with the same batch size and length bucket replay it
+    at once; a changed model (modules, weight storage, train/eval mode: `_graph_fingerprint`) captures anew."""
+    if decode not in ("auto", "dynamic", "static", "graph"):
+        raise ValueError(f"generate: decode must be auto, dynamic, static or graph, got {decode!r}")
+    if decode == "auto":
+        decode = "graph" if use_cache and model.device.type == "cuda" else "dynamic"
+    if decode != "dynamic" and not use_cache:
+        raise ValueError(f"generate: decode={decode!r} needs the KV cache (use_cache=True)")
+    if decode == "graph" and model.device.type != "cuda":
+        raise ValueError(f"generate: decode='graph' needs a CUDA model, got one on {model.device}")
     single = len(prompts) > 0 and isinstance(prompts[0], int)
     batch = [list(prompts)] if single else [list(p) for p in prompts]
     if eos_token_id is None:
@@ -83,14 +169,42 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
             int(eos[0]) if len(eos) else 0)
     ids, mask = left_pad(batch, pad_token_id, model.device)  # (B, P) each
     B, P = ids.shape
-    cache = KVCache.for_model(model, B, P + max_new_tokens) if use_cache else None
+    stepper = None
+    if decode == "graph":
+        max_len = -(-(P + max_new_tokens) // GRAPH_LEN_BUCKET) * GRAPH_LEN_BUCKET
+        key = (B, max_len, _graph_fingerprint(model))
+        held = getattr(model, "_decode_graph", None)
+        if held is not None and held[0] == key:
+            _, cache, stepper = held
+            cache.reset()
+        else:
+            model._decode_graph = None  # free the previous graph and cache before making new ones
+            cache = KVCache.for_model(model, B, max_len)
+    else:
+        cache = KVCache.for_model(model, B, P + max_new_tokens) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     out = torch.empty((B, 0), dtype=torch.long, device=model.device)
     step_ids = ids
     padded = not bool(mask.all())  # without padding the model needs no mask: causal SDPA, positions 0, 1, ...
-    for _ in range(max_new_tokens):
+    started = False
+    for t in range(max_new_tokens):
         step_mask = mask if padded else None
-        if cache is not None:
+        if t > 0 and decode != "dynamic":
+            if not started:  # after the prompt: positions P.. are all real tokens (rows already done emit pads)
+                started = True
+                cache.start_static()
+                prompt_mask = mask[:, :P]  # (B, P)
+                key_mask = torch.cat([prompt_mask, torch.ones((B, cache.max_len - P), dtype=mask.dtype,
+                                                              device=mask.device)], dim=1)  # (B, max_len)
+                if stepper is None:
+                    stepper = StaticDecodeStep(model, cache, key_mask, prompt_mask.sum(-1, keepdim=True),
+                                               decode == "graph")
+                    if decode == "graph":
+                        model._decode_graph = (key, cache, stepper)
+                else:
+                    stepper.reset(key_mask, prompt_mask.sum(-1, keepdim=True))
+            logits = stepper(step_ids)  # (B, V)
+        elif cache is not None:
             logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
         else:
             full = torch.cat([ids, out], dim=1)  # (B, P + t)

@@ -189,7 +189,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        static = cache is not None and cache.write_pos is not None
+        if static and (position_ids is None or attention_mask is None or attention_mask.dim() != 4):
+            raise ValueError("a static KV cache (CUDA-graph decoding) needs position_ids (B, T) and a 4-D bool "
+                             "attention_mask (B, 1, T, max_len), e.g. from KVCache.static_mask")
+        past = cache.length if cache is not None and not static else 0
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, T)
@@ -197,13 +201,13 @@ class LlamaModel(nn.Module):
                 position_ids = (past + torch.arange(T, device=input_ids.device)).expand(B, T)  # (B, T)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B, T, D) each
-        mask = attention_mask_4d(attention_mask, past, T, x.device)
+        mask = attention_mask if static else attention_mask_4d(attention_mask, past, T, x.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and not static:  # a static cache's position is advanced by its caller (KVCache.step)
             cache.advance(T)
         return self.norm(x)
 

@@ -93,6 +93,48 @@ def test_sampling(tiny):
     assert counts.argmax() == expected.argmax() and (counts - expected).abs().max() < 40
 
 
+def test_static_decode_equals_dynamic(tiny):
+    """Fixed-shape steps against the whole preallocated cache (what a CUDA graph replays) give the tokens of the
+    growing cache: one prompt, left-padded batches, sampling with the same generator, EOS stopping."""
+    for p in PROMPTS:
+        assert generate(tiny, p, max_new_tokens=20, eos_token_id=[], decode="static") == \
+            generate(tiny, p, max_new_tokens=20, eos_token_id=[], decode="dynamic")
+    assert generate(tiny, PROMPTS, max_new_tokens=15, eos_token_id=[], decode="static") == \
+        generate(tiny, PROMPTS, max_new_tokens=15, eos_token_id=[], decode="dynamic")
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, eos_token_id=[])
+    assert generate(tiny, PROMPTS, generator=torch.Generator().manual_seed(3), decode="static", **kw) == \
+        generate(tiny, PROMPTS, generator=torch.Generator().manual_seed(3), decode="dynamic", **kw)
+    eos = generate(tiny, PROMPTS, max_new_tokens=12, eos_token_id=[])[0][4]
+    assert generate(tiny, PROMPTS, max_new_tokens=12, eos_token_id=eos, decode="static") == \
+        generate(tiny, PROMPTS, max_new_tokens=12, eos_token_id=eos, decode="dynamic")
+
+
+def test_static_cache_logits(tiny):
+    """Logits of static steps (write position on the device, every key masked past it) equal one full forward;
+    a static cache without position ids or a 4-D mask is an error; bad decode modes are errors."""
+    ids = torch.tensor([PROMPTS[0] + [1, 2, 3, 4]])
+    cache = KVCache.for_model(tiny, 1, 16)
+    with torch.no_grad():
+        full = tiny(ids).logits
+        steps = [tiny(ids[:, :7], cache=cache).logits]
+        cache.start_static()
+        key_mask = torch.ones(1, 16, dtype=torch.long)
+        for t in range(7, 11):
+            steps.append(tiny(ids[:, t:t + 1], attention_mask=cache.static_mask(key_mask),
+                              position_ids=torch.tensor([[t]]), cache=cache).logits)
+            cache.step()
+        assert int(cache.write_pos) == 11
+        assert_close(torch.cat(steps, dim=1), full, 1e-5, "static-cache logits")
+        with pytest.raises(ValueError, match="static KV cache"):
+            tiny(ids[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="decode must be"):
+        generate(tiny, PROMPTS[0], max_new_tokens=2, decode="fast")
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        generate(tiny, PROMPTS[0], max_new_tokens=2, decode="static", use_cache=False)
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        generate(tiny, PROMPTS[0], max_new_tokens=2, decode="graph")
+
+
 def test_cache_overflow_is_an_error(tiny):
     cache = KVCache.for_model(tiny, 1, 4)
     with pytest.raises(ValueError, match="KV cache overflow"):
