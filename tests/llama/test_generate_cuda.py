@@ -33,7 +33,8 @@ def test_graph_decode(ckpt, dtype):
         held = model._decode_graph
         # same batch size and length bucket: the held graph is replayed, not captured again
         again = generate(model, p, max_new_tokens=20, eos_token_id=[], decode="graph")
-        assert model._decode_graph is held and again == ref[:20]
+        assert model._decode_graph is held
+        assert again == (ref[:20] if isinstance(ref[0], int) else [r[:20] for r in ref])
     eos = generate(model, PROMPTS, max_new_tokens=12, eos_token_id=[], decode=ref_mode)[0][4]
     assert generate(model, PROMPTS, max_new_tokens=12, eos_token_id=eos, decode="graph") == \
         generate(model, PROMPTS, max_new_tokens=12, eos_token_id=eos, decode=ref_mode)
