@@ -222,9 +222,9 @@ def main() -> None:
     if "bandwidth_limit_tokens_per_s" in ours:
         ours["fraction_of_bandwidth_limit"] = ours["decode_tokens_per_s"] / ours["bandwidth_limit_tokens_per_s"]
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    if len(commit) != 40:  # the device copy of the tree may have no usable .git
-        commit = os.environ.get("BENCH_COMMIT", "unknown")
+    # BENCH_COMMIT first: the device's copy of the tree can carry a stale .git whose HEAD is not the code that ran
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                              text=True, cwd=ROOT).stdout.strip() or "unknown"
     result = {"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "commit": commit,
               "size": a.size, "shards": a.shards, "largest_shard_gib": shard_gib, "double_quant": a.double_quant,
               "rows": rows, "targets": targets}
