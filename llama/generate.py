@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=["auto", "dynamic", "static", "graph"], default="auto",
+                   help="decode steps: auto = one CUDA graph per step on a GPU, the growing KV cache on a CPU")
     a = p.parse_args(argv)
     model_dir = resolve_model_dir(a.model)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = tok.chat_template is not None if a.chat == "auto" else a.chat == "yes"
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     text = complete(model, tok, a.prompt, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k, top_p=a.top_p, generator=gen)
+                    top_k=a.top_k, top_p=a.top_p, generator=gen, decode=a.decode)
     print(text)
     return 0
 

@@ -146,6 +146,9 @@ def test_cli_prints_the_completion(smollm_dir, capsys):
                  "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert "Paris" in out
+    assert main(["--model", str(smollm_dir), "--prompt", "What is the capital of France?",   # static steps on CPU
+                 "--max-new-tokens", "12", "--decode", "static"]) == 0
+    assert capsys.readouterr().out == out
 
 
 def test_cli_defaults_to_the_embedded_model(smollm_dir):
