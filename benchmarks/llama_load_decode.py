@@ -161,7 +161,8 @@ def worker(stack: str, ckpt: str, device: str, double_quant: bool, decode_mode: 
     sync(device)
     decode_s = time.perf_counter() - t0
     assert len(new) == NEW_TOKENS, len(new)
-    row = {"stack": stack, "decode_mode": decode_mode if stack == "ours" else "hf generate", "load_s": load_s, "host_peak_gib": host_peak / GIB, "gpu_gib": gpu_bytes / GIB,
+    row = {"stack": stack, "decode_mode": decode_mode if stack == "ours" else "hf generate", "load_s": load_s,
+           "host_peak_gib": host_peak / GIB, "gpu_gib": gpu_bytes / GIB,
            "decode_tokens_per_s": NEW_TOKENS / decode_s}
     if stack == "ours":
         row["weight_bytes_per_token"] = bytes_per_token(model)

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message="'llama.generate' found in sys.modules
 from .chat import LLAMA2_CHAT_TEMPLATE, llama2_chat_ids, llama2_chat_prompt, render_chat_template
 from .checkpoint import CheckpointError, load_model, resolve_model_dir, save_model
 from .config import NAMED_SIZES, ModelArgs
-from .generate import complete, generate, sample_next
+from .generate import complete, generate, release_decode_graph, sample_next
 from .gguf_import import embedded_model_dir, gguf_to_hf
 from .kv_cache import KVCache
 from .model import CausalLMOutput, LlamaForCausalLM, RMSNorm
@@ -29,5 +29,5 @@ __all__ = [
     "load_model", "save_model", "resolve_model_dir", "CheckpointError",
     "Tokenizer", "HFTokenizer", "SentencePieceTokenizer", "load_tokenizer",
     "render_chat_template", "llama2_chat_prompt", "llama2_chat_ids", "LLAMA2_CHAT_TEMPLATE",
-    "generate", "complete", "sample_next", "embedded_model_dir", "gguf_to_hf",
+    "generate", "complete", "sample_next", "release_decode_graph", "embedded_model_dir", "gguf_to_hf",
 ]

@@ -68,14 +68,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 GRAPH_LEN_BUCKET = 256  # graph decoding rounds the cache length up to this: one graph serves many lengths
 
 
-def _graph_fingerprint(model: torch.nn.Module) -> tuple:
+def _graph_fingerprint(model: torch.nn.Module) -> tuple[tuple, tuple]:
     """What a captured decode graph depends on besides the batch size and cache length: every module (a merged or
     swapped layer is a new module), every parameter's and buffer's storage (a reloaded weight is a new tensor;
-    in-place updates, as an optimizer makes, are seen by the replay) and train/eval mode."""
-    quantized = [m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None]  # NF4 linears
-    return (model.training, tuple(id(m) for m in model.modules()),
-            tuple(t.data_ptr() for t in model.parameters()), tuple(t.data_ptr() for t in model.buffers()),
-            tuple((id(q), q.packed.data_ptr()) for q in quantized))
+    in-place updates, as an optimizer makes, are seen by the replay) and train/eval mode. Returns (key, refs):
+    the held graph keeps `refs` alive, so no id or address in its key can be reused by a new object while it is
+    held (`release_decode_graph` drops both)."""
+    modules = list(model.modules())
+    params, buffers = list(model.parameters()), list(model.buffers())
+    quantized = [m.qweight for m in modules if getattr(m, "qweight", None) is not None]  # NF4 linears
+    key = (model.training, tuple(id(m) for m in modules), tuple(t.data_ptr() for t in params),
+           tuple(t.data_ptr() for t in buffers), tuple((id(q), q.packed.data_ptr()) for q in quantized))
+    return key, (modules, params, buffers, quantized)
+
+
+def release_decode_graph(model: torch.nn.Module) -> None:
+    """Free the CUDA graph, KV cache and references that graph decoding keeps with `model` for later calls."""
+    model._decode_graph = None
 
 
 class StaticDecodeStep:
@@ -148,8 +157,9 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
     (static steps captured once in a CUDA graph and replayed) or "auto" (graph on CUDA with a cache, else dynamic).
     All three compute the same tokens; the prompt itself always runs as one dynamic forward. With "graph" the
     cache length is rounded up to a multiple of 256 and the cache and captured graph stay with the model
-    (``model._decode_graph``, one at a time), so later calls with the same batch size and length bucket replay it
-    at once; a changed model (modules, weight storage, train/eval mode: `_graph_fingerprint`) captures anew."""
+    (``model._decode_graph``, one at a time; `release_decode_graph` frees them), so later calls with the same batch
+    size and length bucket replay it at once; a changed model (modules, weight storage, train/eval mode:
+    `_graph_fingerprint`) captures anew."""
     if decode not in ("auto", "dynamic", "static", "graph"):
         raise ValueError(f"generate: decode must be auto, dynamic, static or graph, got {decode!r}")
     if decode == "auto":
@@ -172,10 +182,11 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
     stepper = None
     if decode == "graph":
         max_len = -(-(P + max_new_tokens) // GRAPH_LEN_BUCKET) * GRAPH_LEN_BUCKET
-        key = (B, max_len, _graph_fingerprint(model))
+        fingerprint, refs = _graph_fingerprint(model)
+        key = (B, max_len, fingerprint)
         held = getattr(model, "_decode_graph", None)
         if held is not None and held[0] == key:
-            _, cache, stepper = held
+            _, cache, stepper, _ = held
             cache.reset()
         else:
             model._decode_graph = None  # free the previous graph and cache before making new ones
@@ -200,7 +211,7 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
                     stepper = StaticDecodeStep(model, cache, key_mask, prompt_mask.sum(-1, keepdim=True),
                                                decode == "graph")
                     if decode == "graph":
-                        model._decode_graph = (key, cache, stepper)
+                        model._decode_graph = (key, cache, stepper, refs)
                 else:
                     stepper.reset(key_mask, prompt_mask.sum(-1, keepdim=True))
             logits = stepper(step_ids)  # (B, V)

@@ -5,7 +5,7 @@ later call of the same batch size and length bucket, and a changed model capture
 import pytest
 import torch
 
-from llama import LlamaForCausalLM, ModelArgs, generate, load_model, save_model
+from llama import LlamaForCausalLM, ModelArgs, generate, load_model, release_decode_graph, save_model
 
 from .llama_helpers import randomize_
 
@@ -43,3 +43,5 @@ def test_graph_decode(ckpt, dtype):
     flipped = generate(model, PROMPTS, max_new_tokens=12, eos_token_id=[], decode="graph")
     assert model._decode_graph is not held
     assert flipped == generate(model, PROMPTS, max_new_tokens=12, eos_token_id=[], decode=ref_mode)
+    release_decode_graph(model)
+    assert model._decode_graph is None
