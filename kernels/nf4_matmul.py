@@ -12,6 +12,10 @@ Each weight tile is dequantized in registers (table[code] * scale, rounded to th
 what bitsandbytes' dequantize produces) and fed to tl.dot with float32 accumulation.
 
 Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
+- M = 1, bf16/fp16, K % blocksize == 0: `_nf4_gemv_w_kernel` (path "gemv3"), the word GEMV: every loop tensor
+  is one-dimensional over 32-bit words of 8 codes, so nothing is converted between register layouts; one
+  inline-PTX block per word looks its 8 codes up in the float16 register table; R rows a program share x;
+  optionally the next step's loads carried across the loop (PREFETCH). Timed against the v2 GEMV per shape.
 - M = 1, K % blocksize == 0: `_nf4_gemv_v2_kernel`, memory-bound CUDA-core dot products (x read as
   one row split in registers, as two stride-2 reads, or pre-split per block by the launcher: timed). Each program
   streams (rows, blocks, bytes) tiles; the 4-bit codes are looked up in a float16 copy of the table held
@@ -299,6 +303,7 @@ def _nf4_gemv_w_kernel(
     per row and word: one load, the scale, 8 register-table lookups and 8 FMAs, the scale applied to the
     word's partial sum. Program = (R rows, K slice); SPLIT_K > 1 adds into a zeroed float32 y. Words past
     the slice's end re-read its last word and meet a zero x; rows past N re-read row N - 1 and are not stored.
+    PREFETCH issues step i + 1's loads before step i's arithmetic (80 registers instead of 56 at R 4, WT 256).
     Numerics as the v2 kernel's register table: values rounded to float16, within a few 1e-4."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
