@@ -118,6 +118,16 @@ def load_scales(block_idx, mask, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offs
         return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
 
 
+def _half_table_words(quant_type: str) -> tuple[list[int], list[int]]:
+    """The 16-entry table rounded to float16, as register words: (low bytes of entries 0-3, 4-7, 8-11, 12-15;
+    high bytes likewise), entry 4i + j in byte j of word i (unsigned 32-bit values)."""
+    half = code_table(quant_type, torch.device("cpu")).half().view(torch.int16).to(torch.int32) & 0xFFFF
+    lo = [int(v) & 0xFF for v in half]
+    hi = [int(v) >> 8 for v in half]
+    word = lambda b, i: b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16 | b[4 * i + 3] << 24  # noqa: E731
+    return [word(lo, i) for i in range(4)], [word(hi, i) for i in range(4)]
+
+
 def _prmt_lookup_asm(quant_type: str) -> str:
     """PTX that looks up the 16-entry table, rounded to float16, for 4 packed bytes (8 codes) in registers
     with byte permutes instead of memory gathers. The table's low bytes L[0..15] and high bytes H[0..15] sit
@@ -125,11 +135,8 @@ def _prmt_lookup_asm(quant_type: str) -> str:
     and 8-15, a third `prmt` keeps the half that bit 3 asks for, the same for H, and two more interleave
     (L, H) into float16 pairs. Outputs $0,$1: high-nibble values of bytes 0..3 (float16 x 4); $2,$3:
     low-nibble values; input $4: the 4 bytes."""
-    half = code_table(quant_type, torch.device("cpu")).half().view(torch.int16).to(torch.int32) & 0xFFFF
-    lo = [int(v) & 0xFF for v in half]
-    hi = [int(v) >> 8 for v in half]
-    word = lambda b, i: b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16 | b[4 * i + 3] << 24  # noqa: E731
-    movs = "".join(f"mov.b32 l{i}, {word(lo, i)};\n mov.b32 h{i}, {word(hi, i)};\n" for i in range(4))
+    lo, hi = _half_table_words(quant_type)
+    movs = "".join(f"mov.b32 l{i}, {lo[i]};\n mov.b32 h{i}, {hi[i]};\n" for i in range(4))
 
     def lookup(sel, r0, r1):
         return (f"and.b32 c, {sel}, 0x7777;\n shr.b32 t, {sel}, 1;\n and.b32 t, t, 0x4444;\n or.b32 t, t, 0x3210;\n"
@@ -178,14 +185,11 @@ WORD_LOOKUP: tl.constexpr = tl.constexpr(_word_lookup_asm())
 
 @functools.lru_cache(maxsize=None)
 def _word_tables(quant_type: str, device: str):
-    table = code_table(quant_type, torch.device("cpu")).float()
-    half = table.half()
-    bits = half.view(torch.int16).to(torch.int64) & 0xFFFF
-    lo, hi = bits & 0xFF, bits >> 8
-    words = [int(sum(int(b[4 * i + j]) << (8 * j) for j in range(4))) for b in (lo, hi) for i in range(4)]
-    row = torch.tensor(words + [0x44444444] + [0] * 7, dtype=torch.int64)
-    row = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)
-    return row.repeat(32).to(device), half.float().contiguous().to(device)
+    lo, hi = _half_table_words(quant_type)
+    row = torch.tensor(lo + hi + [0x44444444] + [0] * 7, dtype=torch.int64)
+    row = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)  # as int32 bits
+    half = code_table(quant_type, torch.device("cpu")).half().float().contiguous()
+    return row.repeat(32).to(device), half.to(device)
 
 
 def word_table_on(quant_type: str, device: torch.device) -> torch.Tensor:

@@ -320,14 +320,10 @@ def _nf4_gemv_w_kernel(
           tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
           tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
-    p0 = packed_ptr + tl.minimum(n0, N - 1) * KW
-    p1 = packed_ptr + tl.minimum(n0 + 1, N - 1) * KW
-    p2 = packed_ptr + tl.minimum(n0 + 2, N - 1) * KW
-    p3 = packed_ptr + tl.minimum(n0 + 3, N - 1) * KW
-    s0 = tl.minimum(n0, N - 1) * KB
-    s1 = tl.minimum(n0 + 1, N - 1) * KB
-    s2 = tl.minimum(n0 + 2, N - 1) * KB
-    s3 = tl.minimum(n0 + 3, N - 1) * KB
+    r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)              # rows past N re-read row N - 1
+    r2, r3 = tl.minimum(n0 + 2, N - 1), tl.minimum(n0 + 3, N - 1)
+    p0, p1, p2, p3 = packed_ptr + r0 * KW, packed_ptr + r1 * KW, packed_ptr + r2 * KW, packed_ptr + r3 * KW  # rows
+    s0, s1, s2, s3 = r0 * KB, r1 * KB, r2 * KB, r3 * KB                    # their first 4-bit block
     a0 = tl.zeros((WT,), dtype=tl.float32)
     a1 = tl.zeros((WT,), dtype=tl.float32)
     a2 = tl.zeros((WT,), dtype=tl.float32)

@@ -207,13 +207,13 @@ def generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]] | Sequenc
                 prompt_mask = mask[:, :P]  # (B, P)
                 key_mask = torch.cat([prompt_mask, torch.ones((B, cache.max_len - P), dtype=mask.dtype,
                                                               device=mask.device)], dim=1)  # (B, max_len)
+                next_pos = prompt_mask.sum(-1, keepdim=True)  # (B, 1): real prompt tokens = next position
                 if stepper is None:
-                    stepper = StaticDecodeStep(model, cache, key_mask, prompt_mask.sum(-1, keepdim=True),
-                                               decode == "graph")
+                    stepper = StaticDecodeStep(model, cache, key_mask, next_pos, decode == "graph")
                     if decode == "graph":
                         model._decode_graph = (key, cache, stepper, refs)
                 else:
-                    stepper.reset(key_mask, prompt_mask.sum(-1, keepdim=True))
+                    stepper.reset(key_mask, next_pos)
             logits = stepper(step_ids)  # (B, V)
         elif cache is not None:
             logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)

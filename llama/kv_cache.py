@@ -75,8 +75,6 @@ class KVCache:
         where ``key_mask (B, max_len)`` is 1 (a real token; prompt pads are 0)."""
         return ((self._ar <= self.write_pos) & key_mask.bool())[:, None, None, :]
 
-    def step(self, n: int = 1) -> None:
-        """Static mode: advance the write position on the device (inside a captured graph too)."""
-        if int(n) != 1:
-            raise ValueError(f"KVCache.step: static decoding writes one position a step, got {n}")
+    def step(self) -> None:
+        """Static mode: advance the write position by one on the device (inside a captured graph too)."""
         self.write_pos.add_(1)
