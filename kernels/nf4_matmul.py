@@ -47,6 +47,7 @@ from ._common import check_triton_device, code_table_on, half_table_on, interpre
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 
 DECODE_MAX_M = 16
+GEMV3_MAX_M = 8   # the word GEMV takes up to 8 rows of x (each weight word looked up once for all)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,13 +264,8 @@ def _word_step(x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2
 def _word_fma(acc, word, s0, s1, code8_ptr, offset, table_ptr, tw, x0, x1, x2, x3, x4, x5, x6, x7,
               DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
     """acc + scale * (the word's 8-code dot product with x)."""
-    if DOUBLE_QUANT:
-        sc = mul_rn(tl.load(code8_ptr + s0), s1, USE_PTX) + offset
-    else:
-        sc = s0
-    v0, v1, v2, v3, v4, v5, v6, v7 = word_values(word, tw, table_ptr, USE_PTX)
-    p = v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7
-    return acc + p * sc
+    sc, v = _word_decode(word, s0, s1, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
+    return _word_dot(acc, v, (x0, x1, x2, x3, x4, x5, x6, x7), sc)
 
 
 @triton.jit
@@ -367,6 +363,160 @@ def _nf4_gemv_w_kernel(
     if R > 2:
         _word_row_out(a2, n0 + 2, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
         _word_row_out(a3, n0 + 3, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _word_x8(xrow_ptr, w, wm, XF16: tl.constexpr):
+    """One row of x at words w: its 8 columns per word (4 int32 loads, zero past the slice) as float32."""
+    x0, x1 = _word_xpair(tl.load(xrow_ptr + 4 * w, mask=wm, other=0), XF16)
+    x2, x3 = _word_xpair(tl.load(xrow_ptr + 4 * w + 1, mask=wm, other=0), XF16)
+    x4, x5 = _word_xpair(tl.load(xrow_ptr + 4 * w + 2, mask=wm, other=0), XF16)
+    x6, x7 = _word_xpair(tl.load(xrow_ptr + 4 * w + 3, mask=wm, other=0), XF16)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _word_dot(acc, v, x, sc):
+    """acc + sc * (8 weight values v . 8 columns x of one row)."""
+    p = v[0] * x[0] + v[1] * x[1] + v[2] * x[2] + v[3] * x[3] + v[4] * x[4] + v[5] * x[5] + v[6] * x[6] + v[7] * x[7]
+    return acc + p * sc
+
+
+@triton.jit
+def _word_decode(word, s0, s1, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+    """A word's block scale and its 8 table values."""
+    if DOUBLE_QUANT:
+        sc = mul_rn(tl.load(code8_ptr + s0), s1, USE_PTX) + offset
+    else:
+        sc = s0
+    return sc, word_values(word, tw, table_ptr, USE_PTX)
+
+
+@triton.jit
+def _nf4_gemv_wm_kernel(
+    # pointers (x and the packed weight viewed as int32 words)
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, bias_ptr, y_ptr,
+    # sizes: M rows of x, N rows of W, KW = K / 8 words per row
+    M, N, KW, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    R: tl.constexpr, MX: tl.constexpr, WT: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+):
+    """Y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for 2 <= M <= MX rows of x (MX 2, 4 or 8): the word GEMV
+    of `_nf4_gemv_w_kernel` with each weight word looked up once and used for every row of x. A program takes
+    R rows of W (1 or 2) and all M rows of x; per step, every row of x's words are widened once and shared by
+    the R rows. Rows of x past M re-read row M - 1 and are not stored; the rest as the M = 1 kernel."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCKSIZE // 8                                      # words per 4-bit block
+    KB = KW // WPB
+    n0 = pid_n * R
+    per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
+    w_lo = pid_k * per
+    w_hi = tl.minimum(w_lo + per, KW)
+    rw = tl.max_contiguous(tl.arange(0, WT), 1)
+    lane = (rw % 32) * 16
+    tw = (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2), tl.load(tw_ptr + lane + 3),
+          tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
+          tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
+    r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)
+    p0, p1 = packed_ptr + r0 * KW, packed_ptr + r1 * KW
+    s0, s1 = r0 * KB, r1 * KB
+    XS = 4 * KW                                                             # int32 words per row of x
+    q0, q1 = x_ptr, x_ptr + tl.minimum(1, M - 1) * XS                       # rows of x past M re-read row M - 1
+    q2, q3 = x_ptr + tl.minimum(2, M - 1) * XS, x_ptr + tl.minimum(3, M - 1) * XS
+    q4, q5 = x_ptr + tl.minimum(4, M - 1) * XS, x_ptr + tl.minimum(5, M - 1) * XS
+    q6, q7 = x_ptr + tl.minimum(6, M - 1) * XS, x_ptr + tl.minimum(7, M - 1) * XS
+    # accumulators a<row of W><row of x>
+    a00 = tl.zeros((WT,), dtype=tl.float32)
+    a01 = tl.zeros((WT,), dtype=tl.float32)
+    a10 = tl.zeros((WT,), dtype=tl.float32)
+    a11 = tl.zeros((WT,), dtype=tl.float32)
+    if MX > 2:
+        a02 = tl.zeros((WT,), dtype=tl.float32)
+        a03 = tl.zeros((WT,), dtype=tl.float32)
+        a12 = tl.zeros((WT,), dtype=tl.float32)
+        a13 = tl.zeros((WT,), dtype=tl.float32)
+    if MX > 4:
+        a04 = tl.zeros((WT,), dtype=tl.float32)
+        a05 = tl.zeros((WT,), dtype=tl.float32)
+        a06 = tl.zeros((WT,), dtype=tl.float32)
+        a07 = tl.zeros((WT,), dtype=tl.float32)
+        a14 = tl.zeros((WT,), dtype=tl.float32)
+        a15 = tl.zeros((WT,), dtype=tl.float32)
+        a16 = tl.zeros((WT,), dtype=tl.float32)
+        a17 = tl.zeros((WT,), dtype=tl.float32)
+    for w0 in range(w_lo, w_hi, WT):
+        w = w0 + rw
+        wm = w < w_hi
+        wc = tl.minimum(w, w_hi - 1)
+        bidx = wc // WPB
+        d0, e0, f0 = _word_fetch(p0, s0, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        if R > 1:
+            d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
+        x0 = _word_x8(q0, w, wm, XF16)
+        x1 = _word_x8(q1, w, wm, XF16)
+        if MX > 2:
+            x2 = _word_x8(q2, w, wm, XF16)
+            x3 = _word_x8(q3, w, wm, XF16)
+        if MX > 4:
+            x4 = _word_x8(q4, w, wm, XF16)
+            x5 = _word_x8(q5, w, wm, XF16)
+            x6 = _word_x8(q6, w, wm, XF16)
+            x7 = _word_x8(q7, w, wm, XF16)
+        sc, v = _word_decode(d0, e0, f0, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
+        a00 = _word_dot(a00, v, x0, sc)
+        a01 = _word_dot(a01, v, x1, sc)
+        if MX > 2:
+            a02 = _word_dot(a02, v, x2, sc)
+            a03 = _word_dot(a03, v, x3, sc)
+        if MX > 4:
+            a04 = _word_dot(a04, v, x4, sc)
+            a05 = _word_dot(a05, v, x5, sc)
+            a06 = _word_dot(a06, v, x6, sc)
+            a07 = _word_dot(a07, v, x7, sc)
+        if R > 1:
+            sc, v = _word_decode(d1, e1, f1, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
+            a10 = _word_dot(a10, v, x0, sc)
+            a11 = _word_dot(a11, v, x1, sc)
+            if MX > 2:
+                a12 = _word_dot(a12, v, x2, sc)
+                a13 = _word_dot(a13, v, x3, sc)
+            if MX > 4:
+                a14 = _word_dot(a14, v, x4, sc)
+                a15 = _word_dot(a15, v, x5, sc)
+                a16 = _word_dot(a16, v, x6, sc)
+                a17 = _word_dot(a17, v, x7, sc)
+    # row m of y at y_ptr + m * N; rows of x past M are not stored
+    _word_row_out(a00, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    _word_rows_out(a01, n0, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if MX > 2:
+        _word_rows_out(a02, n0, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a03, n0, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if MX > 4:
+        _word_rows_out(a04, n0, N, 4, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a05, n0, N, 5, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a06, n0, N, 6, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a07, n0, N, 7, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if R > 1:
+        _word_row_out(a10, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a11, n0 + 1, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        if MX > 2:
+            _word_rows_out(a12, n0 + 1, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+            _word_rows_out(a13, n0 + 1, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        if MX > 4:
+            _word_rows_out(a14, n0 + 1, N, 4, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+            _word_rows_out(a15, n0 + 1, N, 5, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+            _word_rows_out(a16, n0 + 1, N, 6, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+            _word_rows_out(a17, n0 + 1, N, 7, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _word_rows_out(acc, n, N, m, M, pid_k, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Row m of y (if m < M): `_word_row_out` at y_ptr + m * N."""
+    if m < M:
+        _word_row_out(acc, n, N, pid_k, bias_ptr, y_ptr + m * N, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -607,7 +757,7 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
 
 _LAST = {}  # the last compiled v2 kernel (benchmarks/diag inspect its registers and IR)
 _V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, BN=16, NB=2, SPLIT_K=1, LUT=1),
-              "gemv3": dict(R=4, WT=16, SPLIT_K=1)}
+              "gemv3": dict(WT=16, SPLIT_K=1)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -626,7 +776,8 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
         # H200 probe (benchmarks/results/diag/gemv3_probe-*): R 4, WT 256, 4 warps best or within 3% at the 70B
         # shapes; the hand-pipelined loads (PREFETCH) gained nothing measurable at these occupancies
-        cfg = dict(R=4, WT=256, SPLIT_K=1, PREFETCH=False, num_warps=4)
+        cfg = dict(R=4, WT=256, SPLIT_K=1, PREFETCH=False, num_warps=4) if M == 1 else \
+            dict(R=2, WT=128, SPLIT_K=1, num_warps=4)
         progs, kb = triton.cdiv(N, cfg["R"]), K // 8 // cfg["WT"]  # kb: steps of WT words per row
     elif path == "gemv2":
         cfg = dict(BN=4, NB=8, SPLIT_K=1, LUT=3, num_warps=4)
@@ -693,11 +844,18 @@ class _V2Plan:
         if packed.data_ptr() % 4:
             raise ValueError("nf4_matmul_fused: the gemv3 path reads the packed weight as 32-bit words; "
                              "its storage is not 4-byte aligned")
-        if config.get("R", 4) not in (1, 2, 4):
-            raise ValueError(f"nf4_matmul_fused: gemv3 takes R = 1, 2 or 4 rows a program, got {config['R']}")
-        config.setdefault("R", 4)
-        config.setdefault("WT", 256)
-        config.setdefault("PREFETCH", False)
+        M = x.shape[0]
+        rows = (1, 2, 4) if M == 1 else (1, 2)
+        if config.get("R", rows[-1]) not in rows:
+            allowed = "1, 2 or 4" if M == 1 else "1 or 2"
+            raise ValueError(f"nf4_matmul_fused: gemv3 takes R = {allowed} rows of W a program at M = {M}, "
+                             f"got {config['R']}")
+        config.setdefault("R", rows[-1])
+        config.setdefault("WT", 256 if M == 1 else 128)
+        if M == 1:
+            config.setdefault("PREFETCH", False)
+        elif config.pop("PREFETCH", False):
+            raise ValueError("nf4_matmul_fused: gemv3 prefetches only at M = 1")
         self.split_k = config.pop("SPLIT_K", 1)
         config["ATOMIC"] = self.split_k > 1
         a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
@@ -705,7 +863,10 @@ class _V2Plan:
                       word_table_on(qw.quant_type, x.device))
         self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
                        XF16=x.dtype == torch.float16, **config)
-        self.kernel, self.grid = _nf4_gemv_w_kernel, (triton.cdiv(self.n, config["R"]), self.split_k)
+        if M > 1:
+            self.kw["MX"] = 1 << (M - 1).bit_length()
+        self.kernel = _nf4_gemv_w_kernel if M == 1 else _nf4_gemv_wm_kernel
+        self.grid = (triton.cdiv(self.n, config["R"]), self.split_k)
 
     def valid_for(self, qw):
         p = self.parts
@@ -723,8 +884,10 @@ def _v2_plan(x, qw, bias, path, config):
     M, K = x.shape
     if K % qw.blocksize:
         raise ValueError(f"nf4_matmul_fused: path {path} needs in_features % blocksize == 0, got {K}")
-    if path in ("gemv2", "gemv3") and M != 1:
+    if path == "gemv2" and M != 1:
         raise ValueError(f"nf4_matmul_fused: the gemv path takes one row, got {M}")
+    if path == "gemv3" and M > GEMV3_MAX_M:
+        raise ValueError(f"nf4_matmul_fused: the gemv3 path takes 1 to {GEMV3_MAX_M} rows, got {M}")
     key = (path, id(qw), M, x.dtype, bias is None, x.device,
            None if config is None else tuple(sorted(config.items())))
     plan = _V2_PLANS.get(key)
@@ -748,8 +911,8 @@ def _launch_plan(plan, x, bias):
         x = x.contiguous()
         if x.data_ptr() % 4:  # read as 32-bit pairs
             x = x.clone()
-        _LAST["compiled"] = plan.kernel[plan.grid](x.view(torch.int32), *plan.wargs, bias_arg, y, N, K // 8,
-                                                   plan.split_k, **plan.kw)
+        sizes = (N, K // 8, plan.split_k) if M == 1 else (M, N, K // 8, plan.split_k)
+        _LAST["compiled"] = plan.kernel[plan.grid](x.view(torch.int32), *plan.wargs, bias_arg, y, *sizes, **plan.kw)
     elif plan.path == "gemv2":
         x = x.contiguous()
         if plan.kw["XSPLIT"] == 2:  # per 4-bit block: the even columns, then the odd ones
@@ -896,6 +1059,12 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
         else:
             specs["gemv"] = ("gemv", None)
     elif M <= DECODE_MAX_M:
+        if M <= GEMV3_MAX_M and blocked and K % 8 == 0 and blocksize % 8 == 0 and \
+                dtype in (torch.bfloat16, torch.float16):  # the word GEMV, each weight word used for every row
+            cfg3 = _v2_default("gemv3", M, N, K, blocksize, dtype) if on_gpu else None
+            specs["gemv3"] = ("gemv3", cfg3)
+            if cfg3 is not None:
+                specs["gemv3-r1"] = ("gemv3", dict(cfg3, R=1))
         specs["swap" if blocked else "decode"] = ("swap" if blocked else "decode", None)
     else:
         specs["gemm"] = ("gemm", None)

@@ -149,6 +149,27 @@ def test_word_gemv(quant_type, dq, dtype):
         assert rel_err(y, mem) < 4e-3, (N, K, bs)
 
 
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_word_gemv_rows(dq, dtype):
+    """The word GEMV at 2..8 rows of x (each weight word looked up once for all rows): rows of x past M (M = 3,
+    5) are computed from row M - 1 and not stored, odd N, K not a multiple of the words a step, split-K,
+    blocksize 32; against float64 math and the tensor-core swap kernel."""
+    for M, N, K, bs, cfg in [(2, 1001, 1344, 64, dict(R=2, WT=128)), (3, 515, 2048, 32, dict(R=1, WT=64,
+                             SPLIT_K=4, num_warps=2)), (5, 67, 640, 64, dict(R=2, WT=256, num_warps=8)),
+                             (8, 1000, 768, 64, dict(R=1, WT=128, SPLIT_K=2))]:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        qw = kernels.quantize_weight(w, bs, "nf4", dq)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        b = torch.randn(N, device="cuda", dtype=dtype)
+        ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()
+        y = mm.nf4_matmul_fused(x, qw, b, path="gemv3", config=cfg)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert rel_err(y, ref) < 4e-3, (M, N, K, bs, rel_err(y, ref))
+        assert rel_err(y, mm.nf4_matmul_fused(x, qw, b, path="swap")) < 6e-3, (M, N, K, bs)
+        assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2        # whichever path the dispatcher times best
+
+
 @pytest.mark.parametrize("M", [1, 300])
 def test_public_dispatch(M):
     """nf4_matmul / nf4_matmul_t time their candidate paths once, then reuse the choice."""

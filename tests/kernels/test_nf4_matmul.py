@@ -126,14 +126,36 @@ def test_word_gemv(quant_type, dq):
         assert rel_err(y, xb.double() @ w.T) < 5e-3, (N, K, bs)    # 5e-3: the bf16 output's rounding (2^-9)
 
 
+@pytest.mark.parametrize("dq", [False, True])
+def test_word_gemv_rows(dq):
+    """The word GEMV at 2..8 rows of x (`_nf4_gemv_wm_kernel`: each weight word looked up once and used for
+    every row): M = 3 and 5 pad to 4 and 8 rows, the padding rows re-read row M - 1 and are not stored (a
+    stored one would break the shape or overwrite the next row's values); odd N, split-K, blocksize 32."""
+    for M, N, K, bs, cfg in [(2, 37, 320, 64, dict(R=2, WT=16)), (3, 9, 256, 32, dict(R=1, WT=16, SPLIT_K=3)),
+                             (5, 6, 384, 128, dict(R=2, WT=32)), (8, 11, 192, 64, dict(R=1, WT=16))]:
+        qw = make(N, K, dq, "nf4", bs, seed=M)
+        w = qw.dequantize(torch.float32).double()
+        x = torch.randn(M, K)
+        b = torch.randn(N)
+        y = mm.nf4_matmul_fused(x.half(), qw, b.half(), path="gemv3", config=cfg)
+        assert y.dtype == torch.float16 and y.shape == (M, N)
+        assert rel_err(y, x.half().double() @ w.T + b.half().double()) < 2e-3, (M, N, K, bs)
+        for m in range(M):  # every row on its own (no row's values leak into another)
+            assert rel_err(y[m:m + 1], x[m:m + 1].half().double() @ w.T + b.half().double()) < 2e-3, (M, m)
+
+
 def test_word_gemv_bad_input():
     qw = make(8, 256, False)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         mm.nf4_matmul_fused(torch.randn(1, 256), qw, path="gemv3")
     with pytest.raises(ValueError, match="R = 1, 2 or 4"):
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="gemv3", config=dict(R=3, WT=16))
-    with pytest.raises(ValueError, match="one row"):
-        mm.nf4_matmul_fused(torch.randn(2, 256).half(), qw, path="gemv3")
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        mm.nf4_matmul_fused(torch.randn(9, 256).half(), qw, path="gemv3")
+    with pytest.raises(ValueError, match="R = 1 or 2 rows"):
+        mm.nf4_matmul_fused(torch.randn(2, 256).half(), qw, path="gemv3", config=dict(R=4, WT=16))
+    with pytest.raises(ValueError, match="prefetches only at M = 1"):
+        mm.nf4_matmul_fused(torch.randn(2, 256).half(), qw, path="gemv3", config=dict(WT=16, PREFETCH=True))
     q200 = make(8, 200, False)
     with pytest.raises(ValueError, match="blocksize"):
         mm.nf4_matmul_fused(torch.randn(1, 200).half(), q200, path="gemv3")
