@@ -16,6 +16,8 @@ Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
   is one-dimensional over 32-bit words of 8 codes, so nothing is converted between register layouts; one
   inline-PTX block per word looks its 8 codes up in the float16 register table; R rows a program share x;
   optionally the next step's loads carried across the loop (PREFETCH). Timed against the v2 GEMV per shape.
+- 2 <= M <= 4, bf16/fp16, K % blocksize == 0: `_nf4_gemv_wm_kernel` (path "gemv3" at M > 1), the same word GEMV
+  with each looked-up weight word used for every row of x; timed against the swap kernel per shape.
 - M = 1, K % blocksize == 0: `_nf4_gemv_v2_kernel`, memory-bound CUDA-core dot products (x read as
   one row split in registers, as two stride-2 reads, or pre-split per block by the launcher: timed). Each program
   streams (rows, blocks, bytes) tiles; the 4-bit codes are looked up in a float16 copy of the table held
@@ -47,7 +49,7 @@ from ._common import check_triton_device, code_table_on, half_table_on, interpre
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 
 DECODE_MAX_M = 16
-GEMV3_MAX_M = 8   # the word GEMV takes up to 8 rows of x (each weight word looked up once for all)
+GEMV3_MAX_M = 4   # the word GEMV takes up to 4 rows of x: past that its FMAs cost more than the swap kernel's mma
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +226,15 @@ def _word_xpair(xw, XF16: tl.constexpr):
 
 
 @triton.jit
+def _word_table(tw_ptr, rw):
+    """The 9 register-table words, one copy per lane, loaded into plain registers."""
+    lane = (rw % 32) * 16
+    return (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2),
+            tl.load(tw_ptr + lane + 3), tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5),
+            tl.load(tw_ptr + lane + 6), tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
+
+
+@triton.jit
 def _word_fetch(wrow_ptr, srow, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT: tl.constexpr):
     """The loads of one row's step: its words and, per word, the block's absmax (or its 8-bit code and
     absmax2: the code's table lookup waits for `_word_fma`, so that a prefetch never stalls on it)."""
@@ -311,10 +322,7 @@ def _nf4_gemv_w_kernel(
     w_hi = tl.minimum(w_lo + per, KW)
     # contiguity hint 1: the word loads would otherwise be vectorized into a layout the x loads cannot share
     rw = tl.max_contiguous(tl.arange(0, WT), 1)
-    lane = (rw % 32) * 16                   # the register table: one copy per lane, loaded into plain registers
-    tw = (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2), tl.load(tw_ptr + lane + 3),
-          tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
-          tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
+    tw = _word_table(tw_ptr, rw)           # the register table: one copy per lane, in plain registers
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)              # rows past N re-read row N - 1
     r2, r3 = tl.minimum(n0 + 2, N - 1), tl.minimum(n0 + 3, N - 1)
@@ -402,7 +410,7 @@ def _nf4_gemv_wm_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
     R: tl.constexpr, MX: tl.constexpr, WT: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
 ):
-    """Y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for 2 <= M <= MX rows of x (MX 2, 4 or 8): the word GEMV
+    """Y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for 2 <= M <= MX rows of x (MX 2 or 4): the word GEMV
     of `_nf4_gemv_w_kernel` with each weight word looked up once and used for every row of x. A program takes
     R rows of W (1 or 2) and all M rows of x; per step, every row of x's words are widened once and shared by
     the R rows. Rows of x past M re-read row M - 1 and are not stored; the rest as the M = 1 kernel."""
@@ -415,10 +423,7 @@ def _nf4_gemv_wm_kernel(
     w_lo = pid_k * per
     w_hi = tl.minimum(w_lo + per, KW)
     rw = tl.max_contiguous(tl.arange(0, WT), 1)
-    lane = (rw % 32) * 16
-    tw = (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2), tl.load(tw_ptr + lane + 3),
-          tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5), tl.load(tw_ptr + lane + 6),
-          tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
+    tw = _word_table(tw_ptr, rw)
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)
     p0, p1 = packed_ptr + r0 * KW, packed_ptr + r1 * KW
@@ -426,8 +431,6 @@ def _nf4_gemv_wm_kernel(
     XS = 4 * KW                                                             # int32 words per row of x
     q0, q1 = x_ptr, x_ptr + tl.minimum(1, M - 1) * XS                       # rows of x past M re-read row M - 1
     q2, q3 = x_ptr + tl.minimum(2, M - 1) * XS, x_ptr + tl.minimum(3, M - 1) * XS
-    q4, q5 = x_ptr + tl.minimum(4, M - 1) * XS, x_ptr + tl.minimum(5, M - 1) * XS
-    q6, q7 = x_ptr + tl.minimum(6, M - 1) * XS, x_ptr + tl.minimum(7, M - 1) * XS
     # accumulators a<row of W><row of x>
     a00 = tl.zeros((WT,), dtype=tl.float32)
     a01 = tl.zeros((WT,), dtype=tl.float32)
@@ -438,15 +441,6 @@ def _nf4_gemv_wm_kernel(
         a03 = tl.zeros((WT,), dtype=tl.float32)
         a12 = tl.zeros((WT,), dtype=tl.float32)
         a13 = tl.zeros((WT,), dtype=tl.float32)
-    if MX > 4:
-        a04 = tl.zeros((WT,), dtype=tl.float32)
-        a05 = tl.zeros((WT,), dtype=tl.float32)
-        a06 = tl.zeros((WT,), dtype=tl.float32)
-        a07 = tl.zeros((WT,), dtype=tl.float32)
-        a14 = tl.zeros((WT,), dtype=tl.float32)
-        a15 = tl.zeros((WT,), dtype=tl.float32)
-        a16 = tl.zeros((WT,), dtype=tl.float32)
-        a17 = tl.zeros((WT,), dtype=tl.float32)
     for w0 in range(w_lo, w_hi, WT):
         w = w0 + rw
         wm = w < w_hi
@@ -460,22 +454,12 @@ def _nf4_gemv_wm_kernel(
         if MX > 2:
             x2 = _word_x8(q2, w, wm, XF16)
             x3 = _word_x8(q3, w, wm, XF16)
-        if MX > 4:
-            x4 = _word_x8(q4, w, wm, XF16)
-            x5 = _word_x8(q5, w, wm, XF16)
-            x6 = _word_x8(q6, w, wm, XF16)
-            x7 = _word_x8(q7, w, wm, XF16)
         sc, v = _word_decode(d0, e0, f0, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
         a00 = _word_dot(a00, v, x0, sc)
         a01 = _word_dot(a01, v, x1, sc)
         if MX > 2:
             a02 = _word_dot(a02, v, x2, sc)
             a03 = _word_dot(a03, v, x3, sc)
-        if MX > 4:
-            a04 = _word_dot(a04, v, x4, sc)
-            a05 = _word_dot(a05, v, x5, sc)
-            a06 = _word_dot(a06, v, x6, sc)
-            a07 = _word_dot(a07, v, x7, sc)
         if R > 1:
             sc, v = _word_decode(d1, e1, f1, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
             a10 = _word_dot(a10, v, x0, sc)
@@ -483,33 +467,18 @@ def _nf4_gemv_wm_kernel(
             if MX > 2:
                 a12 = _word_dot(a12, v, x2, sc)
                 a13 = _word_dot(a13, v, x3, sc)
-            if MX > 4:
-                a14 = _word_dot(a14, v, x4, sc)
-                a15 = _word_dot(a15, v, x5, sc)
-                a16 = _word_dot(a16, v, x6, sc)
-                a17 = _word_dot(a17, v, x7, sc)
     # row m of y at y_ptr + m * N; rows of x past M are not stored
     _word_row_out(a00, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
     _word_rows_out(a01, n0, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
     if MX > 2:
         _word_rows_out(a02, n0, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
         _word_rows_out(a03, n0, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-    if MX > 4:
-        _word_rows_out(a04, n0, N, 4, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        _word_rows_out(a05, n0, N, 5, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        _word_rows_out(a06, n0, N, 6, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        _word_rows_out(a07, n0, N, 7, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
     if R > 1:
         _word_row_out(a10, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
         _word_rows_out(a11, n0 + 1, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
         if MX > 2:
             _word_rows_out(a12, n0 + 1, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
             _word_rows_out(a13, n0 + 1, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        if MX > 4:
-            _word_rows_out(a14, n0 + 1, N, 4, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-            _word_rows_out(a15, n0 + 1, N, 5, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-            _word_rows_out(a16, n0 + 1, N, 6, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-            _word_rows_out(a17, n0 + 1, N, 7, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -713,7 +682,7 @@ def _check(x, qw, what):
 # launchers
 # ---------------------------------------------------------------------------------------------------
 def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
-    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv2" / "gemv" (M = 1),
+    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv3" (M <= 4), "gemv2" / "gemv" (M = 1),
     "swap" / "decode" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass
     autotuning."""
     _check(x, qw, "nf4_matmul_fused")
@@ -776,8 +745,9 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
         # H200 probe (benchmarks/results/diag/gemv3_probe-*): R 4, WT 256, 4 warps best or within 3% at the 70B
         # shapes; the hand-pipelined loads (PREFETCH) gained nothing measurable at these occupancies
+        # at 2-4 rows of x (benchmarks/results/diag/gemv3m_probe-*): R 2, WT 64, 2 warps best at all but K = 28672
         cfg = dict(R=4, WT=256, SPLIT_K=1, PREFETCH=False, num_warps=4) if M == 1 else \
-            dict(R=2, WT=128, SPLIT_K=1, num_warps=4)
+            dict(R=2, WT=64, SPLIT_K=1, num_warps=2)
         progs, kb = triton.cdiv(N, cfg["R"]), K // 8 // cfg["WT"]  # kb: steps of WT words per row
     elif path == "gemv2":
         cfg = dict(BN=4, NB=8, SPLIT_K=1, LUT=3, num_warps=4)
@@ -851,7 +821,7 @@ class _V2Plan:
             raise ValueError(f"nf4_matmul_fused: gemv3 takes R = {allowed} rows of W a program at M = {M}, "
                              f"got {config['R']}")
         config.setdefault("R", rows[-1])
-        config.setdefault("WT", 256 if M == 1 else 128)
+        config.setdefault("WT", 256 if M == 1 else 64)
         if M == 1:
             config.setdefault("PREFETCH", False)
         elif config.pop("PREFETCH", False):
@@ -864,7 +834,7 @@ class _V2Plan:
         self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
                        XF16=x.dtype == torch.float16, **config)
         if M > 1:
-            self.kw["MX"] = 1 << (M - 1).bit_length()
+            self.kw["MX"] = 1 << (M - 1).bit_length()                       # 2 or 4
         self.kernel = _nf4_gemv_w_kernel if M == 1 else _nf4_gemv_wm_kernel
         self.grid = (triton.cdiv(self.n, config["R"]), self.split_k)
 
@@ -1063,8 +1033,8 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
                 dtype in (torch.bfloat16, torch.float16):  # the word GEMV, each weight word used for every row
             cfg3 = _v2_default("gemv3", M, N, K, blocksize, dtype) if on_gpu else None
             specs["gemv3"] = ("gemv3", cfg3)
-            if cfg3 is not None:
-                specs["gemv3-r1"] = ("gemv3", dict(cfg3, R=1))
+            if cfg3 is not None:  # 5% faster at K = 28672 (H200)
+                specs["gemv3-wt256"] = ("gemv3", dict(cfg3, WT=256, num_warps=4))
         specs["swap" if blocked else "decode"] = ("swap" if blocked else "decode", None)
     else:
         specs["gemm"] = ("gemm", None)

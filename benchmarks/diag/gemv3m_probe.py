@@ -1,6 +1,10 @@
-"""Probe the word GEMV at 2 <= M <= 8 rows (gemv3 through `_nf4_gemv_wm_kernel`, diagnostic): every config
+"""Probe the word GEMV at 1 <= M <= 4 rows (gemv3; `_nf4_gemv_wm_kernel` at M > 1; diagnostic): every config
 against float64 math, timed next to the tensor-core swap kernel's default, dequantize + cuBLAS, bitsandbytes'
 matmul_4bit and bf16 cuBLAS in the same run, with the compiler's output per config.
+
+Results: benchmarks/results/diag/gemv3m_probe-*. The run at 23fe45d also had M = 8 (slower than the swap
+kernel everywhere: the kernel stops at 4 rows); the `-planar-x` run tried x pre-transposed by the launcher into
+(4, K / 8) words so that each load is one coalesced line: no faster with its extra copy kernel, removed.
 
     python benchmarks/diag/gemv3m_probe.py [--out gemv3m_probe.json] [--quick]
 """
@@ -23,8 +27,8 @@ from gemv_probe import ir_stats  # noqa: E402
 
 mm = importlib.import_module("kernels.nf4_matmul")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
-CONFIGS = [dict(R=r, WT=wt, num_warps=w) for r, wt, w in
-           [(1, 64, 2), (1, 128, 4), (2, 128, 4), (1, 256, 4), (2, 256, 4), (2, 64, 2), (2, 256, 8)]]
+CONFIGS = [dict(R=r, WT=wt, num_warps=w) for r, wt, w in [(2, 64, 2), (2, 128, 4), (2, 256, 4), (1, 128, 4)]]
+CONFIGS_M1 = [dict(R=r, WT=wt, num_warps=w) for r, wt, w in [(4, 256, 4), (4, 128, 4), (2, 256, 4), (4, 64, 2)]]
 
 
 def bench(fn):
@@ -39,7 +43,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gemv3m_probe.json"))
     ap.add_argument("--quick", action="store_true", help="two shapes, no double quantization")
-    ap.add_argument("--ms", default="2,4,8")
+    ap.add_argument("--ms", default="1,2,3,4")
     args = ap.parse_args()
     import bitsandbytes as bnb
     import bitsandbytes.functional as bF
@@ -64,7 +68,7 @@ def main():
                      "swap": bench(lambda: mm.nf4_matmul_fused(x, qw, path="swap")),
                      "dequant": bench(lambda: mm.nf4_matmul_dequant(x, qw))}
                 errs = {"swap": rel(mm.nf4_matmul_fused(x, qw, path="swap"), ref)}
-                for cfg in CONFIGS:
+                for cfg in (CONFIGS_M1 if M == 1 else CONFIGS):
                     c = dict(cfg, SPLIT_K=1)
                     key = "R{R} WT{WT} w{num_warps}".format(**c)
                     f = lambda: mm.nf4_matmul_fused(x, qw, path="gemv3", config=c)  # noqa: E731
