@@ -159,7 +159,7 @@ def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps
     _check_input(x, "quantize_4bit input")
     check_quant_args(blocksize, quant_type)
     check_triton_device(x, "quantize_4bit_triton input")
-    xf = x.detach().contiguous().reshape(-1)
+    xf = x.detach().reshape(-1)                        # a view when x is contiguous, else one copy
     n = xf.numel()
     n_blocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
@@ -180,11 +180,12 @@ def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
     """Triton double quantization of float32 scales (see module docstring)."""
     check_triton_device(absmax, "double_quantize_triton absmax")
     code = _dynamic_map_on(str(absmax.device)) if code is None else code.to(absmax.device, torch.float32)
-    a = absmax.float().contiguous().reshape(-1)
+    a = absmax if absmax.dtype == torch.float32 and absmax.dim() == 1 and absmax.is_contiguous() else \
+        absmax.float().reshape(-1).contiguous()        # (the loader's absmax already is: no extra host calls)
     n = a.numel()
     ptx = use_ptx(a)
     # bitsandbytes calls absmax.mean() on the GPU; the reference's float64 mean equals it (nf4/double_quant.py)
-    offset = a.mean().reshape(1) if ptx else absmax_mean(a).reshape(1)
+    offset = a.mean() if ptx else absmax_mean(a)       # a 0-d tensor: the kernel reads it through its pointer
     n2 = -(-n // NESTED_BLOCKSIZE)
     q = torch.empty(n, dtype=torch.uint8, device=a.device)
     absmax2 = torch.empty(n2, dtype=torch.float32, device=a.device)
@@ -194,7 +195,7 @@ def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(a - offset), NESTED_BLOCKSIZE))
     _quantize_8bit_kernel[(n2,)](a, offset, inv, code.contiguous(), q, absmax2, n, USE_PTX=ptx,
                                  BS=NESTED_BLOCKSIZE, num_warps=4)
-    return DoubleQuantState(q, absmax2, code.clone(), offset.reshape(()))
+    return DoubleQuantState(q, absmax2, code.clone(), offset)
 
 
 def quantize_4bit(x, blocksize=64, quant_type="nf4"):

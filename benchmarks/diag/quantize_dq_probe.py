@@ -39,10 +39,54 @@ def graphed(fn):
     return bench(g.replay)
 
 
+def host_us(fn, calls=200):
+    """Microseconds of host time per call, launches only (the GPU is synchronized once at the end)."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def profile(w):
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        kernels.quantize_weight(w, 64, "nf4", True)
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "quantize_dq_probe.json"))
+    ap.add_argument("--host", action="store_true", help="host time per part and a cProfile of the DQ call")
     args = ap.parse_args()
+    if args.host:
+        w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        packed, absmax = kq.quantize_4bit_triton(w)
+        offset = absmax.mean().reshape(1)
+        q = torch.empty(absmax.numel(), dtype=torch.uint8, device="cuda")
+        a2 = torch.empty(absmax.numel() // 256, dtype=torch.float32, device="cuda")
+        code = kq._dynamic_map_on("cuda:0")
+        parts = {"quantize_weight": lambda: kernels.quantize_weight(w, 64, "nf4", False),
+                 "quantize_weight DQ": lambda: kernels.quantize_weight(w, 64, "nf4", True),
+                 "quantize_4bit_triton": lambda: kq.quantize_4bit_triton(w),
+                 "double_quantize_triton": lambda: kq.double_quantize_triton(absmax),
+                 "absmax.mean()": lambda: absmax.mean(),
+                 "torch.empty": lambda: torch.empty(4096, dtype=torch.uint8, device="cuda"),
+                 "8-bit launch": lambda: kq._quantize_8bit_kernel[(a2.numel(),)](
+                     absmax, offset, a2, code, q, a2, absmax.numel(), USE_PTX=True, BS=256, num_warps=4)}
+        print({k: round(host_us(f), 1) for k, f in parts.items()}, flush=True)
+        profile(w)
+        return
     import bitsandbytes.functional as bF
     res = dict(gpu=torch.cuda.get_device_name(), rows=[])
     for _ in range(2):  # two rounds: the fastest of each, against bursts of host contention
