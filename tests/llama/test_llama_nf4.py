@@ -26,10 +26,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_bias")
-    # intermediate 192, not the tiny 160: every in_features a multiple of the blocksize, so that bitsandbytes'
-    # AVX512 CPU dequantize (blocks per row) and its CUDA one (blocks over the flat weight, ours) agree
-    args = ModelArgs.from_name("tiny", vocab_size=100, attention_bias=True, tie_word_embeddings=True,
-                               intermediate_size=192)
+    args = ModelArgs.from_name("tiny", vocab_size=100, attention_bias=True, tie_word_embeddings=True)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args.to_dict()))
     randomize_(hf, seed=11).save_pretrained(str(d), max_shard_size="30KB")
     return d
