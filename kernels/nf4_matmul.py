@@ -226,6 +226,17 @@ def _word_xpair(xw, XF16: tl.constexpr):
 
 
 @triton.jit
+def _word_slice(KW, SPLIT_K, WT: tl.constexpr):
+    """This program's K slice, words [w_lo, w_hi) (whole steps of WT words, SPLIT_K slices), and one step's
+    word offsets. Contiguity hint 1: the word loads would otherwise be vectorized into a layout the x loads
+    cannot share."""
+    pid_k = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
+    w_lo = pid_k * per
+    return pid_k, w_lo, tl.minimum(w_lo + per, KW), tl.max_contiguous(tl.arange(0, WT), 1)
+
+
+@triton.jit
 def _word_table(tw_ptr, rw):
     """The 9 register-table words, one copy per lane, loaded into plain registers."""
     lane = (rw % 32) * 16
@@ -312,16 +323,10 @@ def _nf4_gemv_w_kernel(
     the slice's end re-read its last word and meet a zero x; rows past N re-read row N - 1 and are not stored.
     PREFETCH issues step i + 1's loads before step i's arithmetic (80 registers instead of 56 at R 4, WT 256).
     Numerics as the v2 kernel's register table: values rounded to float16, within a few 1e-4."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     WPB: tl.constexpr = BLOCKSIZE // 8                                      # words per 4-bit block
     KB = KW // WPB
-    n0 = pid_n * R
-    per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
-    w_lo = pid_k * per
-    w_hi = tl.minimum(w_lo + per, KW)
-    # contiguity hint 1: the word loads would otherwise be vectorized into a layout the x loads cannot share
-    rw = tl.max_contiguous(tl.arange(0, WT), 1)
+    n0 = tl.program_id(0) * R
+    pid_k, w_lo, w_hi, rw = _word_slice(KW, SPLIT_K, WT)
     tw = _word_table(tw_ptr, rw)           # the register table: one copy per lane, in plain registers
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)              # rows past N re-read row N - 1
@@ -414,15 +419,10 @@ def _nf4_gemv_wm_kernel(
     of `_nf4_gemv_w_kernel` with each weight word looked up once and used for every row of x. A program takes
     R rows of W (1 or 2) and all M rows of x; per step, every row of x's words are widened once and shared by
     the R rows. Rows of x past M re-read row M - 1 and are not stored; the rest as the M = 1 kernel."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     WPB: tl.constexpr = BLOCKSIZE // 8                                      # words per 4-bit block
     KB = KW // WPB
-    n0 = pid_n * R
-    per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
-    w_lo = pid_k * per
-    w_hi = tl.minimum(w_lo + per, KW)
-    rw = tl.max_contiguous(tl.arange(0, WT), 1)
+    n0 = tl.program_id(0) * R
+    pid_k, w_lo, w_hi, rw = _word_slice(KW, SPLIT_K, WT)
     tw = _word_table(tw_ptr, rw)
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)
@@ -431,16 +431,10 @@ def _nf4_gemv_wm_kernel(
     XS = 4 * KW                                                             # int32 words per row of x
     q0, q1 = x_ptr, x_ptr + tl.minimum(1, M - 1) * XS                       # rows of x past M re-read row M - 1
     q2, q3 = x_ptr + tl.minimum(2, M - 1) * XS, x_ptr + tl.minimum(3, M - 1) * XS
-    # accumulators a<row of W><row of x>
+    # accumulators a<row of W><row of x> (those of rows past MX stay unused: the compiler drops them)
     a00 = tl.zeros((WT,), dtype=tl.float32)
-    a01 = tl.zeros((WT,), dtype=tl.float32)
-    a10 = tl.zeros((WT,), dtype=tl.float32)
-    a11 = tl.zeros((WT,), dtype=tl.float32)
-    if MX > 2:
-        a02 = tl.zeros((WT,), dtype=tl.float32)
-        a03 = tl.zeros((WT,), dtype=tl.float32)
-        a12 = tl.zeros((WT,), dtype=tl.float32)
-        a13 = tl.zeros((WT,), dtype=tl.float32)
+    a01, a02, a03 = a00, a00, a00
+    a10, a11, a12, a13 = a00, a00, a00, a00
     for w0 in range(w_lo, w_hi, WT):
         w = w0 + rw
         wm = w < w_hi
@@ -451,34 +445,40 @@ def _nf4_gemv_wm_kernel(
             d1, e1, f1 = _word_fetch(p1, s1, absmax_ptr, q_ptr, absmax2_ptr, wc, bidx, DOUBLE_QUANT)
         x0 = _word_x8(q0, w, wm, XF16)
         x1 = _word_x8(q1, w, wm, XF16)
+        x2, x3 = x0, x1
         if MX > 2:
             x2 = _word_x8(q2, w, wm, XF16)
             x3 = _word_x8(q3, w, wm, XF16)
         sc, v = _word_decode(d0, e0, f0, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
-        a00 = _word_dot(a00, v, x0, sc)
-        a01 = _word_dot(a01, v, x1, sc)
-        if MX > 2:
-            a02 = _word_dot(a02, v, x2, sc)
-            a03 = _word_dot(a03, v, x3, sc)
+        a00, a01, a02, a03 = _word_x_dots(a00, a01, a02, a03, v, sc, x0, x1, x2, x3, MX)
         if R > 1:
             sc, v = _word_decode(d1, e1, f1, code8_ptr, offset, table_ptr, tw, DOUBLE_QUANT, USE_PTX)
-            a10 = _word_dot(a10, v, x0, sc)
-            a11 = _word_dot(a11, v, x1, sc)
-            if MX > 2:
-                a12 = _word_dot(a12, v, x2, sc)
-                a13 = _word_dot(a13, v, x3, sc)
-    # row m of y at y_ptr + m * N; rows of x past M are not stored
-    _word_row_out(a00, n0, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-    _word_rows_out(a01, n0, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-    if MX > 2:
-        _word_rows_out(a02, n0, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        _word_rows_out(a03, n0, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+            a10, a11, a12, a13 = _word_x_dots(a10, a11, a12, a13, v, sc, x0, x1, x2, x3, MX)
+    _word_x_rows_out(a00, a01, a02, a03, n0, N, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC, MX)
     if R > 1:
-        _word_row_out(a10, n0 + 1, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        _word_rows_out(a11, n0 + 1, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-        if MX > 2:
-            _word_rows_out(a12, n0 + 1, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
-            _word_rows_out(a13, n0 + 1, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_x_rows_out(a10, a11, a12, a13, n0 + 1, N, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC, MX)
+
+
+@triton.jit
+def _word_x_dots(a0, a1, a2, a3, v, sc, x0, x1, x2, x3, MX: tl.constexpr):
+    """One row of W's word values v (scale sc) against MX rows of x: their 2 or 4 accumulators."""
+    a0 = _word_dot(a0, v, x0, sc)
+    a1 = _word_dot(a1, v, x1, sc)
+    if MX > 2:
+        a2 = _word_dot(a2, v, x2, sc)
+        a3 = _word_dot(a3, v, x3, sc)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _word_x_rows_out(a0, a1, a2, a3, n, N, M, pid_k, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr,
+                     ATOMIC: tl.constexpr, MX: tl.constexpr):
+    """Element n of rows 0..MX-1 of y (row m at y_ptr + m * N); rows of x past M are not stored."""
+    _word_row_out(a0, n, N, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    _word_rows_out(a1, n, N, 1, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+    if MX > 2:
+        _word_rows_out(a2, n, N, 2, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
+        _word_rows_out(a3, n, N, 3, M, pid_k, bias_ptr, y_ptr, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
