@@ -745,7 +745,7 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
         # H200 probe (benchmarks/results/diag/gemv3_probe-*): R 4, WT 256, 4 warps best or within 3% at the 70B
         # shapes; the hand-pipelined loads (PREFETCH) gained nothing measurable at these occupancies
-        # at 2-4 rows of x (benchmarks/results/diag/gemv3m_probe-*): R 2, WT 64, 2 warps best at all but K = 28672
+        # at 2-4 rows of x (gemv3m_probe-*, from gemv3_probe.py --ms): R 2, WT 64, 2 warps best but at K = 28672
         cfg = dict(R=4, WT=256, SPLIT_K=1, PREFETCH=False, num_warps=4) if M == 1 else \
             dict(R=2, WT=64, SPLIT_K=1, num_warps=2)
         progs, kb = triton.cdiv(N, cfg["R"]), K // 8 // cfg["WT"]  # kb: steps of WT words per row
