@@ -44,5 +44,5 @@ if _bnb_modules is not None and hasattr(_bnb_modules, "has_avx512bf16"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
             register_kernel("bitsandbytes::dequantize_4bit", "cpu")(_flat_dequantize_4bit)
-    except ImportError:  # another bitsandbytes layout: its own kernel stays (the interop tests say if it differs)
-        pass
+    except (ImportError, RuntimeError):  # another bitsandbytes layout, or a torch that refuses to override a
+        pass                             # kernel (2.11): its own kernel stays (the interop tests say if it differs)
