@@ -28,7 +28,7 @@ import nf4
 from nf4.blockwise import _check_input, blockwise_absmax, check_quant_args, flush_denormals, reciprocal_f32
 from nf4.double_quant import NESTED_BLOCKSIZE, DoubleQuantState, absmax_mean, dynamic_map
 
-from ._common import FLT_MAX, FLT_MIN, check_triton_device, rcp_approx, thresholds_on, use_ptx
+from ._common import check_triton_device, rcp_approx, thresholds_on, use_ptx
 
 
 @triton.jit

@@ -125,7 +125,7 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         bad = [k for k, default in self._UNSUPPORTED.items() if getattr(self, k) not in (default, [], {})]
         if bad:
-            raise ValueError(f"LoraConfig: options not supported by this package: "
+            raise ValueError("LoraConfig: options not supported by this package: "
                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
         if self.init_lora_weights not in (True, False, "gaussian"):
             # other peft initializations (pissa, olora, loftq, eva, ...) only matter before training; refuse
