@@ -159,7 +159,6 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, byte_tok, monkeypatch):
     ds = tiny_data(byte_tok, n=16)
     cfg = cfg_for(tmp_path, max_steps=6, save_steps=2)
     real_save = torch.save
-    calls = {"n": 0}
 
     def failing_save(obj, f, *a, **k):
         if "checkpoint-4" in str(f) and str(f).endswith("optimizer.pt"):

@@ -1,5 +1,4 @@
 """Paged AdamW 32/8-bit against bitsandbytes' CPU optimizers and torch.optim.AdamW."""
-import copy
 import math
 
 import pytest
