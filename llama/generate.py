@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="repeat for several prompts: they are generated as one left-padded batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -280,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(model_dir)
     chat = tok.chat_template is not None if a.chat == "auto" else a.chat == "yes"
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
-    text = complete(model, tok, a.prompt, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k, top_p=a.top_p, generator=gen, decode=a.decode)
-    print(text)
+    prompts = a.prompt[0] if len(a.prompt) == 1 else a.prompt
+    texts = complete(model, tok, prompts, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                     top_k=a.top_k, top_p=a.top_p, generator=gen, decode=a.decode)
+    if isinstance(texts, str):
+        print(texts)
+    else:
+        for i, (prompt, text) in enumerate(zip(a.prompt, texts), 1):
+            print(f"=== {i}: {prompt}\n{text}")
     return 0
 
 

@@ -151,6 +151,19 @@ def test_cli_prints_the_completion(smollm_dir, capsys):
     assert capsys.readouterr().out == out
 
 
+def test_cli_batches_repeated_prompts(smollm_dir, capsys):
+    """--prompt twice: one left-padded batch, each completion under its prompt, the same greedy text as alone."""
+    q1, q2 = "What is the capital of France?", "Name a primary color."
+    cpu = ["--device", "cpu"]    # float32: the batch's padded rows round as the lone prompt does
+    assert main(["--model", str(smollm_dir), "--prompt", q2, "--max-new-tokens", "8", *cpu]) == 0
+    alone = capsys.readouterr().out.strip()
+    assert main(["--model", str(smollm_dir), "--prompt", q1, "--prompt", q2, "--max-new-tokens", "8", *cpu]) == 0
+    out = capsys.readouterr().out
+    first, _, second = out.partition(f"=== 2: {q2}\n")
+    assert first.startswith(f"=== 1: {q1}\n") and "Paris" in first
+    assert second.strip() == alone
+
+
 def test_cli_defaults_to_the_embedded_model(smollm_dir):
     r = subprocess.run([sys.executable, "-m", "llama.generate", "--prompt", "Say hello.", "--max-new-tokens", "6"],
                        capture_output=True, text=True, timeout=300)
