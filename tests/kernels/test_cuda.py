@@ -149,9 +149,10 @@ def test_word_gemv(quant_type, dq, dtype):
         assert rel_err(y, mem) < 4e-3, (N, K, bs)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_word_gemv_rows(dq, dtype):
+def test_word_gemv_rows(dq, dtype, quant_type):
     """The word GEMV at 2..4 rows of x (each weight word looked up once for all rows): the row of x past M = 3
     is computed from row 2 and not stored, odd N, K not a multiple of the words a step, split-K, blocksize 32;
     against float64 math and the tensor-core swap kernel."""
@@ -159,7 +160,7 @@ def test_word_gemv_rows(dq, dtype):
                              SPLIT_K=4, num_warps=2)), (4, 67, 640, 64, dict(R=2, WT=256, num_warps=8)),
                              (4, 1000, 768, 64, dict(R=1, WT=128, SPLIT_K=2))]:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        qw = kernels.quantize_weight(w, bs, "nf4", dq)
+        qw = kernels.quantize_weight(w, bs, quant_type, dq)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         b = torch.randn(N, device="cuda", dtype=dtype)
         ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()

@@ -126,14 +126,15 @@ def test_word_gemv(quant_type, dq):
         assert rel_err(y, xb.double() @ w.T) < 5e-3, (N, K, bs)    # 5e-3: the bf16 output's rounding (2^-9)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [False, True])
-def test_word_gemv_rows(dq):
+def test_word_gemv_rows(quant_type, dq):
     """The word GEMV at 2..4 rows of x (`_nf4_gemv_wm_kernel`: each weight word looked up once and used for
     every row): M = 3 pads to 4 rows, the padding row re-reads row 2 and is not stored (a stored one would
     write past y); odd N, split-K, blocksizes 32 / 64 / 128."""
     for M, N, K, bs, cfg in [(2, 37, 320, 64, dict(R=2, WT=16)), (3, 9, 256, 32, dict(R=1, WT=16, SPLIT_K=3)),
                              (4, 6, 384, 128, dict(R=2, WT=32)), (3, 11, 192, 64, dict(R=2, WT=16))]:
-        qw = make(N, K, dq, "nf4", bs, seed=M)
+        qw = make(N, K, dq, quant_type, bs, seed=M)
         w = qw.dequantize(torch.float32).double()
         x = torch.randn(M, K)
         b = torch.randn(N)
