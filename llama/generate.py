@@ -276,10 +276,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode steps: auto = one CUDA graph per step on a GPU, the growing KV cache on a CPU")
     a = p.parse_args(argv)
     model_dir = resolve_model_dir(a.model)
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    model = load_model(model_dir, quantize=a.quantize, device=a.device, dtype=dtype)
     tok = load_tokenizer(model_dir)
     chat = tok.chat_template is not None if a.chat == "auto" else a.chat == "yes"
+    for i, prompt in enumerate(a.prompt, 1):  # before the model loads: a bad prompt fails in a second, not a minute
+        if not chat and not tok.encode(prompt):
+            p.error(f"--prompt number {i} ({prompt!r}) has no tokens (without the chat template there is nothing "
+                    "to continue)")
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    model = load_model(model_dir, quantize=a.quantize, device=a.device, dtype=dtype)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
     prompts = a.prompt[0] if len(a.prompt) == 1 else a.prompt
     texts = complete(model, tok, prompts, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,

@@ -164,6 +164,13 @@ def test_cli_batches_repeated_prompts(smollm_dir, capsys):
     assert second.strip() == alone
 
 
+def test_cli_names_an_empty_prompt(smollm_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(smollm_dir), "--prompt", "Hi", "--prompt", "", "--chat", "no"])
+    assert e.value.code == 2
+    assert "--prompt number 2 ('') has no tokens" in capsys.readouterr().err
+
+
 def test_cli_defaults_to_the_embedded_model(smollm_dir):
     r = subprocess.run([sys.executable, "-m", "llama.generate", "--prompt", "Say hello.", "--max-new-tokens", "6"],
                        capture_output=True, text=True, timeout=300)
