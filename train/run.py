@@ -4,7 +4,7 @@
     python -m train.run --model_name NousResearch/Llama-2-7b-chat-hf --dataset_name mlabonne/guanaco-llama2-1k
     python -m train.run --config run.yaml --max_steps 100 --resume latest
 
-Steps: config -> device and compute dtype -> model (NF4 base on a GPU) -> LoRA -> data -> eval loss and sample
+Steps: config -> device and compute dtype -> data -> model (NF4 base on a GPU) -> LoRA -> eval loss and sample
 generations before -> train (checkpoints, logs) -> eval loss and samples after -> adapter (PEFT format),
 loss-curve PNG, optional merged model and hub upload.
 """
@@ -279,10 +279,11 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
 
     # --distributed fsdp: each rank reads only its rows of the checkpoint (after the data, with the LoRA config)
     sharded = ctx.active and ctx.mode == "fsdp"
-    model = None if sharded else load_base_model(cfg, device, dtype, log)
+    # the data first: a missing or malformed dataset fails in seconds, not after a 7B model has loaded
     tok = load_tokenizer(cfg.model_name)
     adapter = TokenizerAdapter(tok)
     train_ds, eval_ds, samples = build_data(cfg, tok, adapter, device, log)
+    model = None if sharded else load_base_model(cfg, device, dtype, log)
 
     seed_everything(cfg.seed)  # LoRA init from the seed, whatever loading consumed
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
