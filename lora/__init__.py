@@ -9,7 +9,8 @@
     save_merged_checkpoint(merged, "out/merged", base_dir="base_model_dir")
 
 Files: config.py (LoraConfig, adapter_config.json), layer.py (LoRALinear), inject.py (targeting, freezing,
-parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint).
+parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; its command line,
+`python -m lora.merge --adapter DIR --out DIR`, merges a saved adapter into its base).
 """
 import warnings
 
