@@ -9,15 +9,9 @@
     save_merged_checkpoint(merged, "out/merged", base_dir="base_model_dir")
 
 Files: config.py (LoraConfig, adapter_config.json), layer.py (LoRALinear), inject.py (targeting, freezing,
-parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; its command line,
-`python -m lora.merge --adapter DIR --out DIR`, merges a saved adapter into its base).
+parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; `python -m train.merge` is its
+command line).
 """
-import warnings
-
-# `python -m lora.merge` imports this package, which imports lora.merge, before runpy runs the module as __main__;
-# runpy then warns that the module is already imported. It is harmless here.
-warnings.filterwarnings("ignore", message="'lora.merge' found in sys.modules", category=RuntimeWarning)
-
 from .adapter_io import adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .config import LoraConfig
 from .inject import (count_parameters, disable_adapters, find_target_modules, inject_lora, lora_layers,

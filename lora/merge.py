@@ -13,17 +13,13 @@ and the error the second quantization adds is reported per layer (relative Frobe
     load_adapter(model, "adapter_dir")                                     # lora.adapter_io
     save_merged_checkpoint(merge_and_unload(model), "out_dir", base_dir="base_dir")  # from_pretrained(out_dir)
 
-Command line (the same three steps; the base defaults to the adapter's base_model_name_or_path, where
-train.run's default, the SmolLM2-135M-Instruct hub id, means the embedded copy it trained on):
-    python -m lora.merge --adapter results/qlora-adapter --out merged [--base DIR_OR_ID] [--dtype float16]
+The same three steps from the command line: `python -m train.merge` (train/merge.py: it needs llama's loader).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from typing import Optional
 
 import torch
@@ -220,42 +216,3 @@ def _write_text(path: str, text: str) -> None:
         fh.write(text + "\n")
     os.replace(tmp, path)
 
-
-EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what train.run records for its embedded default base
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from llama import load_model, resolve_model_dir
-
-    from .adapter_io import load_adapter
-    from .config import LoraConfig
-
-    p = argparse.ArgumentParser(prog="python -m lora.merge",
-                                description="Merge a PEFT-format LoRA adapter into its dense base model and write a "
-                                            "Hugging Face checkpoint (safetensors + the base's config and tokenizer).")
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json, adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
-    p.add_argument("--base", default=None, help="base model directory or hub id (default: the adapter's "
-                   f"base_model_name_or_path; {EMBEDDED_BASE_ID} = the embedded copy)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                   help="dtype the base is reloaded in and the merged weights are saved in (the tutorial: float16)")
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(a.adapter, "adapter_config.json")):
-        p.error(f"--adapter {a.adapter}: no adapter_config.json there (expected a PEFT-format adapter directory)")
-    base = a.base or LoraConfig.load(a.adapter).base_model_name_or_path
-    base_dir = resolve_model_dir(None if base in (None, EMBEDDED_BASE_ID) and a.base is None else base)
-    out = os.path.abspath(a.out)
-    for what, d in (("base model", str(base_dir)), ("adapter", a.adapter)):
-        if os.path.isdir(out) and os.path.samefile(out, d):
-            p.error(f"--out {a.out} is the {what} directory: the merged checkpoint would overwrite its files")
-    model = load_model(base_dir, dtype=getattr(torch, a.dtype), device=a.device)
-    load_adapter(model, a.adapter)
-    n = sum(1 for _ in lora_layers(model))
-    save_merged_checkpoint(merge_and_unload(model), out, base_dir=str(base_dir))
-    print(f"merged {n} LoRA layers of {a.adapter} into {base_dir} ({a.dtype}) -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

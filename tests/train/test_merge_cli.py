@@ -1,4 +1,4 @@
-"""`python -m lora.merge`: adapter + base -> a dense checkpoint whose logits are the in-process merge's; bad
+"""`python -m train.merge`: adapter + base -> a dense checkpoint whose logits are the in-process merge's; bad
 arguments are named before anything loads or is written."""
 import os
 import subprocess
@@ -9,9 +9,9 @@ import torch
 
 from llama import checkpoint
 from lora import LoraConfig, inject_lora, merge_and_unload, save_adapter
-from lora.merge import main
+from train.merge import main
 
-from .lora_testlib import randomize_lora, tiny_llama, tokens
+from ..lora.lora_testlib import randomize_lora, tiny_llama, tokens
 
 
 @pytest.fixture(scope="module")
@@ -53,5 +53,5 @@ def test_merge_cli_names_bad_arguments(base_dir, tmp_path, capsys):
 
 
 def test_merge_cli_runs_as_a_module():
-    r = subprocess.run([sys.executable, "-m", "lora.merge", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "train.merge", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--adapter" in r.stdout and "Warning" not in r.stderr
