@@ -25,6 +25,16 @@ from lora import LoraConfig, load_adapter, lora_layers, merge_and_unload, save_m
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what train.run records for its embedded default base
 
 
+def merge_into_base(base_dir, adapter_dir: str, out_dir: str, dtype: torch.dtype = torch.float16,
+                    device: str | torch.device = "cpu") -> int:
+    """Reload the dense base in `dtype`, apply the adapter, merge, write the checkpoint; returns the merged layers."""
+    model = load_model(base_dir, dtype=dtype, device=device)
+    load_adapter(model, adapter_dir)
+    n = sum(1 for _ in lora_layers(model))
+    save_merged_checkpoint(merge_and_unload(model), out_dir, base_dir=str(base_dir))
+    return n
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.merge",
                                 description="Merge a PEFT-format LoRA adapter into its dense base model and write a "
@@ -45,10 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for what, d in (("base model", str(base_dir)), ("adapter", a.adapter)):
         if os.path.isdir(out) and os.path.samefile(out, d):
             p.error(f"--out {a.out} is the {what} directory: the merged checkpoint would overwrite its files")
-    model = load_model(base_dir, dtype=getattr(torch, a.dtype), device=a.device)
-    load_adapter(model, a.adapter)
-    n = sum(1 for _ in lora_layers(model))
-    save_merged_checkpoint(merge_and_unload(model), out, base_dir=str(base_dir))
+    n = merge_into_base(base_dir, a.adapter, out, getattr(torch, a.dtype), a.device)
     print(f"merged {n} LoRA layers of {a.adapter} into {base_dir} ({a.dtype}) -> {out}")
     return 0
 

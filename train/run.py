@@ -435,15 +435,13 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
 
 def merge_adapter_into_base(cfg: TrainConfig, device: torch.device, adapter_dir: str, log) -> str:
     """Reload the base in full precision (fp16 on a GPU, as the tutorial does), apply the adapter, merge, save."""
-    from llama import load_model, resolve_model_dir
-    from lora import load_adapter, merge_and_unload, save_merged_checkpoint
+    from llama import resolve_model_dir
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    base = load_model(cfg.model_name, quantize=None, device=device, dtype=dtype)
-    load_adapter(base, adapter_dir)
-    merged = merge_and_unload(base)
+    from .merge import merge_into_base
+
     out = os.path.join(cfg.output_dir, cfg.new_model + "-merged")
-    save_merged_checkpoint(merged, out, base_dir=str(resolve_model_dir(cfg.model_name)))
+    merge_into_base(resolve_model_dir(cfg.model_name), adapter_dir, out,
+                    torch.float16 if device.type == "cuda" else torch.float32, device)
     return out
 
 
