@@ -5,6 +5,8 @@
     model = load_model("path/to/Llama-2-7b-hf", quantize="nf4", device="cuda", dtype=torch.bfloat16)
     tok = load_tokenizer(None)
     new_ids = generate(model, [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)])
+
+Command lines: `python -m llama.generate --prompt "..."`, `python -m llama.quantize --model DIR --out DIR4`.
 """
 import warnings
 

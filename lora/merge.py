@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+from nf4 import copy_side_files
 
 from .inject import lora_layers
 from .layer import LoRALinear
@@ -135,8 +136,6 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float16) -> 
 
 
 # --------------------------------------------------------------------------- checkpoint writing
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _dense_state_dict(model: nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -187,14 +186,7 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
 
     saved_dtype = str(next(iter(sd.values())).dtype).replace("torch.", "") if sd else None
     if base_dir is not None:
-        for fname in sorted(os.listdir(base_dir)):
-            src = os.path.join(base_dir, fname)
-            if (not os.path.isfile(src) or fname.endswith(WEIGHT_SUFFIXES) or fname in WEIGHT_INDEXES
-                    or fname.startswith(".")):
-                continue
-            tmp = os.path.join(out_dir, f".{fname}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, os.path.join(out_dir, fname))
+        copy_side_files(str(base_dir), out_dir)
     else:  # transformers' model.config, or our Llama module's model.args (both have to_dict)
         own = getattr(model, "config", None) or getattr(model, "args", None)
         if hasattr(own, "to_dict"):

@@ -12,6 +12,7 @@ Under a weight prefix (e.g. "model.layers.0.self_attn.q_proj.weight") bitsandbyt
 """
 import json
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 
@@ -146,6 +147,26 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: dict = None) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def copy_side_files(src_dir: str, out_dir: str, skip: tuple = ()) -> list:
+    """Copy a model directory's files other than weights (config, tokenizer, generation config, chat template) into
+    `out_dir`, each to a temporary name and renamed; `skip`: names the caller writes itself. Returns the names."""
+    copied = []
+    for fname in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, fname)
+        if (not os.path.isfile(src) or fname.endswith(WEIGHT_SUFFIXES) or fname in WEIGHT_INDEXES
+                or fname.startswith(".") or fname in skip):
+            continue
+        tmp = os.path.join(out_dir, f".{fname}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, os.path.join(out_dir, fname))
+        copied.append(fname)
+    return copied
 
 
 def save_quantized(weights: dict, path: str, extra: dict = None) -> None:
