@@ -310,22 +310,38 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_size:
             sizes.append(0)
         shards[-1][k] = t
         sizes[-1] += n
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        tmp = out / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
+    # every shard is written under a temporary name first: a failure (a full disk) leaves a checkpoint already in
+    # `out` as it was; only then are the old weights removed and the new ones renamed into place
+    tmps = []
+    try:
+        for name, shard in zip(names, shards):
+            tmps.append(out / f".{name}.tmp")
+            save_file(shard, str(tmps[-1]), metadata={"format": "pt"})
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    for name, tmp in zip(names, tmps):
         os.replace(tmp, out / name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
     cfg = model.args.to_dict()
     cfg["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
     cfg.pop("quantization_config", None)  # from the checkpoint this model was loaded from, if any
     if q4:
         cfg["quantization_config"] = _bnb_quantization_config(model, q4, dtype or model.dtype)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_text_atomic(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -49,6 +49,34 @@ def test_load_what_transformers_saved(tmp_path, tie, shard):
         assert_close(ours(IDS).logits, hf(IDS).logits, 1e-5, "logits after loading")
 
 
+def test_failed_save_keeps_the_checkpoint_already_there(tmp_path, monkeypatch):
+    """A save that fails on its second shard (a full disk) leaves the earlier checkpoint loadable and no temp files;
+    a later save into the same directory from a sharded to a single file removes the old shards and index."""
+    import llama.checkpoint as ck
+
+    first = LlamaForCausalLM(ModelArgs.from_name("tiny", vocab_size=100))
+    save_model(first, tmp_path, max_shard_size="30KB")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = ck.save_file, []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", failing)
+    torch.manual_seed(1)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(LlamaForCausalLM(ModelArgs.from_name("tiny", vocab_size=100)), tmp_path, max_shard_size="30KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(IDS[:, :5] % 100).logits, first(IDS[:, :5] % 100).logits)
+    monkeypatch.setattr(ck, "save_file", real)
+    save_model(first, tmp_path)                                            # one file now: old shards and index go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("shard", ["5GB", "30KB"])
 def test_save_loads_in_transformers_and_back(tmp_path, shard):
     hf = tiny_hf(tie=True, seed=3)
