@@ -24,7 +24,9 @@ from .checkpoint import QUANTIZE_TYPES, load_model, resolve_model_dir, save_mode
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama.quantize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llama.quantize",
+                                description="Write a 4-bit copy of a Hugging Face Llama checkpoint in bitsandbytes' "
+                                            "format (loads here and in transformers + bitsandbytes).")
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quant-type", choices=[q for q in QUANTIZE_TYPES if q], default="nf4")
