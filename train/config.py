@@ -95,6 +95,8 @@ class TrainConfig:
     cpu_use_4bit: bool = _f(False, "on a CPU, also quantize the base to 4 bits (slow: pure-torch dequantization every matmul); by default a CPU keeps the base dense and says so")
     cpu_max_eval_examples: int = _f(32, "on a CPU, eval loss uses at most this many held-out examples")
     resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'latest' for the newest under output_dir")
+    from_adapter: Optional[str] = _f(None, "start from this saved PEFT adapter directory (its r, alpha, targets) instead of a fresh LoRA init")
+    eval_only: bool = _f(False, "compute the eval loss and the sample generations, print them and stop (no training, nothing written)")
     merge: bool = _f(False, "also write the base model with the adapter merged in (dense safetensors)")
     push_to_hub: bool = _f(False, "upload the adapter to the hub (needs a network and a token)")
     hub_model_id: Optional[str] = _f(None, "repository id for --push_to_hub; default = new_model")
@@ -153,6 +155,12 @@ class TrainConfig:
         if self.cuda_graph and self.fp16:
             raise ConfigError("config fields 'cuda_graph' and 'fp16': the fp16 GradScaler's inf checks read device "
                               "values on the host; use bf16")
+        if self.from_adapter is not None and not os.path.isfile(os.path.join(self.from_adapter, "adapter_config.json")):
+            raise ConfigError(f"config field 'from_adapter' = {self.from_adapter!r}: no adapter_config.json there "
+                              "(expected a PEFT-format adapter directory)")
+        if self.from_adapter is not None and self.resume:
+            raise ConfigError("config fields 'from_adapter' and 'resume': a checkpoint already holds its adapter; "
+                              "give one of them")
         if self.fast_path and self.distributed == "fsdp":
             raise ConfigError("config fields 'fast_path' and distributed='fsdp': the fast path's checkpointing is "
                               "not wired to FSDP2's gathers yet; use distributed='ddp' (or 'auto' for models that "

@@ -223,8 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if ctx.is_main:
-        logger = RunLogger(cfg.output_dir, cfg.report_to) if _writable_parent(cfg.output_dir) else RunLogger(None, "none")
+    if ctx.is_main:  # --eval_only writes nothing: no TensorBoard events either
+        logger = RunLogger(cfg.output_dir, cfg.report_to) if _writable_parent(cfg.output_dir) and not cfg.eval_only \
+            else RunLogger(None, "none")
     else:
         logger = RunLogger(None, "none", use_tqdm=False, stream=open(os.devnull, "w"))
 
@@ -279,6 +280,9 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
 
     # --distributed fsdp: each rank reads only its rows of the checkpoint (after the data, with the LoRA config)
     sharded = ctx.active and ctx.mode == "fsdp"
+    if sharded and cfg.from_adapter:
+        raise ConfigError("--from_adapter with --distributed fsdp: the sharded load draws its own LoRA weights; use "
+                          "--distributed ddp")
     # the data first: a missing or malformed dataset fails in seconds, not after a 7B model has loaded
     tok = load_tokenizer(cfg.model_name)
     adapter = TokenizerAdapter(tok)
@@ -306,7 +310,12 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
             log(f"model: {cfg.model_name or 'embedded SmolLM2-135M-Instruct'}, FSDP2-sharded while loading (each "
                 f"rank read and quantized only its rows), {'NF4 ' if quantize else ''}{dtype}, "
                 f"{time.time() - t:.1f}s")
-    if not sharded:
+    if not sharded and cfg.from_adapter:  # the saved adapter's own r, alpha and targets, trainable from its values
+        from lora import load_adapter
+
+        lcfg = load_adapter(model, cfg.from_adapter, is_trainable=True)
+        log(f"adapter: {cfg.from_adapter} (r {lcfg.r}, alpha {lcfg.lora_alpha}, targets {lcfg.target_modules})")
+    elif not sharded:
         inject_lora(model, lcfg)
     log(trainable_parameters_report(model))
     if hasattr(model, "model") and hasattr(model.model, "gradient_checkpointing"):
@@ -357,12 +366,21 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
     eval_seconds = time.time() - t
     n_eval = min(len(eval_ds), eval_cap or len(eval_ds)) if eval_ds is not None else 0
     eval_tokens = sum(eval_ds.lengths[:n_eval]) if eval_ds is not None else 0
-    log(f"eval loss before training: {eval_before:.4f}" + (f" ({n_eval} held-out examples, {eval_seconds:.0f}s)"
-                                                              if n_eval else ""))
+    when = "" if cfg.eval_only else " before training"
+    log(f"eval loss{when}: {eval_before:.4f}" + (f" ({n_eval} held-out examples, {eval_seconds:.0f}s)"
+                                                  if n_eval else ""))
     t = time.time()
     before = generate_samples(model, tok, adapter, samples, cfg.max_new_tokens) if sample_here else []
     gen_seconds = time.time() - t
-    log(f"sample generations before training: {len(samples)} in {gen_seconds:.0f}s")
+    log(f"sample generations{when}: {len(samples)} in {gen_seconds:.0f}s")
+    if cfg.eval_only:
+        log("")
+        for i, ((_, question, reference), answer) in enumerate(zip(samples, before), start=1):
+            log(f"--- sample {i}: {question.strip()[-300:]}")
+            log(f"    reference: {reference.strip()[:300]}")
+            log(f"    answer:    {answer[:300]}")
+        log(f"eval only: nothing trained or written; done in {time.time() - t_start:.0f}s")
+        return 0
 
     deadline = None
     if on_cpu and cfg.max_steps <= 0 and not cfg.resume:

@@ -73,6 +73,34 @@ def test_end_to_end(tiny_model_dir, jsonl, tmp_path, capsys):
     assert all(k.startswith("base_model.model.model.layers.") for k in sd)
 
 
+def test_from_adapter_and_eval_only(tiny_model_dir, jsonl, tmp_path, capsys):
+    """--from_adapter --eval_only: the saved adapter (its own r and targets) evaluated on the same held-out split
+    gives the trained run's eval loss after training; nothing is trained or written. --from_adapter alone continues
+    training from the adapter's values."""
+    out = tmp_path / "out"
+    assert main(_args(tiny_model_dir, jsonl, out, "--lora_target_modules", "q_proj,v_proj", "--lora_r", "2")) == 0
+    trained = json.loads((out / "run_summary.json").read_text())["eval_loss_after"]
+    capsys.readouterr()
+    fresh = tmp_path / "eval"
+    assert main(_args(tiny_model_dir, jsonl, fresh, "--from_adapter", str(out / "qlora-adapter"), "--eval_only",
+                      "true")) == 0
+    text = capsys.readouterr().out
+    assert "(r 2, alpha 8" in text and "answer:" in text and "eval only: nothing trained or written" in text
+    loss = float(text.split("eval loss: ")[1].split()[0])
+    assert abs(loss - trained) < 1e-4, (loss, trained)
+    assert not os.path.exists(fresh) or not os.listdir(fresh)
+    more = tmp_path / "more"
+    assert main(_args(tiny_model_dir, jsonl, more, "--from_adapter", str(out / "qlora-adapter"))) == 0
+    summary = json.loads((more / "run_summary.json").read_text())
+    assert abs(summary["eval_loss_before"] - trained) < 1e-4           # training started from the adapter
+    assert json.loads((more / "qlora-adapter" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_from_adapter_bad_input(tiny_model_dir, jsonl, tmp_path, capsys):
+    assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--from_adapter", str(tmp_path))) != 0
+    assert "no adapter_config.json there" in capsys.readouterr().err
+
+
 def test_bad_inputs_exit_with_clear_errors(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": \n')
