@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nf4 import atomic_write_text
+
 from .config import ModelArgs
 from .model import LlamaForCausalLM
 
@@ -331,17 +333,12 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_size:
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        _write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
     cfg = model.args.to_dict()
     cfg["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
     cfg.pop("quantization_config", None)  # from the checkpoint this model was loaded from, if any
     if q4:
         cfg["quantization_config"] = _bnb_quantization_config(model, q4, dtype or model.dtype)
-    _write_text_atomic(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

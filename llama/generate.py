@@ -285,14 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     model = load_model(model_dir, quantize=a.quantize, device=a.device, dtype=dtype)
     gen = torch.Generator(device=a.device).manual_seed(a.seed)
-    prompts = a.prompt[0] if len(a.prompt) == 1 else a.prompt
-    texts = complete(model, tok, prompts, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+    texts = complete(model, tok, a.prompt, chat=chat, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                      top_k=a.top_k, top_p=a.top_p, generator=gen, decode=a.decode)
-    if isinstance(texts, str):
-        print(texts)
-    else:
-        for i, (prompt, text) in enumerate(zip(a.prompt, texts), 1):
-            print(f"=== {i}: {prompt}\n{text}")
+    for i, (prompt, text) in enumerate(zip(a.prompt, texts), 1):  # one prompt: its text alone
+        print(text if len(texts) == 1 else f"=== {i}: {prompt}\n{text}")
     return 0
 
 

@@ -9,8 +9,8 @@
     save_merged_checkpoint(merged, "out/merged", base_dir="base_model_dir")
 
 Files: config.py (LoraConfig, adapter_config.json), layer.py (LoRALinear), inject.py (targeting, freezing,
-parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; `python -m train.merge` is its
-command line).
+parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; its command line
+is `python -m train.merge`).
 """
 from .adapter_io import adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .config import LoraConfig

@@ -19,7 +19,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from nf4 import atomic_save_safetensors
 
 from .config import LoraConfig
 from .inject import inject_lora, lora_layers, mark_only_lora_trainable, modules_to_save_names
@@ -54,16 +56,6 @@ def _model_config(model: nn.Module) -> LoraConfig:
     return config
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_adapter(model: nn.Module, directory: str, config: Optional[LoraConfig] = None) -> str:
     """Write `directory/adapter_model.safetensors` and `directory/adapter_config.json` (PEFT format).
 
@@ -80,7 +72,7 @@ def save_adapter(model: nn.Module, directory: str, config: Optional[LoraConfig] 
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous().clone()
                for k, v in adapter_state_dict(model, config).items()}
     os.makedirs(directory, exist_ok=True)
-    _atomic_save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
+    atomic_save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
     config.save(directory)
     return directory
 

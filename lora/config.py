@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from nf4 import atomic_write_text
+
 #: peft's version whose adapter_config.json format this module writes.
 PEFT_FORMAT_VERSION = "0.21.2"
 #: Fields that every adapter_config.json must carry (every peft version writes them).
@@ -185,10 +187,7 @@ class LoraConfig:
         """Write `directory/adapter_config.json` atomically (temp file + rename); returns its path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "adapter_config.json")
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from nf4 import copy_side_files
+from nf4 import atomic_write_text, copy_side_files
 
 from .inject import lora_layers
 from .layer import LoRALinear
@@ -136,8 +136,6 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float16) -> 
 
 
 # --------------------------------------------------------------------------- checkpoint writing
-
-
 def _dense_state_dict(model: nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """Parameters by HF key, tied ones once (first name: model.embed_tokens.weight before lm_head.weight)."""
     quantized = [n for n, m in model.named_modules() if _is_quantized(m)]
@@ -182,7 +180,8 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
-        _write_text(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        atomic_write_text(os.path.join(out_dir, "model.safetensors.index.json"),
+                          json.dumps(index, indent=2) + "\n")
 
     saved_dtype = str(next(iter(sd.values())).dtype).replace("torch.", "") if sd else None
     if base_dir is not None:
@@ -190,7 +189,8 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
     else:  # transformers' model.config, or our Llama module's model.args (both have to_dict)
         own = getattr(model, "config", None) or getattr(model, "args", None)
         if hasattr(own, "to_dict"):
-            _write_text(os.path.join(out_dir, "config.json"), json.dumps(own.to_dict(), indent=2, default=str))
+            atomic_write_text(os.path.join(out_dir, "config.json"),
+                              json.dumps(own.to_dict(), indent=2, default=str) + "\n")
     cfg_path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"no config.json for {out_dir}: pass base_dir (the base model's directory)")
@@ -198,13 +198,5 @@ def save_merged_checkpoint(model: nn.Module, out_dir: str, base_dir: Optional[st
         cfg = json.load(fh)
     if saved_dtype is not None:
         cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = saved_dtype
-    _write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out_dir
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text + "\n")
-    os.replace(tmp, path)
-

@@ -608,10 +608,11 @@ def gather_adapter(model: nn.Module, config=None) -> tuple[dict[str, torch.Tenso
 
 def save_adapter_tensors(tensors: dict[str, torch.Tensor], config, directory: str) -> str:
     """What lora.save_adapter writes, from tensors already gathered (rank 0 calls it)."""
-    from lora.adapter_io import ADAPTER_WEIGHTS, _atomic_save_safetensors
+    from lora.adapter_io import ADAPTER_WEIGHTS
+    from nf4 import atomic_save_safetensors
 
     os.makedirs(directory, exist_ok=True)
-    _atomic_save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
+    atomic_save_safetensors(tensors, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"})
     config.save(directory)
     return directory
 
