@@ -118,10 +118,11 @@ def load_scales(block_idx, mask, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offs
         return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
 
 
-def _half_table_words(quant_type: str) -> tuple[list[int], list[int]]:
-    """The 16-entry table rounded to float16, as register words: (low bytes of entries 0-3, 4-7, 8-11, 12-15;
-    high bytes likewise), entry 4i + j in byte j of word i (unsigned 32-bit values)."""
-    half = code_table(quant_type, torch.device("cpu")).half().view(torch.int16).to(torch.int32) & 0xFFFF
+def _half_table_words(quant_type: str, bf16: bool = False) -> tuple[list[int], list[int]]:
+    """The 16-entry table rounded to float16 (or bfloat16), as register words: (low bytes of entries 0-3, 4-7,
+    8-11, 12-15; high bytes likewise), entry 4i + j in byte j of word i (unsigned 32-bit values)."""
+    table = code_table(quant_type, torch.device("cpu"))
+    half = table.to(torch.bfloat16 if bf16 else torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     lo = [int(v) & 0xFF for v in half]
     hi = [int(v) >> 8 for v in half]
     word = lambda b, i: b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16 | b[4 * i + 3] << 24  # noqa: E731
@@ -184,23 +185,25 @@ WORD_LOOKUP: tl.constexpr = tl.constexpr(_word_lookup_asm())
 
 
 @functools.lru_cache(maxsize=None)
-def _word_tables(quant_type: str, device: str):
-    lo, hi = _half_table_words(quant_type)
+def _word_tables(quant_type: str, device: str, bf16: bool = False):
+    lo, hi = _half_table_words(quant_type, bf16)
     row = torch.tensor(lo + hi + [0x44444444] + [0] * 7, dtype=torch.int64)
     row = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)  # as int32 bits
-    half = code_table(quant_type, torch.device("cpu")).half().float().contiguous()
-    return row.repeat(32).to(device), half.to(device)
+    half = code_table(quant_type, torch.device("cpu")).to(torch.bfloat16 if bf16 else torch.float16)
+    return row.repeat(32).to(device), half.float().contiguous().to(device)
 
 
-def word_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The word GEMV's register table (int32 [32 x 16]: per lane the 4 + 4 words of float16 low / high bytes
-    and 0x44444444; one copy per lane so that the kernel loads it into per-thread registers) (cached)."""
-    return _word_tables(quant_type, str(device))[0]
+def word_table_on(quant_type: str, device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """The word GEMV's register table (int32 [32 x 16]: per lane the 4 + 4 words of float16 (bf16: bfloat16)
+    low / high bytes and 0x44444444; one copy per lane so that the kernel loads it into per-thread registers)
+    (cached)."""
+    return _word_tables(quant_type, str(device), bf16)[0]
 
 
-def half_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry code table rounded to float16, as float32 (the word GEMV's values off the GPU) (cached)."""
-    return _word_tables(quant_type, str(device))[1]
+def half_table_on(quant_type: str, device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """The 16-entry code table rounded to float16 (bf16: bfloat16), as float32 (the word GEMV's values off the
+    GPU) (cached)."""
+    return _word_tables(quant_type, str(device), bf16)[1]
 
 
 @triton.jit

@@ -1,0 +1,403 @@
+"""The tensor-core decode kernel (path "mma"): y = x @ W.T (+ bias) for 1 <= M <= 16 rows of bf16/fp16 x,
+reading the 4-bit weight directly, with the looked-up weight fed to `mma.sync` straight from registers.
+
+Why: at M <= 16 the matmul is bound by the weight stream, and the CUDA-core GEMVs (`_nf4_gemv_w_kernel`,
+`_nf4_gemv_wm_kernel`) spend per code a table lookup, a widening to float32 and an FMA per row of x: past
+4 rows the FMAs cost more than the stream. Here each 32-bit word of 8 codes is looked up once into 4 packed
+16-bit pairs (the register table of `kernels/_common.py`, 2 byte permutes per code, no widening) that are
+the A operand of `mma.m16n8k16` as they are: the tensor core does every multiply and add, for 1 row of x or
+16 (two mma per A fragment past 8 rows), at the same cost per weight byte.
+
+Layout: every tensor in the loop is one-dimensional over the program's 32 * NW threads, one element per
+thread (`max_contiguous(..., 1)` keeps Triton from vectorizing a load into another layout), so element e
+is lane e % 32 of warp e // 32 and the inline-PTX `mma.sync` sees the fragments where the ISA puts them.
+Lane (g, q) = (lane // 4, lane % 4) of a warp, for one "unit" of 64 codes of a row (8 words; one 4-bit block
+or part of one, so that one scale covers the unit):
+- A (16 rows of W: n0 + g and n0 + g + 8): the lane reads words 2q, 2q + 1 of the unit of both its rows (one
+  64-bit load each): 16 codes, physical columns 16q .. 16q + 15 of the unit. mma j (0..3) takes codes
+  4j .. 4j + 3 of them as its k = 2q, 2q+1 (a0 / a1) and 2q+8, 2q+9 (a2 / a3): the unit's 64 columns are
+  permuted inside the mma, and x is read in the same permutation, so the dot product is unchanged.
+- B (8 rows of x: row g, or 8 + g for the second mma): the same 16 columns 16q .. 16q + 15 of row g of x, as 8
+  32-bit words (bf16 pairs, even column in the low half, as the A pairs): mma j takes words 2j, 2j + 1.
+- D: lane (g, q) ends with y[row 2q and 2q + 1 of x] for rows n0 + g (d0, d1) and n0 + g + 8 (d2, d3) of W.
+The 4 mma of a unit start from zero and the unit's float32 sum is multiplied by the block's scale once
+(absmax, or the double-quantized one), so the scale is exact: only the table values are rounded, to
+bfloat16 for bf16 x (as bitsandbytes' bf16 dequantize rounds value * absmax) or float16 for fp16 x.
+Warps of a program take interleaved units of the same rows; their sums are added at the end; SPLIT_K > 1
+adds programs' slices into a zeroed float32 y.
+Off the GPU (TRITON_INTERPRET=1) the lookup reads the rounded float32 table and the mma is computed by the
+same formula over the same lanes (the fragments regrouped by reshape), so the index mapping is tested on
+the CPU; only the two inline-PTX blocks are GPU-only.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import half_table_on, interpreting, mul_rn, scale_args, use_ptx, word_table_on, word_values
+
+MMA_MAX_M = 16
+UNIT = 64
+_LAST = {}  # the last compiled kernel (benchmarks/diag inspect its registers and IR)  # codes of one row per unit: the kernel needs K and the blocksize to be multiples of it
+
+
+def _pairs_asm() -> str:
+    """PTX: one word of 8 codes ($4; byte i holds columns 2i (high nibble) and 2i + 1) -> 4 packed 16-bit
+    pairs ($0..$3 = columns (0, 1), (2, 3), (4, 5), (6, 7), the even column in the low half), through the
+    register table $5..$12 (low bytes L[0..15], high bytes H[0..15], 4 entries a register) and $13 =
+    0x44444444. Per 4 codes: 2 prmt look L[c & 7] up among entries 0-7 and 8-15, a third keeps the one bit 3
+    asks for (selector t), the same for H, and 2 prmt pair (L, H) bytes into 16-bit values."""
+    def four(c, t, o0, o1):
+        return (f"prmt.b32 a0, $5, $6, {c};\n prmt.b32 a1, $7, $8, {c};\n prmt.b32 lb, a0, a1, {t};\n"
+                f"prmt.b32 a0, $9, $10, {c};\n prmt.b32 a1, $11, $12, {c};\n prmt.b32 hb, a0, a1, {t};\n"
+                # lb / hb bytes 0..3 hold codes 1, 0, 3, 2 (selector nibble order): pairs (0, 1) and (2, 3)
+                f"prmt.b32 ${o0}, lb, hb, 0x4051;\n prmt.b32 ${o1}, lb, hb, 0x6273;\n")
+
+    return ("{\n .reg .b32 c, t, c2, t2, a0, a1, lb, hb;\n"
+            "and.b32 c, $4, 0x77777777;\n shr.b32 t, $4, 1;\n and.b32 t, t, $13;\n or.b32 t, t, 0x32103210;\n"
+            "shr.b32 c2, c, 16;\n shr.b32 t2, t, 16;\n" + four("c", "t", 0, 1) + four("c2", "t2", 2, 3) + "}")
+
+
+def _unit_mma_asm(ab: str) -> str:
+    """PTX: the 4 chained mma.m16n8k16 of one unit from zero. $0..$3: d0..d3 (float32); $4..$11: the lane's
+    8 pairs of row g (columns 16q + 0..15); $12..$19: the same of row g + 8; $20..$27: its 8 words of x."""
+    lines = []
+    for j in range(4):
+        a = f"{{${4 + 2 * j}, ${12 + 2 * j}, ${5 + 2 * j}, ${13 + 2 * j}}}"
+        c = "{z, z, z, z}" if j == 0 else "{$0, $1, $2, $3}"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{$0, $1, $2, $3}}, {a}, "
+                     f"{{${20 + 2 * j}, ${21 + 2 * j}}}, {c};\n")
+    return "{\n .reg .f32 z;\n mov.f32 z, 0f00000000;\n" + "".join(lines) + "}"
+
+
+PAIRS: tl.constexpr = tl.constexpr(_pairs_asm())
+MMA_BF16: tl.constexpr = tl.constexpr(_unit_mma_asm("bf16"))
+MMA_F16: tl.constexpr = tl.constexpr(_unit_mma_asm("f16"))
+
+
+@triton.jit
+def _table(tw_ptr, lane):
+    """The 9 register-table words (one copy per lane), in plain registers."""
+    o = lane * 16
+    return (tl.load(tw_ptr + o), tl.load(tw_ptr + o + 1), tl.load(tw_ptr + o + 2), tl.load(tw_ptr + o + 3),
+            tl.load(tw_ptr + o + 4), tl.load(tw_ptr + o + 5), tl.load(tw_ptr + o + 6), tl.load(tw_ptr + o + 7),
+            tl.load(tw_ptr + o + 8))
+
+
+@triton.jit
+def _pairs(word, tw, table_ptr, USE_PTX: tl.constexpr):
+    """A word's 8 codes as the mma's A operand: 4 int32 pairs (GPU) or their 8 float32 values (interpreter)."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise(PAIRS, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                         [word, tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
+                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        return word_values(word, tw, table_ptr, False)
+
+
+@triton.jit
+def _xval(xw, XF16: tl.constexpr):
+    """int32 words of x (16-bit pairs) -> (even column, odd column) as float32."""
+    if XF16:
+        e = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        o = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        e = (xw << 16).to(tl.float32, bitcast=True)
+        o = (xw & -65536).to(tl.float32, bitcast=True)
+    return e, o
+
+
+@triton.jit
+def _join16(v):
+    """16 tensors [T] -> [T, 16] (v[i] at column i)."""
+    a = tl.join(tl.join(tl.join(v[0], v[1]), tl.join(v[2], v[3])), tl.join(tl.join(v[4], v[5]), tl.join(v[6], v[7])))
+    b = tl.join(tl.join(tl.join(v[8], v[9]), tl.join(v[10], v[11])),
+                tl.join(tl.join(v[12], v[13]), tl.join(v[14], v[15])))
+    return tl.reshape(tl.join(a, b), (v[0].shape[0], 16))
+
+
+@triton.jit
+def _emulated_mma(va, vb, x, NW: tl.constexpr, XF16: tl.constexpr):
+    """What the 4 mma of a unit compute, from the lanes' values (interpreter): D[i][n] = sum over the unit's
+    64 columns of W row i (lanes (i, q) of va, or (i - 8, q) of vb) times x row n (lanes (n, q)); lane (g, q)
+    gets D[g][2q], D[g][2q+1], D[g+8][2q], D[g+8][2q+1]."""
+    xe0, xo0 = _xval(x[0], XF16)
+    xe1, xo1 = _xval(x[1], XF16)
+    xe2, xo2 = _xval(x[2], XF16)
+    xe3, xo3 = _xval(x[3], XF16)
+    xe4, xo4 = _xval(x[4], XF16)
+    xe5, xo5 = _xval(x[5], XF16)
+    xe6, xo6 = _xval(x[6], XF16)
+    xe7, xo7 = _xval(x[7], XF16)
+    xs = tl.reshape(_join16((xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, xe4, xo4, xe5, xo5, xe6, xo6, xe7, xo7)),
+                    (NW, 8, 64))
+    wa = tl.reshape(_join16(va), (NW, 8, 64))
+    wb = tl.reshape(_join16(vb), (NW, 8, 64))
+    da = tl.reshape(tl.sum(wa[:, :, None, :] * xs[:, None, :, :], axis=3), (NW, 8, 4, 2))
+    db = tl.reshape(tl.sum(wb[:, :, None, :] * xs[:, None, :, :], axis=3), (NW, 8, 4, 2))
+    d0, d1 = tl.split(da)
+    d2, d3 = tl.split(db)
+    T: tl.constexpr = 32 * NW
+    return tl.reshape(d0, (T,)), tl.reshape(d1, (T,)), tl.reshape(d2, (T,)), tl.reshape(d3, (T,))
+
+
+@triton.jit
+def _unit_mma(pa0, pa1, pb0, pb1, x, NW: tl.constexpr, USE_PTX: tl.constexpr, XF16: tl.constexpr):
+    """The unit's dot products: (pairs / values of words 0 and 1 of row a, the same of row b, x's 8 words)
+    -> d0..d3 (float32, before the scale)."""
+    if USE_PTX:
+        args = [pa0[0], pa0[1], pa0[2], pa0[3], pa1[0], pa1[1], pa1[2], pa1[3],
+                pb0[0], pb0[1], pb0[2], pb0[3], pb1[0], pb1[1], pb1[2], pb1[3],
+                x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]]
+        if XF16:
+            return tl.inline_asm_elementwise(MMA_F16, "=r,=r,=r,=r" + ",r" * 24, args,
+                                             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(MMA_BF16, "=r,=r,=r,=r" + ",r" * 24, args,
+                                             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        va = (pa0[0], pa0[1], pa0[2], pa0[3], pa0[4], pa0[5], pa0[6], pa0[7],
+              pa1[0], pa1[1], pa1[2], pa1[3], pa1[4], pa1[5], pa1[6], pa1[7])
+        vb = (pb0[0], pb0[1], pb0[2], pb0[3], pb0[4], pb0[5], pb0[6], pb0[7],
+              pb1[0], pb1[1], pb1[2], pb1[3], pb1[4], pb1[5], pb1[6], pb1[7])
+        return _emulated_mma(va, vb, x, NW, XF16)
+
+
+@triton.jit
+def _scale(b, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+    if DOUBLE_QUANT:
+        c = tl.load(code8_ptr + tl.load(q_ptr + b).to(tl.int32))
+        return mul_rn(c, tl.load(absmax2_ptr + b // 256), USE_PTX) + offset
+    else:
+        return tl.load(absmax_ptr + b)
+
+
+@triton.jit
+def _words(w64_ptr, row, KU, uc, q):
+    """The lane's two words (columns 16q .. 16q + 15 of unit uc) of one row: one 64-bit load."""
+    v = tl.load(w64_ptr + row * (KU * 4) + uc * 4 + q)
+    return v.to(tl.int32), (v >> 32).to(tl.int32)
+
+
+@triton.jit
+def _xwords(x64_ptr, xrow, KU, uc, ok):
+    """The lane's 8 words of x (columns 16q .. 16q + 15 of unit uc, one row): four 64-bit loads, zero where
+    not ok (rows of x past M, units past the slice)."""
+    p = x64_ptr + xrow
+    v0 = tl.load(p + uc * 16, mask=ok, other=0)
+    v1 = tl.load(p + uc * 16 + 1, mask=ok, other=0)
+    v2 = tl.load(p + uc * 16 + 2, mask=ok, other=0)
+    v3 = tl.load(p + uc * 16 + 3, mask=ok, other=0)
+    return (v0.to(tl.int32), (v0 >> 32).to(tl.int32), v1.to(tl.int32), (v1 >> 32).to(tl.int32),
+            v2.to(tl.int32), (v2 >> 32).to(tl.int32), v3.to(tl.int32), (v3 >> 32).to(tl.int32))
+
+
+@triton.jit
+def _warp_sum(acc, NW: tl.constexpr):
+    """Add the warps' accumulators: [32 * NW] -> [32] (lane order)."""
+    if NW == 1:
+        return acc
+    else:
+        return tl.sum(tl.reshape(acc, (NW, 32)), axis=0)
+
+
+@triton.jit
+def _store(acc, n, m, N, M, pid_k, bias_ptr, y_ptr, NW: tl.constexpr, HAS_BIAS: tl.constexpr,
+           ATOMIC: tl.constexpr):
+    """y[m, n] (+ bias[n] once) for one accumulator: rows n of W, rows m of x, one per lane [32]."""
+    v = _warp_sum(acc, NW)
+    ok = (n < N) & (m < M)
+    if HAS_BIAS:
+        if pid_k == 0:
+            v += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + m * N + n, v, mask=ok)
+    else:
+        tl.store(y_ptr + m * N + n, v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _nf4_mma_kernel(
+    # pointers: x and the packed weight viewed as int64 (pairs of 32-bit words)
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, bias_ptr, y_ptr,
+    # sizes: M rows of x, N rows of W, KU = K / 64 units per row
+    M, N, KU, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+):
+    """Y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), M <= MX (8 or 16): a program takes RT tiles of 16 rows of W
+    (RT 1 or 2) and a slice of K; its NW warps take interleaved units. See the module docstring."""
+    T: tl.constexpr = 32 * NW
+    UPB: tl.constexpr = BLOCKSIZE // 64                                   # units per 4-bit block
+    e = tl.max_contiguous(tl.arange(0, T), 1)
+    lane = e % 32
+    warp = e // 32
+    g = lane // 4
+    q = lane % 4
+    tw = _table(tw_ptr, lane)
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
+    KB = KU // UPB
+    pid_k = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(KU, SPLIT_K), NW) * NW
+    u_lo = pid_k * per
+    u_hi = tl.minimum(u_lo + per, KU)
+    n0 = tl.program_id(0) * (16 * RT)
+    na0, nb0 = n0 + g, n0 + g + 8                                          # tile 0: rows g, g + 8
+    na1, nb1 = n0 + 16 + g, n0 + 24 + g                                    # tile 1
+    ra0, rb0 = tl.minimum(na0, N - 1), tl.minimum(nb0, N - 1)              # rows past N re-read row N - 1
+    ra1, rb1 = tl.minimum(na1, N - 1), tl.minimum(nb1, N - 1)
+    xm0, xm1 = g, g + 8                                                    # rows of x (B columns)
+    XS = KU * 16                                                           # int64 words per row of x
+    xo0 = tl.minimum(xm0, M - 1) * XS + 4 * q
+    xo1 = tl.minimum(xm1, M - 1) * XS + 4 * q
+    c000 = tl.zeros((T,), dtype=tl.float32)                                # c<tile><x rows group><d index>
+    c001, c002, c003 = c000, c000, c000
+    c010, c011, c012, c013 = c000, c000, c000, c000
+    c100, c101, c102, c103 = c000, c000, c000, c000
+    c110, c111, c112, c113 = c000, c000, c000, c000
+    for u0 in range(u_lo, u_hi, NW):
+        u = u0 + warp
+        um = u < u_hi
+        uc = tl.minimum(u, u_hi - 1)
+        x0 = _xwords(x_ptr, xo0, KU, uc, um & (xm0 < M))
+        wa0, wa1 = _words(packed_ptr, ra0, KU, uc, q)
+        wb0, wb1 = _words(packed_ptr, rb0, KU, uc, q)
+        sa0 = _scale(ra0 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+        sb0 = _scale(rb0 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+        if MX > 8:
+            x1 = _xwords(x_ptr, xo1, KU, uc, um & (xm1 < M))
+        if RT > 1:
+            wc0, wc1 = _words(packed_ptr, ra1, KU, uc, q)
+            wd0, wd1 = _words(packed_ptr, rb1, KU, uc, q)
+            sa1 = _scale(ra1 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT,
+                         USE_PTX)
+            sb1 = _scale(rb1 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT,
+                         USE_PTX)
+        pa0 = _pairs(wa0, tw, table_ptr, USE_PTX)
+        pa1 = _pairs(wa1, tw, table_ptr, USE_PTX)
+        pb0 = _pairs(wb0, tw, table_ptr, USE_PTX)
+        pb1 = _pairs(wb1, tw, table_ptr, USE_PTX)
+        d0, d1, d2, d3 = _unit_mma(pa0, pa1, pb0, pb1, x0, NW, USE_PTX, XF16)
+        c000, c001, c002, c003 = c000 + d0 * sa0, c001 + d1 * sa0, c002 + d2 * sb0, c003 + d3 * sb0
+        if MX > 8:
+            d0, d1, d2, d3 = _unit_mma(pa0, pa1, pb0, pb1, x1, NW, USE_PTX, XF16)
+            c010, c011, c012, c013 = c010 + d0 * sa0, c011 + d1 * sa0, c012 + d2 * sb0, c013 + d3 * sb0
+        if RT > 1:
+            pc0 = _pairs(wc0, tw, table_ptr, USE_PTX)
+            pc1 = _pairs(wc1, tw, table_ptr, USE_PTX)
+            pd0 = _pairs(wd0, tw, table_ptr, USE_PTX)
+            pd1 = _pairs(wd1, tw, table_ptr, USE_PTX)
+            d0, d1, d2, d3 = _unit_mma(pc0, pc1, pd0, pd1, x0, NW, USE_PTX, XF16)
+            c100, c101, c102, c103 = c100 + d0 * sa1, c101 + d1 * sa1, c102 + d2 * sb1, c103 + d3 * sb1
+            if MX > 8:
+                d0, d1, d2, d3 = _unit_mma(pc0, pc1, pd0, pd1, x1, NW, USE_PTX, XF16)
+                c110, c111, c112, c113 = c110 + d0 * sa1, c111 + d1 * sa1, c112 + d2 * sb1, c113 + d3 * sb1
+    # lane (g, q) holds y for rows 2q, 2q + 1 of x (+ 8 in group 1) and rows n0 + g, n0 + g + 8 of W (+ 16)
+    l32 = tl.arange(0, 32)
+    gl = l32 // 4
+    m0 = 2 * (l32 % 4)
+    n0g = n0 + gl
+    _store(c000, n0g, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c001, n0g, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c002, n0g + 8, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c003, n0g + 8, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    if MX > 8:
+        _store(c010, n0g, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c011, n0g, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c012, n0g + 8, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c013, n0g + 8, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    if RT > 1:
+        _store(c100, n0g + 16, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c101, n0g + 16, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c102, n0g + 24, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store(c103, n0g + 24, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        if MX > 8:
+            _store(c110, n0g + 16, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+            _store(c111, n0g + 16, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+            _store(c112, n0g + 24, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+            _store(c113, n0g + 24, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------------
+def mma_supported(M, K, blocksize, dtype) -> bool:
+    """Whether the mma path takes this call (the dispatcher's test; the launcher raises with the reason)."""
+    return 1 <= M <= MMA_MAX_M and K % UNIT == 0 and blocksize % UNIT == 0 and \
+        dtype in (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=4096)
+def mma_default(M, N, K, n_sm):
+    """A config where none is given (GPU): RT 2 tiles of 16 rows, 4 warps, split K until the programs fill
+    the GPU twice over (and every warp keeps at least 4 units)."""
+    cfg = dict(RT=2, NW=4, SPLIT_K=1)
+    progs = triton.cdiv(N, 16 * cfg["RT"])
+    ku = K // UNIT
+    while progs * cfg["SPLIT_K"] < 2 * n_sm and ku // (cfg["SPLIT_K"] * 2) >= 4 * cfg["NW"]:
+        cfg["SPLIT_K"] *= 2
+    return cfg
+
+
+class MmaPlan:
+    """Everything about an mma launch that depends only on the weight, M, dtype and config (weight-side
+    arguments, constexprs, grid), built once per (weight, M, ...): decode calls each linear once per token."""
+    __slots__ = ("wargs", "kw", "grid", "split_k", "n", "k")
+
+    def __init__(self, x, qw, bias, config):
+        M, K = x.shape
+        N = qw.shape[0]
+        self.n, self.k = N, K
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"nf4_matmul_fused: the mma path takes bfloat16 or float16 input, got {x.dtype}")
+        if not 1 <= M <= MMA_MAX_M:
+            raise ValueError(f"nf4_matmul_fused: the mma path takes 1 to {MMA_MAX_M} rows, got {M}")
+        if K % UNIT or qw.blocksize % UNIT:
+            raise ValueError(f"nf4_matmul_fused: the mma path needs in_features and blocksize divisible by {UNIT}, "
+                             f"got {K} and {qw.blocksize}")
+        packed = qw.packed.reshape(-1)
+        if packed.data_ptr() % 8:
+            raise ValueError("nf4_matmul_fused: the mma path reads the packed weight as 64-bit words; its storage "
+                             "is not 8-byte aligned")
+        config = dict(config or {})
+        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8))):
+            if config.setdefault(key, allowed[-1] if key == "RT" else 4) not in allowed:
+                raise ValueError(f"nf4_matmul_fused: mma config {key} must be one of {allowed}, got {config[key]}")
+        self.split_k = config.pop("SPLIT_K", 1)
+        if self.split_k < 1:
+            raise ValueError(f"nf4_matmul_fused: mma config SPLIT_K must be >= 1, got {self.split_k}")
+        nw = config["NW"]
+        a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
+        xf16 = x.dtype == torch.float16
+        self.wargs = (packed.view(torch.int64), a, q, a2, code8, offset,
+                      half_table_on(qw.quant_type, x.device, bf16=not xf16),
+                      word_table_on(qw.quant_type, x.device, bf16=not xf16))
+        self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
+                       XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
+        self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)
+
+    def launch(self, x, bias):
+        M = x.shape[0]
+        x = x.contiguous()
+        if x.data_ptr() % 8:  # read as 64-bit words
+            x = x.clone()
+        if self.split_k > 1:
+            y = torch.zeros((M, self.n), dtype=torch.float32, device=x.device)
+        else:
+            y = torch.empty((M, self.n), dtype=x.dtype, device=x.device)
+        _LAST["compiled"] = _nf4_mma_kernel[self.grid](x.view(torch.int64), *self.wargs, bias if bias is not None else x, y,
+                                   M, self.n, self.k // UNIT, self.split_k, **self.kw)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def nf4_matmul_mma(x, qw, bias=None, config=None):
+    """y = x @ W.T (+ bias) through the mma kernel, x (M <= 16, K) bf16/fp16. config: RT, NW, SPLIT_K
+    (None: the GPU default; the interpreter uses 1 tile, 2 warps)."""
+    if config is None and interpreting():
+        config = dict(RT=1, NW=2, SPLIT_K=1)
+    if config is None:
+        config = mma_default(x.shape[0], qw.shape[0], x.shape[1],
+                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return MmaPlan(x, qw, bias, config).launch(x, bias)
