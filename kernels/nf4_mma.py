@@ -165,12 +165,21 @@ def _unit_mma(pa0, pa1, pb0, pb1, x, NW: tl.constexpr, USE_PTX: tl.constexpr, XF
 
 
 @triton.jit
-def _scale(b, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+def _fetch_scale(b, absmax_ptr, q_ptr, absmax2_ptr, DOUBLE_QUANT: tl.constexpr):
+    """The loads behind block b's scale: absmax, or the 8-bit code and absmax2 (the code's table lookup waits
+    for `_scale_of`, so that a prefetch never stalls on it)."""
     if DOUBLE_QUANT:
-        c = tl.load(code8_ptr + tl.load(q_ptr + b).to(tl.int32))
-        return mul_rn(c, tl.load(absmax2_ptr + b // 256), USE_PTX) + offset
+        return tl.load(q_ptr + b).to(tl.int32), tl.load(absmax2_ptr + b // 256)
     else:
-        return tl.load(absmax_ptr + b)
+        return tl.load(absmax_ptr + b), 0.0
+
+
+@triton.jit
+def _scale_of(e, f, code8_ptr, offset, DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr):
+    if DOUBLE_QUANT:
+        return mul_rn(tl.load(code8_ptr + e), f, USE_PTX) + offset
+    else:
+        return e
 
 
 @triton.jit
@@ -181,16 +190,66 @@ def _words(w64_ptr, row, KU, uc, q):
 
 
 @triton.jit
-def _xwords(x64_ptr, xrow, KU, uc, ok):
+def _xwords(x64_ptr, xrow, uc, ok):
     """The lane's 8 words of x (columns 16q .. 16q + 15 of unit uc, one row): four 64-bit loads, zero where
     not ok (rows of x past M, units past the slice)."""
-    p = x64_ptr + xrow
-    v0 = tl.load(p + uc * 16, mask=ok, other=0)
-    v1 = tl.load(p + uc * 16 + 1, mask=ok, other=0)
-    v2 = tl.load(p + uc * 16 + 2, mask=ok, other=0)
-    v3 = tl.load(p + uc * 16 + 3, mask=ok, other=0)
+    p = x64_ptr + xrow + uc * 16
+    v0 = tl.load(p, mask=ok, other=0)
+    v1 = tl.load(p + 1, mask=ok, other=0)
+    v2 = tl.load(p + 2, mask=ok, other=0)
+    v3 = tl.load(p + 3, mask=ok, other=0)
     return (v0.to(tl.int32), (v0 >> 32).to(tl.int32), v1.to(tl.int32), (v1 >> 32).to(tl.int32),
             v2.to(tl.int32), (v2 >> 32).to(tl.int32), v3.to(tl.int32), (v3 >> 32).to(tl.int32))
+
+
+@triton.jit
+def _tile_fetch(packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, ra, rb, KU, KB, uc, q, UPB: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr):
+    """One tile's loads for unit uc: rows ra and rb, 2 words each, and their scales' loads."""
+    wa0, wa1 = _words(packed_ptr, ra, KU, uc, q)
+    wb0, wb1 = _words(packed_ptr, rb, KU, uc, q)
+    ea, fa = _fetch_scale(ra * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, DOUBLE_QUANT)
+    eb, fb = _fetch_scale(rb * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, DOUBLE_QUANT)
+    return wa0, wa1, wb0, wb1, ea, fa, eb, fb
+
+
+@triton.jit
+def _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u, u_hi, KU, KB, q, rows, xo0, xo1, xok0, xok1,
+                UPB: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """Every load of one step at units u (per warp): x's words (1 or 2 groups of 8 rows) and each tile's
+    `_tile_fetch`. Units past the slice re-read its last one and meet a zero x; absent groups / tiles repeat
+    the first (never loaded twice, never used)."""
+    um = u < u_hi
+    uc = tl.minimum(u, u_hi - 1)
+    x0 = _xwords(x_ptr, xo0, uc, um & xok0)
+    x1 = x0
+    if MX > 8:
+        x1 = _xwords(x_ptr, xo1, uc, um & xok1)
+    t0 = _tile_fetch(packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, rows[0], rows[1], KU, KB, uc, q, UPB, DOUBLE_QUANT)
+    t1 = t0
+    if RT > 1:
+        t1 = _tile_fetch(packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, rows[2], rows[3], KU, KB, uc, q, UPB,
+                         DOUBLE_QUANT)
+    return x0, x1, t0, t1
+
+
+@triton.jit
+def _tile_math(t, x0, x1, c0, c1, tw, table_ptr, code8_ptr, offset, NW: tl.constexpr, MX: tl.constexpr,
+               DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, XF16: tl.constexpr):
+    """One tile's unit: look its 4 words up once, mma against each group of 8 rows of x, scale, accumulate
+    (c0, c1: the groups' 4 accumulators)."""
+    sa = _scale_of(t[4], t[5], code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+    sb = _scale_of(t[6], t[7], code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
+    pa0 = _pairs(t[0], tw, table_ptr, USE_PTX)
+    pa1 = _pairs(t[1], tw, table_ptr, USE_PTX)
+    pb0 = _pairs(t[2], tw, table_ptr, USE_PTX)
+    pb1 = _pairs(t[3], tw, table_ptr, USE_PTX)
+    d = _unit_mma(pa0, pa1, pb0, pb1, x0, NW, USE_PTX, XF16)
+    c0 = (c0[0] + d[0] * sa, c0[1] + d[1] * sa, c0[2] + d[2] * sb, c0[3] + d[3] * sb)
+    if MX > 8:
+        d = _unit_mma(pa0, pa1, pb0, pb1, x1, NW, USE_PTX, XF16)
+        c1 = (c1[0] + d[0] * sa, c1[1] + d[1] * sa, c1[2] + d[2] * sb, c1[3] + d[3] * sb)
+    return c0, c1
 
 
 @triton.jit
@@ -218,6 +277,16 @@ def _store(acc, n, m, N, M, pid_k, bias_ptr, y_ptr, NW: tl.constexpr, HAS_BIAS: 
 
 
 @triton.jit
+def _store_tile(c, n, m, N, M, pid_k, bias_ptr, y_ptr, NW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr):
+    """A tile's 4 accumulators: rows n, n + 8 of W and m, m + 1 of x."""
+    _store(c[0], n, m, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c[1], n, m + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c[2], n + 8, m, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    _store(c[3], n + 8, m + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
 def _nf4_mma_kernel(
     # pointers: x and the packed weight viewed as int64 (pairs of 32-bit words)
     x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, bias_ptr, y_ptr,
@@ -225,10 +294,13 @@ def _nf4_mma_kernel(
     M, N, KU, SPLIT_K,
     # constexpr
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+    NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr,
+    XF16: tl.constexpr,
 ):
     """Y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), M <= MX (8 or 16): a program takes RT tiles of 16 rows of W
-    (RT 1 or 2) and a slice of K; its NW warps take interleaved units. See the module docstring."""
+    (RT 1 or 2) and a slice of K; its NW warps take interleaved units. PREFETCH issues step i + 1's loads
+    before step i's arithmetic (the loads of a step are otherwise all a warp has in flight). See the module
+    docstring."""
     T: tl.constexpr = 32 * NW
     UPB: tl.constexpr = BLOCKSIZE // 64                                   # units per 4-bit block
     e = tl.max_contiguous(tl.arange(0, T), 1)
@@ -244,80 +316,44 @@ def _nf4_mma_kernel(
     u_lo = pid_k * per
     u_hi = tl.minimum(u_lo + per, KU)
     n0 = tl.program_id(0) * (16 * RT)
-    na0, nb0 = n0 + g, n0 + g + 8                                          # tile 0: rows g, g + 8
-    na1, nb1 = n0 + 16 + g, n0 + 24 + g                                    # tile 1
-    ra0, rb0 = tl.minimum(na0, N - 1), tl.minimum(nb0, N - 1)              # rows past N re-read row N - 1
-    ra1, rb1 = tl.minimum(na1, N - 1), tl.minimum(nb1, N - 1)
-    xm0, xm1 = g, g + 8                                                    # rows of x (B columns)
+    # rows of W (rows past N re-read row N - 1): tile 0 rows g, g + 8; tile 1 rows 16 + g, 24 + g
+    rows = (tl.minimum(n0 + g, N - 1), tl.minimum(n0 + 8 + g, N - 1),
+            tl.minimum(n0 + 16 + g, N - 1), tl.minimum(n0 + 24 + g, N - 1))
     XS = KU * 16                                                           # int64 words per row of x
-    xo0 = tl.minimum(xm0, M - 1) * XS + 4 * q
-    xo1 = tl.minimum(xm1, M - 1) * XS + 4 * q
-    c000 = tl.zeros((T,), dtype=tl.float32)                                # c<tile><x rows group><d index>
-    c001, c002, c003 = c000, c000, c000
-    c010, c011, c012, c013 = c000, c000, c000, c000
-    c100, c101, c102, c103 = c000, c000, c000, c000
-    c110, c111, c112, c113 = c000, c000, c000, c000
+    xo0 = tl.minimum(g, M - 1) * XS + 4 * q                                # x rows g (group 0), g + 8 (group 1)
+    xo1 = tl.minimum(g + 8, M - 1) * XS + 4 * q
+    xok0 = g < M
+    xok1 = g + 8 < M
+    z = tl.zeros((T,), dtype=tl.float32)
+    c00 = (z, z, z, z)                                                     # c<tile><group of x rows>
+    c01, c10, c11 = c00, c00, c00
+    if PREFETCH:
+        nxt = _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u_lo + warp, u_hi, KU, KB, q, rows,
+                          xo0, xo1, xok0, xok1, UPB, RT, MX, DOUBLE_QUANT)
     for u0 in range(u_lo, u_hi, NW):
-        u = u0 + warp
-        um = u < u_hi
-        uc = tl.minimum(u, u_hi - 1)
-        x0 = _xwords(x_ptr, xo0, KU, uc, um & (xm0 < M))
-        wa0, wa1 = _words(packed_ptr, ra0, KU, uc, q)
-        wb0, wb1 = _words(packed_ptr, rb0, KU, uc, q)
-        sa0 = _scale(ra0 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
-        sb0 = _scale(rb0 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
-        if MX > 8:
-            x1 = _xwords(x_ptr, xo1, KU, uc, um & (xm1 < M))
+        if PREFETCH:
+            x0, x1, t0, t1 = nxt
+            nxt = _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u0 + NW + warp, u_hi, KU, KB, q,
+                              rows, xo0, xo1, xok0, xok1, UPB, RT, MX, DOUBLE_QUANT)
+        else:
+            x0, x1, t0, t1 = _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u0 + warp, u_hi, KU, KB,
+                                         q, rows, xo0, xo1, xok0, xok1, UPB, RT, MX, DOUBLE_QUANT)
+        c00, c01 = _tile_math(t0, x0, x1, c00, c01, tw, table_ptr, code8_ptr, offset, NW, MX, DOUBLE_QUANT,
+                              USE_PTX, XF16)
         if RT > 1:
-            wc0, wc1 = _words(packed_ptr, ra1, KU, uc, q)
-            wd0, wd1 = _words(packed_ptr, rb1, KU, uc, q)
-            sa1 = _scale(ra1 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT,
-                         USE_PTX)
-            sb1 = _scale(rb1 * KB + uc // UPB, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset, DOUBLE_QUANT,
-                         USE_PTX)
-        pa0 = _pairs(wa0, tw, table_ptr, USE_PTX)
-        pa1 = _pairs(wa1, tw, table_ptr, USE_PTX)
-        pb0 = _pairs(wb0, tw, table_ptr, USE_PTX)
-        pb1 = _pairs(wb1, tw, table_ptr, USE_PTX)
-        d0, d1, d2, d3 = _unit_mma(pa0, pa1, pb0, pb1, x0, NW, USE_PTX, XF16)
-        c000, c001, c002, c003 = c000 + d0 * sa0, c001 + d1 * sa0, c002 + d2 * sb0, c003 + d3 * sb0
-        if MX > 8:
-            d0, d1, d2, d3 = _unit_mma(pa0, pa1, pb0, pb1, x1, NW, USE_PTX, XF16)
-            c010, c011, c012, c013 = c010 + d0 * sa0, c011 + d1 * sa0, c012 + d2 * sb0, c013 + d3 * sb0
-        if RT > 1:
-            pc0 = _pairs(wc0, tw, table_ptr, USE_PTX)
-            pc1 = _pairs(wc1, tw, table_ptr, USE_PTX)
-            pd0 = _pairs(wd0, tw, table_ptr, USE_PTX)
-            pd1 = _pairs(wd1, tw, table_ptr, USE_PTX)
-            d0, d1, d2, d3 = _unit_mma(pc0, pc1, pd0, pd1, x0, NW, USE_PTX, XF16)
-            c100, c101, c102, c103 = c100 + d0 * sa1, c101 + d1 * sa1, c102 + d2 * sb1, c103 + d3 * sb1
-            if MX > 8:
-                d0, d1, d2, d3 = _unit_mma(pc0, pc1, pd0, pd1, x1, NW, USE_PTX, XF16)
-                c110, c111, c112, c113 = c110 + d0 * sa1, c111 + d1 * sa1, c112 + d2 * sb1, c113 + d3 * sb1
+            c10, c11 = _tile_math(t1, x0, x1, c10, c11, tw, table_ptr, code8_ptr, offset, NW, MX, DOUBLE_QUANT,
+                                  USE_PTX, XF16)
     # lane (g, q) holds y for rows 2q, 2q + 1 of x (+ 8 in group 1) and rows n0 + g, n0 + g + 8 of W (+ 16)
     l32 = tl.arange(0, 32)
-    gl = l32 // 4
     m0 = 2 * (l32 % 4)
-    n0g = n0 + gl
-    _store(c000, n0g, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-    _store(c001, n0g, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-    _store(c002, n0g + 8, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-    _store(c003, n0g + 8, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+    ng = n0 + l32 // 4
+    _store_tile(c00, ng, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
     if MX > 8:
-        _store(c010, n0g, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c011, n0g, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c012, n0g + 8, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c013, n0g + 8, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store_tile(c01, ng, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
     if RT > 1:
-        _store(c100, n0g + 16, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c101, n0g + 16, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c102, n0g + 24, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-        _store(c103, n0g + 24, m0 + 1, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+        _store_tile(c10, ng + 16, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
         if MX > 8:
-            _store(c110, n0g + 16, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-            _store(c111, n0g + 16, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-            _store(c112, n0g + 24, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
-            _store(c113, n0g + 24, m0 + 9, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+            _store_tile(c11, ng + 16, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,7 +398,8 @@ class MmaPlan:
             raise ValueError("nf4_matmul_fused: the mma path reads the packed weight as 64-bit words; its storage "
                              "is not 8-byte aligned")
         config = dict(config or {})
-        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8))):
+        config.setdefault("PREFETCH", False)
+        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8)), ("PREFETCH", (False, True))):
             if config.setdefault(key, allowed[-1] if key == "RT" else 4) not in allowed:
                 raise ValueError(f"nf4_matmul_fused: mma config {key} must be one of {allowed}, got {config[key]}")
         self.split_k = config.pop("SPLIT_K", 1)
