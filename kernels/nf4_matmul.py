@@ -47,6 +47,7 @@ import triton.language as tl
 from ._common import check_triton_device, code_table_on, half_table_on, interpreting, load_scales, mul_rn, \
     pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table_on, word_values
 from .dequantize import dequantize_4bit_triton, dequantize_weight
+from .nf4_mma import MMA_CANDIDATES, MMA_MAX_M, MmaPlan, mma_default, mma_supported
 
 DECODE_MAX_M = 16
 GEMV3_MAX_M = 4   # the word GEMV takes up to 4 rows of x: past that its FMAs cost more than the swap kernel's mma
@@ -682,9 +683,9 @@ def _check(x, qw, what):
 # launchers
 # ---------------------------------------------------------------------------------------------------
 def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
-    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "gemv3" (M <= 4), "gemv2" / "gemv" (M = 1),
-    "swap" / "decode" (BM = 16) or "gemm"; None picks by M. config: dict of constexprs (+ num_warps) to bypass
-    autotuning."""
+    """Fused y = x @ W.T (+ bias), x (M, K) -> (M, N) in x.dtype. path: "mma" (M <= 16, kernels/nf4_mma.py),
+    "gemv3" (M <= 4), "gemv2" / "gemv" (M = 1), "swap" / "decode" (BM = 16) or "gemm"; None picks by M.
+    config: dict of constexprs (+ num_warps) to bypass autotuning."""
     _check(x, qw, "nf4_matmul_fused")
     M, K = x.shape
     N = qw.shape[0]
@@ -694,9 +695,9 @@ def nf4_matmul_fused(x, qw, bias=None, path=None, config=None):
         blocked = K % qw.blocksize == 0
         path = (("gemv2" if blocked else "gemv") if M == 1 else
                 (("swap" if blocked else "decode") if M <= DECODE_MAX_M else "gemm"))
-    if path not in ("gemv3", "gemv2", "gemv", "swap", "decode", "gemm"):
-        raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (gemv3, gemv2, gemv, swap, decode, gemm)")
-    if path in ("gemv3", "gemv2", "swap"):
+    if path not in ("mma", "gemv3", "gemv2", "gemv", "swap", "decode", "gemm"):
+        raise ValueError(f"nf4_matmul_fused: unknown path {path!r} (mma, gemv3, gemv2, gemv, swap, decode, gemm)")
+    if path in ("mma", "gemv3", "gemv2", "swap"):
         return _launch_v2(x, qw, bias, path, config)
     wargs, dq = _weight_args(qw, x.device)
     has_bias = bias is not None
@@ -864,12 +865,15 @@ def _v2_plan(x, qw, bias, path, config):
     if plan is None or not plan.valid_for(qw):
         if len(_V2_PLANS) > 4096:  # weights come and go (tests, reloads): start over rather than grow
             _V2_PLANS.clear()
-        plan = _V2_PLANS[key] = _V2Plan(x, qw, bias, path, config)
+        plan = _V2_PLANS[key] = MmaPlan(x, qw, bias, config) if path == "mma" else \
+            _V2Plan(x, qw, bias, path, config)
     return plan
 
 
 def _launch_plan(plan, x, bias):
     """y = x @ W.T (+ bias) with a built plan: allocate y, launch, nothing else (the hot decode path)."""
+    if plan.__class__ is MmaPlan:
+        return plan.launch(x, bias)
     M, K = x.shape
     N = plan.n
     bias_arg = bias if bias is not None else x
@@ -1012,6 +1016,13 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     """{candidate name: (fused path, config) or None for dequantize + cuBLAS} for a forward of M rows."""
     specs = {}
     blocked = K % blocksize == 0
+    if mma_supported(M, K, blocksize, dtype):  # tensor cores from registers: timed against the GEMVs / swap kernel
+        if on_gpu:
+            n_sm = _sm_count(torch.cuda.current_device())
+            for name in MMA_CANDIDATES:
+                specs[name] = ("mma", mma_default(M, N, K, n_sm, name))
+        else:
+            specs["mma"] = ("mma", None)
     if M == 1:
         if blocked and K % 8 == 0 and blocksize % 8 == 0 and dtype in (torch.bfloat16, torch.float16):
             cfg3 = _v2_default("gemv3", 1, N, K, blocksize, dtype) if on_gpu else None
@@ -1031,10 +1042,7 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     elif M <= DECODE_MAX_M:
         if M <= GEMV3_MAX_M and blocked and K % 8 == 0 and blocksize % 8 == 0 and \
                 dtype in (torch.bfloat16, torch.float16):  # the word GEMV, each weight word used for every row
-            cfg3 = _v2_default("gemv3", M, N, K, blocksize, dtype) if on_gpu else None
-            specs["gemv3"] = ("gemv3", cfg3)
-            if cfg3 is not None:  # 5% faster at K = 28672 (H200)
-                specs["gemv3-wt256"] = ("gemv3", dict(cfg3, WT=256, num_warps=4))
+            specs["gemv3"] = ("gemv3", _v2_default("gemv3", M, N, K, blocksize, dtype) if on_gpu else None)
         specs["swap" if blocked else "decode"] = ("swap" if blocked else "decode", None)
     else:
         specs["gemm"] = ("gemm", None)
@@ -1051,7 +1059,7 @@ def _run_forward(spec, x2, qw, bias):
 def _fused_plan(spec, x2, qw, bias):
     """The launch plan of a v2 forward candidate (gemv2 / swap), after nf4_matmul_fused's checks; None for the
     other candidates (dequantize + cuBLAS, the v1 kernels), which run through _run_forward."""
-    if spec is None or spec[0] not in ("gemv3", "gemv2", "swap"):
+    if spec is None or spec[0] not in ("mma", "gemv3", "gemv2", "swap"):
         return None
     _check(x2, qw, "nf4_matmul")
     if qw.shape[1] != x2.shape[1]:
@@ -1065,7 +1073,12 @@ def _forward_candidates(x2, qw, bias):
     specs = _forward_specs(x2.shape[0], qw.shape[0], x2.shape[1], qw.blocksize, x2.dtype, x2.is_cuda)
     out = {}
     for name, spec in specs.items():
-        plan = _fused_plan(spec, x2, qw, bias)
+        try:
+            plan = _fused_plan(spec, x2, qw, bias)
+        except ValueError:  # the mma path's alignment (a weight view at an odd offset): not a candidate
+            if spec[0] != "mma":
+                raise
+            continue
         out[name] = functools.partial(_run_forward, spec, x2, qw, bias) if plan is None else \
             functools.partial(_launch_plan, plan, x2, bias)
     return out
@@ -1096,7 +1109,12 @@ def nf4_matmul(x, qw, bias=None, backend=None):
         key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
         name = _path_cache.get(key) or _pick(key, _forward_candidates(x2, qw, bias))
         spec = _forward_specs(x2.shape[0], qw.shape[0], K, qw.blocksize, x2.dtype, x2.is_cuda)[name]
-        plan = _fused_plan(spec, x2, qw, bias)
+        try:
+            plan = _fused_plan(spec, x2, qw, bias)
+        except ValueError:  # chosen for this shape, but this weight's storage is not 8-byte aligned for mma
+            if spec[0] != "mma":
+                raise
+            spec = plan = None
         if plan is None:
             y = _run_forward(spec, x2, qw, bias)
         else:

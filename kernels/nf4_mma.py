@@ -30,6 +30,7 @@ same formula over the same lanes (the fragments regrouped by reshape), so the in
 the CPU; only the two inline-PTX blocks are GPU-only.
 """
 import functools
+import weakref
 
 import torch
 import triton
@@ -365,11 +366,18 @@ def mma_supported(M, K, blocksize, dtype) -> bool:
         dtype in (torch.bfloat16, torch.float16)
 
 
+# measured best on an H200 (benchmarks/diag/mma_probe.py, CUDA-graph times): 2 tiles and 4 warps with the next
+# step's loads in flight on most shapes; 1 tile and 8 warps at K = 28672; 1 tile, no prefetch at M = 1 with
+# double quantization. The dispatcher times these three per shape.
+MMA_CANDIDATES = {"mma": dict(RT=2, NW=4, PREFETCH=True), "mma-rt1": dict(RT=1, NW=8, PREFETCH=True),
+                  "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False)}
+
+
 @functools.lru_cache(maxsize=4096)
-def mma_default(M, N, K, n_sm):
-    """A config where none is given (GPU): RT 2 tiles of 16 rows, 4 warps, split K until the programs fill
-    the GPU twice over (and every warp keeps at least 4 units)."""
-    cfg = dict(RT=2, NW=4, SPLIT_K=1)
+def mma_default(M, N, K, n_sm, base=None):
+    """A config where none is given (GPU): `base` (a key of MMA_CANDIDATES, default "mma"), split K until the
+    programs fill the GPU twice over while every warp keeps at least 4 units."""
+    cfg = dict(MMA_CANDIDATES[base or "mma"], SPLIT_K=1)
     progs = triton.cdiv(N, 16 * cfg["RT"])
     ku = K // UNIT
     while progs * cfg["SPLIT_K"] < 2 * n_sm and ku // (cfg["SPLIT_K"] * 2) >= 4 * cfg["NW"]:
@@ -380,7 +388,7 @@ def mma_default(M, N, K, n_sm):
 class MmaPlan:
     """Everything about an mma launch that depends only on the weight, M, dtype and config (weight-side
     arguments, constexprs, grid), built once per (weight, M, ...): decode calls each linear once per token."""
-    __slots__ = ("wargs", "kw", "grid", "split_k", "n", "k")
+    __slots__ = ("qw_ref", "parts", "wargs", "kw", "grid", "split_k", "n", "k")
 
     def __init__(self, x, qw, bias, config):
         M, K = x.shape
@@ -397,7 +405,13 @@ class MmaPlan:
         if packed.data_ptr() % 8:
             raise ValueError("nf4_matmul_fused: the mma path reads the packed weight as 64-bit words; its storage "
                              "is not 8-byte aligned")
-        config = dict(config or {})
+        if config is None:
+            config = dict(RT=1, NW=2, SPLIT_K=1) if interpreting() else \
+                mma_default(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        config = dict(config)
+        unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K"}
+        if unknown:
+            raise ValueError(f"nf4_matmul_fused: unknown mma config keys {sorted(unknown)} (RT, NW, PREFETCH, SPLIT_K)")
         config.setdefault("PREFETCH", False)
         for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8)), ("PREFETCH", (False, True))):
             if config.setdefault(key, allowed[-1] if key == "RT" else 4) not in allowed:
@@ -408,6 +422,8 @@ class MmaPlan:
         nw = config["NW"]
         a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
         xf16 = x.dtype == torch.float16
+        self.qw_ref = weakref.ref(qw)
+        self.parts = (qw.packed, qw.absmax, qw.nested)
         self.wargs = (packed.view(torch.int64), a, q, a2, code8, offset,
                       half_table_on(qw.quant_type, x.device, bf16=not xf16),
                       word_table_on(qw.quant_type, x.device, bf16=not xf16))
@@ -415,7 +431,12 @@ class MmaPlan:
                        XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
         self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)
 
+    def valid_for(self, qw):
+        p = self.parts
+        return self.qw_ref() is qw and p[0] is qw.packed and p[1] is qw.absmax and p[2] is qw.nested
+
     def launch(self, x, bias):
+        """y = x @ W.T (+ bias) with this plan: allocate y, launch, nothing else (the hot decode path)."""
         M = x.shape[0]
         x = x.contiguous()
         if x.data_ptr() % 8:  # read as 64-bit words
@@ -424,17 +445,7 @@ class MmaPlan:
             y = torch.zeros((M, self.n), dtype=torch.float32, device=x.device)
         else:
             y = torch.empty((M, self.n), dtype=x.dtype, device=x.device)
-        _LAST["compiled"] = _nf4_mma_kernel[self.grid](x.view(torch.int64), *self.wargs, bias if bias is not None else x, y,
-                                   M, self.n, self.k // UNIT, self.split_k, **self.kw)
+        _LAST["compiled"] = _nf4_mma_kernel[self.grid](x.view(torch.int64), *self.wargs,
+                                                       bias if bias is not None else x, y,
+                                                       M, self.n, self.k // UNIT, self.split_k, **self.kw)
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def nf4_matmul_mma(x, qw, bias=None, config=None):
-    """y = x @ W.T (+ bias) through the mma kernel, x (M <= 16, K) bf16/fp16. config: RT, NW, SPLIT_K
-    (None: the GPU default; the interpreter uses 1 tile, 2 warps)."""
-    if config is None and interpreting():
-        config = dict(RT=1, NW=2, SPLIT_K=1)
-    if config is None:
-        config = mma_default(x.shape[0], qw.shape[0], x.shape[1],
-                             torch.cuda.get_device_properties(x.device).multi_processor_count)
-    return MmaPlan(x, qw, bias, config).launch(x, bias)

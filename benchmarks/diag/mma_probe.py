@@ -70,7 +70,7 @@ def main():
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             b = torch.randn(N, device="cuda", dtype=dtype)
             ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()
-            y = mma.nf4_matmul_mma(x, qw, b, config=cfg)
+            y = mm.nf4_matmul_fused(x, qw, b, path="mma", config=cfg)
             e = rel(y, ref)
             print(f"check M={M} N={N} K={K} bs={bs} {qt} {dtype} dq={dq} {cfg}: rel {e:.2e}", flush=True)
             res.setdefault("checks", []).append(dict(M=M, N=N, K=K, bs=bs, qt=qt, dtype=str(dtype), dq=dq, err=e))

@@ -171,6 +171,32 @@ def test_word_gemv_rows(dq, dtype, quant_type):
         assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2        # whichever path the dispatcher times best
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_mma_rows(dq, dtype, quant_type):
+    """The tensor-core decode kernel (inline-PTX mma.m16n8k16 on looked-up weight words) at 1-16 rows of x:
+    odd N, 1 or 2 tiles, 2-8 warps, split-K, prefetch, blocksizes 64 / 128, bias; against float64 math, each
+    row of x alone, the swap kernel and the dispatcher."""
+    for M, N, K, bs, cfg in [(1, 1001, 1344, 64, dict(RT=2, NW=4, PREFETCH=True)),
+                             (3, 515, 2048, 128, dict(RT=1, NW=8, SPLIT_K=4)),
+                             (9, 67, 640, 64, dict(RT=2, NW=2, SPLIT_K=3, PREFETCH=True)),
+                             (16, 1000, 768, 64, None), (8, 4096, 4096, 64, None)]:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        qw = kernels.quantize_weight(w, bs, quant_type, dq)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        b = torch.randn(N, device="cuda", dtype=dtype)
+        ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()
+        y = mm.nf4_matmul_fused(x, qw, b, path="mma", config=cfg)
+        assert y.dtype == dtype and y.shape == (M, N)
+        tol = 4e-3 if dtype == torch.bfloat16 else 2e-3
+        assert rel_err(y, ref) < tol, (M, N, K, bs, rel_err(y, ref))
+        for m in range(M):
+            assert rel_err(y[m], ref[m]) < tol, (M, m)
+        assert rel_err(y, mm.nf4_matmul_fused(x, qw, b, path="swap")) < 6e-3, (M, N, K, bs)
+        assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2        # whichever path the dispatcher times best
+
+
 @pytest.mark.parametrize("M", [1, 300])
 def test_public_dispatch(M):
     """nf4_matmul / nf4_matmul_t time their candidate paths once, then reuse the choice."""

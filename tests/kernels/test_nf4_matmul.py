@@ -162,6 +162,59 @@ def test_word_gemv_bad_input():
         mm.nf4_matmul_fused(torch.randn(1, 200).half(), q200, path="gemv3")
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_mma_rows(quant_type, dq):
+    """The tensor-core decode kernel (kernels/nf4_mma.py, the mma fragments emulated lane by lane): 1 to 16 rows
+    of x (8 and 16 row groups, rows past M re-read and not stored), odd N (rows past N), 1 or 2 tiles of 16
+    rows, 1-4 warps interleaving units, split-K with a slice that does not divide into whole steps, the
+    next step prefetched, blocksizes 64 / 128 (2 units a block), bias; each row of x on its own."""
+    for M, N, K, bs, cfg in [(1, 40, 192, 64, dict(RT=1, NW=2)),
+                             (3, 37, 256, 128, dict(RT=2, NW=1, PREFETCH=True)),
+                             (9, 33, 320, 64, dict(RT=2, NW=2, SPLIT_K=2, PREFETCH=True)),
+                             (16, 17, 128, 64, dict(RT=1, NW=4)),
+                             (8, 50, 448, 64, dict(RT=2, NW=2, SPLIT_K=3))]:
+        qw = make(N, K, dq, quant_type, bs, seed=M)
+        w = qw.dequantize(torch.float32).double()
+        x = torch.randn(M, K)
+        b = torch.randn(N)
+        y = mm.nf4_matmul_fused(x.half(), qw, b.half(), path="mma", config=cfg)
+        assert y.dtype == torch.float16 and y.shape == (M, N)
+        assert rel_err(y, x.half().double() @ w.T + b.half().double()) < 2e-3, (M, N, K, bs)
+        for m in range(M):  # every row on its own (no row's values leak into another)
+            assert rel_err(y[m:m + 1], x[m:m + 1].half().double() @ w.T + b.half().double()) < 2e-3, (M, m)
+
+
+def test_mma_bf16_table():
+    """bf16 x: the mma path rounds the table to bfloat16 (as bitsandbytes' bf16 dequantize rounds its values):
+    within 4e-3 of float64 math (split-K: float32 y, so the interpreter never stores bf16)."""
+    M, N, K = 5, 24, 256
+    qw = make(N, K, True, seed=3)
+    x = torch.randn(M, K).bfloat16()
+    y = mm.nf4_matmul_fused(x, qw, path="mma", config=dict(RT=1, NW=2, SPLIT_K=2))
+    assert y.dtype == torch.bfloat16
+    ref = x.double() @ qw.dequantize(torch.float32).double().T
+    assert rel_err(y, ref) < 4e-3
+
+
+def test_mma_bad_input():
+    qw = make(8, 256, False)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mm.nf4_matmul_fused(torch.randn(1, 256), qw, path="mma")
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        mm.nf4_matmul_fused(torch.randn(17, 256).half(), qw, path="mma")
+    with pytest.raises(ValueError, match="RT must be one of"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(RT=3))
+    with pytest.raises(ValueError, match="unknown mma config keys"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(R=2))
+    q32 = make(8, 256, False, blocksize=32)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), q32, path="mma")
+    q96 = make(8, 96, False, blocksize=32)   # 96 = 1.5 units
+    with pytest.raises(ValueError, match="divisible by 64"):
+        mm.nf4_matmul_fused(torch.randn(1, 96).half(), q96, path="mma")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dq", [False, True])
 @pytest.mark.parametrize("M", [1, 18])
