@@ -22,7 +22,7 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
@@ -40,6 +40,15 @@ def bench(fn):
 
 
 ROUNDS = 2  # every variant of a row is timed once per round, rounds in sequence; the result is its fastest median
+
+
+def bench_graph(fn):
+    """Microseconds per call replayed from a CUDA graph (median; no L2 flush between replays: weights of
+    8-23 MB stay in the H100/H200's 50-60 MB L2, the 70B ones do not); nan where fn cannot be captured."""
+    try:
+        return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+    except Exception:
+        return float("nan")
 
 
 def bench_all(fns: dict) -> dict:
@@ -151,9 +160,11 @@ def main():
                     fwd["fused-gemv2-strided-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg)
                     cfg2 = dict(cfg, XSPLIT=2)
                     fwd["fused-gemv2-presplit-x"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemv2", config=cfg2)
-                elif M <= 16:
+                if M <= 16:
+                    fwd["fused-mma"] = lambda: mm.nf4_matmul_fused(x, qw, path="mma")
+                if 1 < M <= 16:
                     fwd["fused-swap"] = lambda: mm.nf4_matmul_fused(x, qw, path="swap")
-                elif M <= args.fused_max_m:  # the fused GEMM is 5-50x slower than cuBLAS above this (README)
+                if 16 < M <= args.fused_max_m:  # the fused GEMM is 5-50x slower than cuBLAS above this (README)
                     fwd["fused-gemm"] = lambda: mm.nf4_matmul_fused(x, qw, path="gemm")
                 fwd["bnb"] = lambda: bnb.matmul_4bit(x, bp.t(), quant_state=bqs)
                 bwd = {"ours": lambda: mm.nf4_matmul_t(g, qw),
@@ -177,6 +188,9 @@ def main():
                 res = {f"{kind} {name}": t.get(f"{kind} {name}", float("nan"))
                        for kind, fns in (("fwd", fwd), ("bwd", bwd)) for name in fns}
                 res["fwd bf16"], res["bwd bf16"] = t["fwd bf16"], t["bwd bf16"]
+                if M <= 16:  # decode runs under CUDA graphs: the GPU's time without the host's, next to do_bench's
+                    for name, fn in (("ours", fwd["ours"]), ("bnb", fwd["bnb"]), ("bf16", timed["fwd bf16"])):
+                        res[f"graph fwd {name}"] = bench_graph(fn)
                 row = dict(op="matmul", shape=tag, dq=dq, M=M, weight_bytes=wbytes, **res,
                            weight_tb_s=wbytes / (res["fwd ours"] * 1e-6) / 1e12)
                 rows.append(row)
@@ -200,7 +214,7 @@ def save(args, gpu, copy_tb, rows, failures, bnb):
                   copy_tb_s=copy_tb, blocksize=BLOCKSIZE,
                   timing=f"fastest of {ROUNDS} interleaved do_bench medians (warmup 5 ms, rep 20 ms) per variant",
                   chosen_paths={str(k): v for k, v in mm.chosen_paths().items()},
-                  check_failures=failures, targets=targets, rows=rows)
+                  check_failures=failures, targets=targets, targets_graph=graph_targets(rows, copy_tb), rows=rows)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels-{gpu}.json")
     with open(path, "w") as f:
@@ -241,12 +255,31 @@ def make_targets(rows, copy_tb):
     return t
 
 
+def graph_targets(rows, copy_tb):
+    """The decode targets again from CUDA-graph times (GPU time without the host's; informational: the
+    targets of record are the do_bench ones, which include each call's host time)."""
+    t = []
+    for name, M, f, goal in (("matmul M=1 speedup vs bitsandbytes matmul_4bit (CUDA graph)", 1,
+                              lambda r: r["graph fwd bnb"] / r["graph fwd ours"], 2.5),
+                             ("matmul M=1 weight bytes / copy bandwidth (CUDA graph, 70B shapes: weights beyond L2)", 1,
+                              lambda r: r["weight_bytes"] / (r["graph fwd ours"] * 1e-6) / 1e12 / copy_tb
+                              if r["weight_bytes"] > 64 * 2**20 else None, 0.70),
+                             ("matmul M=16 speedup vs bf16 cuBLAS (CUDA graph)", 16,
+                              lambda r: r["graph fwd bf16"] / r["graph fwd ours"], 2.5)):
+        vals = [v for v in (f(r) for r in rows if r["op"] == "matmul" and r["M"] == M and "graph fwd ours" in r)
+                if v is not None and v == v]
+        if vals:
+            t.append(dict(name=name, measured=round(min(vals), 3), goal=goal, met=bool(min(vals) >= goal),
+                          worst_of="shapes x DQ"))
+    return t
+
+
 def markdown(res):
     lines = [f"Measured on {res['gpu']} ({res['date'][:10]}, commit {res['commit']}, torch {res['torch']}, "
              f"triton {res['triton']}, bitsandbytes {res['bitsandbytes']}); device copy "
              f"{res['copy_tb_s']:.2f} TB/s. {res.get('timing', 'do_bench medians')}; microseconds, bf16, blocksize 64.",
              "", "| target | measured (worst case) | goal | met |", "|---|---|---|---|"]
-    for t in res["targets"]:
+    for t in res["targets"] + res.get("targets_graph", []):
         lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
     lines += ["", "| weight | quantize ours / bnb | dequantize ours / bnb (ours % of copy) |", "|---|---|---|"]
     q = {r["shape"]: r for r in res["rows"] if r["op"] == "quantize"}
@@ -255,15 +288,17 @@ def markdown(res):
             qq = q[r["shape"]]
             lines.append(f"| {r['shape']} | {qq['ours_us']:.1f} / {qq['bnb_us']:.1f} | {r['ours_us']:.1f} / "
                          f"{r['bnb_us']:.1f} ({r['frac_copy']:.0%}) |")
-    lines += ["", "| weight | M | fwd ours | fwd fused | fwd bnb | fwd bf16 | bwd ours | bwd fused | bwd bf16 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| weight | M | fwd ours | fwd fused | fwd bnb | fwd bf16 | bwd ours | bwd fused | bwd bf16 | "
+              "CUDA graph fwd: ours / bnb / bf16 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["op"] == "matmul":
             fv = [v for k, v in r.items() if k.startswith("fwd fused")]
             fused = f"{min(fv):.1f}" if fv else "-"
             bfused = f"{r['bwd fused']:.1f}" if "bwd fused" in r else "-"
+            graph = " / ".join(f"{r[k]:.1f}" for k in ("graph fwd ours", "graph fwd bnb", "graph fwd bf16")) \
+                if "graph fwd ours" in r else "-"
             lines.append(f"| {r['shape']} | {r['M']} | {r['fwd ours']:.1f} | {fused} | {r['fwd bnb']:.1f} | "
-                         f"{r['fwd bf16']:.1f} | {r['bwd ours']:.1f} | {bfused} | {r['bwd bf16']:.1f} |")
+                         f"{r['fwd bf16']:.1f} | {r['bwd ours']:.1f} | {bfused} | {r['bwd bf16']:.1f} | {graph} |")
     return "\n".join(lines) + "\n"
 
 

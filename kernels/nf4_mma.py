@@ -55,9 +55,11 @@ def _pairs_asm() -> str:
                 # lb / hb bytes 0..3 hold codes 1, 0, 3, 2 (selector nibble order): pairs (0, 1) and (2, 3)
                 f"prmt.b32 ${o0}, lb, hb, 0x4051;\n prmt.b32 ${o1}, lb, hb, 0x6273;\n")
 
+    # the right shifts as mul.hi (IMAD.HI, the FMA pipe): the integer pipe has the permutes to do
     return ("{\n .reg .b32 c, t, c2, t2, a0, a1, lb, hb;\n"
-            "and.b32 c, $4, 0x77777777;\n shr.b32 t, $4, 1;\n and.b32 t, t, $13;\n or.b32 t, t, 0x32103210;\n"
-            "shr.b32 c2, c, 16;\n shr.b32 t2, t, 16;\n" + four("c", "t", 0, 1) + four("c2", "t2", 2, 3) + "}")
+            "and.b32 c, $4, 0x77777777;\n mul.hi.u32 t, $4, 0x80000000;\n and.b32 t, t, $13;\n"
+            "or.b32 t, t, 0x32103210;\n mul.hi.u32 c2, c, 0x10000;\n mul.hi.u32 t2, t, 0x10000;\n" +
+            four("c", "t", 0, 1) + four("c2", "t2", 2, 3) + "}")
 
 
 def _unit_mma_asm(ab: str) -> str:

@@ -26,6 +26,10 @@ mm = importlib.import_module("kernels.nf4_matmul")
 mma = importlib.import_module("kernels.nf4_mma")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
 CONFIGS = [dict(RT=rt, NW=nw, PREFETCH=pf) for pf in (False, True) for rt, nw in [(1, 4), (1, 8), (2, 4)]]
+# --occupancy: more warps a program or more programs (split K) than the heuristic gives, prefetching
+CONFIGS_OCC = [dict(RT=2, NW=4, PREFETCH=True), dict(RT=2, NW=8, PREFETCH=True), dict(RT=1, NW=8, PREFETCH=True),
+               dict(RT=2, NW=4, PREFETCH=True, SKX=2), dict(RT=1, NW=4, PREFETCH=True, SKX=2),
+               dict(RT=2, NW=4, PREFETCH=False, SKX=2)]
 
 
 def bench(fn):
@@ -51,6 +55,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mma_probe.json"))
     ap.add_argument("--quick", action="store_true", help="two shapes, no double quantization")
     ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--occupancy", action="store_true", help="the CONFIGS_OCC set (more warps / split K)")
+    ap.add_argument("--shapes", default=None, help="e.g. 28672x8192,8192x28672 (default: all six)")
+    ap.add_argument("--no-dq", action="store_true")
     args = ap.parse_args()
     import bitsandbytes as bnb
     import bitsandbytes.functional as bF
@@ -75,8 +82,10 @@ def main():
             print(f"check M={M} N={N} K={K} bs={bs} {qt} {dtype} dq={dq} {cfg}: rel {e:.2e}", flush=True)
             res.setdefault("checks", []).append(dict(M=M, N=N, K=K, bs=bs, qt=qt, dtype=str(dtype), dq=dq, err=e))
     shapes = SHAPES[:1] + SHAPES[4:5] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     for (N, K) in shapes:
-        for dq in ((False,) if args.quick else (False, True)):
+        for dq in ((False,) if args.quick or args.no_dq else (False, True)):
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             qw = kernels.quantize_weight(w, 64, "nf4", dq)
             bp, bqs = bF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
@@ -98,11 +107,13 @@ def main():
                 g = {k: bench_graph(f) for k, f in peers.items()}
                 errs = {k: rel(f(), ref) for k, f in peers.items() if k not in ("bf16", "bnb")}
                 d = mma.mma_default(M, N, K, n_sm)
-                for cfg in CONFIGS:
+                for cfg in (CONFIGS_OCC if args.occupancy else CONFIGS):
                     c = dict(cfg, SPLIT_K=1)
+                    skx = c.pop("SKX", 1)
                     progs = -(-N // (16 * c["RT"]))
                     while progs * c["SPLIT_K"] < 2 * n_sm and (K // 64) // (c["SPLIT_K"] * 2) >= 4 * c["NW"]:
                         c["SPLIT_K"] *= 2
+                    c["SPLIT_K"] *= skx
                     key = "RT{RT} NW{NW} SK{SPLIT_K}".format(**c) + (" pf" if c["PREFETCH"] else "")
                     try:
                         plan = mma.MmaPlan(x, qw, None, c)
