@@ -981,6 +981,28 @@ def _time_pipelined(fn, calls=20, reps=3):
     return best
 
 
+def _time_graph(fn, calls=20, reps=3):
+    """Milliseconds per call of `fn` replayed from a CUDA graph of `calls` calls (best of `reps`): the GPU's
+    time without the host's, as decoding runs (llama.generate replays each step from a graph)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    del graph
+    return best
+
+
 PICK_ROUNDS = 2  # _pick times every candidate once per round, round after round, and keeps each one's best
 
 
@@ -998,15 +1020,19 @@ def _pick(key, candidates):
         return names[0]
     times = dict.fromkeys(names, float("inf"))
     failed = set()
+    # decode-sized calls (key[1], the M bucket, <= DECODE_MAX_M) run replayed from CUDA graphs in generation:
+    # their candidates are timed the same way (GPU time; a back-to-back eager timing measures the host there)
+    timer = _time_graph if isinstance(key[1], int) and key[1] <= DECODE_MAX_M else _time_pipelined
     for _ in range(PICK_ROUNDS):  # candidates interleaved: a burst of contention slows one round, not a choice
         for name in names:
             if name in failed:
                 continue
             try:
-                times[name] = min(times[name], _time_pipelined(candidates[name], reps=2))
-            except Exception:  # a config that fails to compile or run on this GPU is simply not chosen
+                times[name] = min(times[name], timer(candidates[name], reps=2))
+            except Exception:  # a config that fails to compile, run or be captured here is simply not chosen
                 failed.add(name)
                 times[name] = float("inf")
+                torch.cuda.synchronize()
     _path_cache[key] = min(names, key=times.get)
     return _path_cache[key]
 

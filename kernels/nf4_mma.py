@@ -371,8 +371,10 @@ def mma_supported(M, K, blocksize, dtype) -> bool:
 # measured best on an H200 (benchmarks/diag/mma_probe.py, CUDA-graph times): 2 tiles and 4 warps with the next
 # step's loads in flight on most shapes; 1 tile and 8 warps at K = 28672; 1 tile, no prefetch at M = 1 with
 # double quantization. The dispatcher times these three per shape.
+# 16 warps a program split K inside it for the small weights, in place of split-K's zeroed float32 output, atomics
+# and cast (3 launches instead of 1 under a CUDA graph).
 MMA_CANDIDATES = {"mma": dict(RT=2, NW=4, PREFETCH=True), "mma-rt1": dict(RT=1, NW=8, PREFETCH=True),
-                  "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False)}
+                  "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False), "mma-nw16": dict(RT=1, NW=16, PREFETCH=True)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -415,7 +417,7 @@ class MmaPlan:
         if unknown:
             raise ValueError(f"nf4_matmul_fused: unknown mma config keys {sorted(unknown)} (RT, NW, PREFETCH, SPLIT_K)")
         config.setdefault("PREFETCH", False)
-        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8)), ("PREFETCH", (False, True))):
+        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8, 16)), ("PREFETCH", (False, True))):
             if config.setdefault(key, allowed[-1] if key == "RT" else 4) not in allowed:
                 raise ValueError(f"nf4_matmul_fused: mma config {key} must be one of {allowed}, got {config[key]}")
         self.split_k = config.pop("SPLIT_K", 1)
