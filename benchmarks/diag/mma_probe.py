@@ -29,7 +29,8 @@ CONFIGS = [dict(RT=rt, NW=nw, PREFETCH=pf) for pf in (False, True) for rt, nw in
 # --occupancy: more warps a program or more programs (split K) than the heuristic gives, prefetching
 CONFIGS_OCC = [dict(RT=2, NW=4, PREFETCH=True), dict(RT=2, NW=8, PREFETCH=True), dict(RT=1, NW=8, PREFETCH=True),
                dict(RT=2, NW=4, PREFETCH=True, SKX=2), dict(RT=1, NW=4, PREFETCH=True, SKX=2),
-               dict(RT=2, NW=4, PREFETCH=False, SKX=2)]
+               dict(RT=2, NW=4, PREFETCH=False, SKX=2), dict(RT=1, NW=16, PREFETCH=True),
+               dict(RT=1, NW=16, PREFETCH=False)]
 
 
 def bench(fn):
@@ -127,6 +128,12 @@ def main():
                     ik = f"{key} MX={8 if M <= 8 else 16} dq={dq}"
                     if ik not in res["ir"]:
                         res["ir"][ik] = ir_stats(mma._LAST["compiled"])
+                mm._path_cache.clear()
+                mm._FAST.clear()
+                disp = lambda: kernels.nf4_matmul(x, qw)  # noqa: E731
+                disp()  # the dispatcher's choice, timed from CUDA graphs (M <= 16)
+                t["dispatch"], g["dispatch"] = bench(disp), bench_graph(disp)
+                res.setdefault("chosen", {})[tag] = [v for k, v in mm.chosen_paths().items() if k[0] == "fwd"]
                 ours = {k: v for k, v in g.items() if k.startswith("RT") and v == v}
                 best = min(ours, key=ours.get) if ours else None
                 res["rows"].append(dict(shape=tag, M=M, weight_bytes=qw.nbytes(), times_us=t, graph_us=g,
@@ -138,6 +145,7 @@ def main():
                 print(f"{tag:>22} graph: bf16 {g['bf16']:6.1f} bnb {g['bnb']:6.1f} ours-before {prev:6.1f} | mma best "
                       f"{g[best]:6.1f} {best} ({qw.nbytes() / g[best] / 1e6 / copy_tbs:.2f} of copy, "
                       f"{g['bf16'] / g[best]:.2f}x bf16, {g['bnb'] / g[best]:.2f}x bnb, {prev / g[best]:.2f}x before)"
+                      f" | dispatch {g['dispatch']:6.1f} {res['chosen'][tag]}"
                       f" | eager (do_bench): bf16 {t['bf16']:6.1f} bnb {t['bnb']:6.1f} mma {t[best]:6.1f} "
                       f"| err {max(errs.values()):.1e}", flush=True)
                 json.dump(res, open(args.out, "w"), indent=1)
