@@ -12,6 +12,9 @@ Each weight tile is dequantized in registers (table[code] * scale, rounded to th
 what bitsandbytes' dequantize produces) and fed to tl.dot with float32 accumulation.
 
 Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
+- 1 <= M <= 16, bf16/fp16, K and blocksize multiples of 64: `kernels/nf4_mma.py` (path "mma"), the looked-up
+  weight words fed to mma.m16n8k16 from registers (no layout conversion, no shared memory); timed per shape
+  against the GEMVs and the swap kernel below.
 - M = 1, bf16/fp16, K % blocksize == 0: `_nf4_gemv_w_kernel` (path "gemv3"), the word GEMV: every loop tensor
   is one-dimensional over 32-bit words of 8 codes, so nothing is converted between register layouts; one
   inline-PTX block per word looks its 8 codes up in the float16 register table; R rows a program share x;
@@ -32,7 +35,8 @@ Paths (chosen by `nf4_matmul` / `nf4_matmul_t` on CUDA):
   not a multiple of the blocksize, and as the fused GEMM for M > 16;
 - dequantize into a scratch tensor (the caching allocator reuses it between calls) + cuBLAS: the
   documented fallback, used where it measures faster (large M; see README "Kernel benchmarks").
-The choice between them is timed once per (M bucket, shape, scales, dtype) on the GPU (`_pick`).
+The choice between them is timed once per (M bucket, shape, scales, dtype) on the GPU (`_pick`): replayed
+from CUDA graphs for M <= 16 (decode: the GPU's time), launched back to back above.
 CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
 """
 import functools
