@@ -207,6 +207,27 @@ def half_table_on(quant_type: str, device: torch.device, bf16: bool = False) -> 
 
 
 @triton.jit
+def word_table(tw_ptr, lane):
+    """The 9 register-table words (`word_table_on`: one copy per lane, lane in 0..31), in plain registers."""
+    o = lane * 16
+    return (tl.load(tw_ptr + o), tl.load(tw_ptr + o + 1), tl.load(tw_ptr + o + 2), tl.load(tw_ptr + o + 3),
+            tl.load(tw_ptr + o + 4), tl.load(tw_ptr + o + 5), tl.load(tw_ptr + o + 6), tl.load(tw_ptr + o + 7),
+            tl.load(tw_ptr + o + 8))
+
+
+@triton.jit
+def xpair(xw, XF16: tl.constexpr):
+    """int32 words of x viewed as pairs of bf16 (or fp16) -> (even column, odd column) as float32."""
+    if XF16:
+        e = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        o = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # bf16 -> float32 is the upper half of the float32 bits
+        e = (xw << 16).to(tl.float32, bitcast=True)
+        o = (xw & -65536).to(tl.float32, bitcast=True)
+    return e, o
+
+
+@triton.jit
 def word_values(word, tw, table_ptr, USE_PTX: tl.constexpr):
     """int32 words of 8 packed codes -> the 8 table values (float16-rounded) as float32, columns 0..7.
     tw: the 9 register-table words (GPU); table_ptr: the float16-rounded float32 table (interpreter)."""

@@ -49,9 +49,10 @@ import triton
 import triton.language as tl
 
 from ._common import check_triton_device, code_table_on, half_table_on, interpreting, load_scales, mul_rn, \
-    pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table_on, word_values
+    pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, word_values, \
+    xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
-from .nf4_mma import MMA_CANDIDATES, MMA_MAX_M, MmaPlan, mma_default, mma_supported
+from .nf4_mma import MMA_CANDIDATES, MmaPlan, mma_default, mma_supported
 
 DECODE_MAX_M = 16
 GEMV3_MAX_M = 4   # the word GEMV takes up to 4 rows of x: past that its FMAs cost more than the swap kernel's mma
@@ -219,18 +220,6 @@ def _nf4_gemv_v2_kernel(
 
 
 @triton.jit
-def _word_xpair(xw, XF16: tl.constexpr):
-    """int32 words of x viewed as pairs of bf16 (or fp16) -> (even column, odd column) as float32."""
-    if XF16:
-        e = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        o = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:  # bf16 -> float32 is the upper half of the float32 bits
-        e = (xw << 16).to(tl.float32, bitcast=True)
-        o = (xw & -65536).to(tl.float32, bitcast=True)
-    return e, o
-
-
-@triton.jit
 def _word_slice(KW, SPLIT_K, WT: tl.constexpr):
     """This program's K slice, words [w_lo, w_hi) (whole steps of WT words, SPLIT_K slices), and one step's
     word offsets. Contiguity hint 1: the word loads would otherwise be vectorized into a layout the x loads
@@ -239,15 +228,6 @@ def _word_slice(KW, SPLIT_K, WT: tl.constexpr):
     per = tl.cdiv(tl.cdiv(KW, SPLIT_K), WT) * WT
     w_lo = pid_k * per
     return pid_k, w_lo, tl.minimum(w_lo + per, KW), tl.max_contiguous(tl.arange(0, WT), 1)
-
-
-@triton.jit
-def _word_table(tw_ptr, rw):
-    """The 9 register-table words, one copy per lane, loaded into plain registers."""
-    lane = (rw % 32) * 16
-    return (tl.load(tw_ptr + lane), tl.load(tw_ptr + lane + 1), tl.load(tw_ptr + lane + 2),
-            tl.load(tw_ptr + lane + 3), tl.load(tw_ptr + lane + 4), tl.load(tw_ptr + lane + 5),
-            tl.load(tw_ptr + lane + 6), tl.load(tw_ptr + lane + 7), tl.load(tw_ptr + lane + 8))
 
 
 @triton.jit
@@ -332,7 +312,7 @@ def _nf4_gemv_w_kernel(
     KB = KW // WPB
     n0 = tl.program_id(0) * R
     pid_k, w_lo, w_hi, rw = _word_slice(KW, SPLIT_K, WT)
-    tw = _word_table(tw_ptr, rw)           # the register table: one copy per lane, in plain registers
+    tw = word_table(tw_ptr, rw % 32)           # the register table: one copy per lane, in plain registers
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)              # rows past N re-read row N - 1
     r2, r3 = tl.minimum(n0 + 2, N - 1), tl.minimum(n0 + 3, N - 1)
@@ -353,10 +333,10 @@ def _nf4_gemv_w_kernel(
             xa, xb, xc, xd, d0, e0, f0, d1, e1, f1, d2, e2, f2, d3, e3, f3 = _word_step(
                 x_ptr, p0, p1, p2, p3, s0, s1, s2, s3, absmax_ptr, q_ptr, absmax2_ptr, w0 + rw, w_hi, WPB, R,
                 DOUBLE_QUANT)
-        x0, x1 = _word_xpair(xa, XF16)
-        x2, x3 = _word_xpair(xb, XF16)
-        x4, x5 = _word_xpair(xc, XF16)
-        x6, x7 = _word_xpair(xd, XF16)
+        x0, x1 = xpair(xa, XF16)
+        x2, x3 = xpair(xb, XF16)
+        x4, x5 = xpair(xc, XF16)
+        x6, x7 = xpair(xd, XF16)
         c0, g0, h0 = d0, e0, f0
         c1, g1, h1 = d1, e1, f1
         c2, g2, h2 = d2, e2, f2
@@ -386,10 +366,10 @@ def _nf4_gemv_w_kernel(
 @triton.jit
 def _word_x8(xrow_ptr, w, wm, XF16: tl.constexpr):
     """One row of x at words w: its 8 columns per word (4 int32 loads, zero past the slice) as float32."""
-    x0, x1 = _word_xpair(tl.load(xrow_ptr + 4 * w, mask=wm, other=0), XF16)
-    x2, x3 = _word_xpair(tl.load(xrow_ptr + 4 * w + 1, mask=wm, other=0), XF16)
-    x4, x5 = _word_xpair(tl.load(xrow_ptr + 4 * w + 2, mask=wm, other=0), XF16)
-    x6, x7 = _word_xpair(tl.load(xrow_ptr + 4 * w + 3, mask=wm, other=0), XF16)
+    x0, x1 = xpair(tl.load(xrow_ptr + 4 * w, mask=wm, other=0), XF16)
+    x2, x3 = xpair(tl.load(xrow_ptr + 4 * w + 1, mask=wm, other=0), XF16)
+    x4, x5 = xpair(tl.load(xrow_ptr + 4 * w + 2, mask=wm, other=0), XF16)
+    x6, x7 = xpair(tl.load(xrow_ptr + 4 * w + 3, mask=wm, other=0), XF16)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -428,7 +408,7 @@ def _nf4_gemv_wm_kernel(
     KB = KW // WPB
     n0 = tl.program_id(0) * R
     pid_k, w_lo, w_hi, rw = _word_slice(KW, SPLIT_K, WT)
-    tw = _word_table(tw_ptr, rw)
+    tw = word_table(tw_ptr, rw % 32)
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)
     p0, p1 = packed_ptr + r0 * KW, packed_ptr + r1 * KW
@@ -1026,7 +1006,8 @@ def _pick(key, candidates):
     failed = set()
     # decode-sized calls (key[1], the M bucket, <= DECODE_MAX_M) run replayed from CUDA graphs in generation:
     # their candidates are timed the same way (GPU time; a back-to-back eager timing measures the host there)
-    timer = _time_graph if isinstance(key[1], int) and key[1] <= DECODE_MAX_M else _time_pipelined
+    decode = len(key) > 2 and key[0] in ("fwd", "bwd") and isinstance(key[1], int) and key[1] <= DECODE_MAX_M
+    timer = _time_graph if decode else _time_pipelined
     for _ in range(PICK_ROUNDS):  # candidates interleaved: a burst of contention slows one round, not a choice
         for name in names:
             if name in failed:
@@ -1036,7 +1017,6 @@ def _pick(key, candidates):
             except Exception:  # a config that fails to compile, run or be captured here is simply not chosen
                 failed.add(name)
                 times[name] = float("inf")
-                torch.cuda.synchronize()
     _path_cache[key] = min(names, key=times.get)
     return _path_cache[key]
 

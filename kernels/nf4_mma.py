@@ -36,11 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import half_table_on, interpreting, mul_rn, scale_args, use_ptx, word_table_on, word_values
+from ._common import (half_table_on, interpreting, mul_rn, scale_args, use_ptx, word_table, word_table_on, word_values,
+                      xpair)
 
 MMA_MAX_M = 16
-UNIT = 64
-_LAST = {}  # the last compiled kernel (benchmarks/diag inspect its registers and IR)  # codes of one row per unit: the kernel needs K and the blocksize to be multiples of it
+UNIT = 64  # codes of one row per unit (one mma chain, one scale): K and the blocksize must be multiples of it
+_LAST = {}  # the last compiled kernel (benchmarks/diag inspect its registers and IR)
 
 
 def _pairs_asm() -> str:
@@ -80,15 +81,6 @@ MMA_F16: tl.constexpr = tl.constexpr(_unit_mma_asm("f16"))
 
 
 @triton.jit
-def _table(tw_ptr, lane):
-    """The 9 register-table words (one copy per lane), in plain registers."""
-    o = lane * 16
-    return (tl.load(tw_ptr + o), tl.load(tw_ptr + o + 1), tl.load(tw_ptr + o + 2), tl.load(tw_ptr + o + 3),
-            tl.load(tw_ptr + o + 4), tl.load(tw_ptr + o + 5), tl.load(tw_ptr + o + 6), tl.load(tw_ptr + o + 7),
-            tl.load(tw_ptr + o + 8))
-
-
-@triton.jit
 def _pairs(word, tw, table_ptr, USE_PTX: tl.constexpr):
     """A word's 8 codes as the mma's A operand: 4 int32 pairs (GPU) or their 8 float32 values (interpreter)."""
     if USE_PTX:
@@ -97,18 +89,6 @@ def _pairs(word, tw, table_ptr, USE_PTX: tl.constexpr):
                                          dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     else:
         return word_values(word, tw, table_ptr, False)
-
-
-@triton.jit
-def _xval(xw, XF16: tl.constexpr):
-    """int32 words of x (16-bit pairs) -> (even column, odd column) as float32."""
-    if XF16:
-        e = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        o = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        e = (xw << 16).to(tl.float32, bitcast=True)
-        o = (xw & -65536).to(tl.float32, bitcast=True)
-    return e, o
 
 
 @triton.jit
@@ -125,14 +105,14 @@ def _emulated_mma(va, vb, x, NW: tl.constexpr, XF16: tl.constexpr):
     """What the 4 mma of a unit compute, from the lanes' values (interpreter): D[i][n] = sum over the unit's
     64 columns of W row i (lanes (i, q) of va, or (i - 8, q) of vb) times x row n (lanes (n, q)); lane (g, q)
     gets D[g][2q], D[g][2q+1], D[g+8][2q], D[g+8][2q+1]."""
-    xe0, xo0 = _xval(x[0], XF16)
-    xe1, xo1 = _xval(x[1], XF16)
-    xe2, xo2 = _xval(x[2], XF16)
-    xe3, xo3 = _xval(x[3], XF16)
-    xe4, xo4 = _xval(x[4], XF16)
-    xe5, xo5 = _xval(x[5], XF16)
-    xe6, xo6 = _xval(x[6], XF16)
-    xe7, xo7 = _xval(x[7], XF16)
+    xe0, xo0 = xpair(x[0], XF16)
+    xe1, xo1 = xpair(x[1], XF16)
+    xe2, xo2 = xpair(x[2], XF16)
+    xe3, xo3 = xpair(x[3], XF16)
+    xe4, xo4 = xpair(x[4], XF16)
+    xe5, xo5 = xpair(x[5], XF16)
+    xe6, xo6 = xpair(x[6], XF16)
+    xe7, xo7 = xpair(x[7], XF16)
     xs = tl.reshape(_join16((xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, xe4, xo4, xe5, xo5, xe6, xo6, xe7, xo7)),
                     (NW, 8, 64))
     wa = tl.reshape(_join16(va), (NW, 8, 64))
@@ -311,7 +291,7 @@ def _nf4_mma_kernel(
     warp = e // 32
     g = lane // 4
     q = lane % 4
-    tw = _table(tw_ptr, lane)
+    tw = word_table(tw_ptr, lane)
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     KB = KU // UPB
     pid_k = tl.program_id(1)
@@ -370,9 +350,8 @@ def mma_supported(M, K, blocksize, dtype) -> bool:
 
 # measured best on an H200 (benchmarks/diag/mma_probe.py, CUDA-graph times): 2 tiles and 4 warps with the next
 # step's loads in flight on most shapes; 1 tile and 8 warps at K = 28672; 1 tile, no prefetch at M = 1 with
-# double quantization. The dispatcher times these three per shape.
-# 16 warps a program split K inside it for the small weights, in place of split-K's zeroed float32 output, atomics
-# and cast (3 launches instead of 1 under a CUDA graph).
+# double quantization; 16 warps splitting K inside the program on the small weights (in place of split-K's
+# zeroed float32 output, atomics and cast: 1 launch instead of 3). The dispatcher times all four per shape.
 MMA_CANDIDATES = {"mma": dict(RT=2, NW=4, PREFETCH=True), "mma-rt1": dict(RT=1, NW=8, PREFETCH=True),
                   "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False), "mma-nw16": dict(RT=1, NW=16, PREFETCH=True)}
 

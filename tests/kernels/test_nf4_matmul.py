@@ -359,3 +359,29 @@ def test_pick_interleaves_rounds(monkeypatch):
         assert order == ["b", "bad", "a"] + ["b", "a"] * (mm.PICK_ROUNDS - 1)
     finally:
         mm._path_cache.pop(key, None)
+
+
+@pytest.mark.parametrize("M,graphed", [(1, True), (16, True), (32, False), (4096, False)])
+def test_pick_times_decode_from_graphs(monkeypatch, M, graphed):
+    """Decode-sized calls (M bucket <= 16) are timed replayed from CUDA graphs, as generation runs them (GPU time);
+    larger ones launched back to back (timers faked: which one ran is what is checked)."""
+    used = []
+
+    def timer(kind):
+        def fake(fn, calls=20, reps=3):
+            used.append(kind)
+            return fn()
+        return fake
+
+    monkeypatch.setattr(mm, "_time_graph", timer("graph"))
+    monkeypatch.setattr(mm, "_time_pipelined", timer("eager"))
+    monkeypatch.setattr(mm, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    key = ("fwd", mm._m_bucket(M), (8, 8), False, 64, torch.bfloat16, True)
+    mm._path_cache.pop(key, None)
+    try:
+        assert mm._pick(key, {"slow": lambda: 2.0, "fast": lambda: 1.0}) == "fast"
+        assert set(used) == {"graph" if graphed else "eager"} and len(used) == 2 * mm.PICK_ROUNDS
+    finally:
+        mm._path_cache.pop(key, None)
