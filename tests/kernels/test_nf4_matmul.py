@@ -2,6 +2,7 @@
 
 Tolerances (relative Frobenius error): float32 inputs 1e-5 (float32 accumulation over K <= 320),
 float16 inputs 2e-3 (the output's own float16 rounding is ~3e-4)."""
+import dataclasses
 import importlib
 
 import pytest
@@ -195,6 +196,32 @@ def test_mma_bf16_table():
     assert y.dtype == torch.bfloat16
     ref = x.double() @ qw.dequantize(torch.float32).double().T
     assert rel_err(y, ref) < 4e-3
+
+
+def test_mma_candidates():
+    """The dispatcher offers the mma kernel where it applies (1-16 rows, bf16/fp16, K and blocksize multiples of
+    64), first, and nowhere else."""
+    specs = mm._forward_specs
+    assert list(specs(1, 40, 192, 64, torch.float16, False))[0] == "mma"
+    assert list(specs(16, 40, 192, 128, torch.bfloat16, False))[0] == "mma"
+    for M, K, bs, dtype in [(17, 192, 64, torch.float16), (4, 192, 64, torch.float32), (4, 192, 32, torch.float16),
+                            (4, 96, 32, torch.float16)]:
+        assert not any(s and s[0] == "mma" for s in specs(M, 40, K, bs, dtype, False).values()), (M, K, bs, dtype)
+
+
+def test_mma_misaligned_weight_falls_back():
+    """A packed weight whose storage is not 8-byte aligned (a view at an odd offset) cannot be read as 64-bit
+    words: the public dispatch skips the mma kernel for it (not an error) and the forced path says why."""
+    qw = make(40, 192, False, seed=5)
+    buf = torch.zeros(qw.packed.numel() + 4, dtype=torch.uint8)
+    buf[4:] = qw.packed.reshape(-1)
+    odd = dataclasses.replace(qw, packed=buf[4:].view(qw.packed.shape))
+    assert odd.packed.data_ptr() % 8 == 4
+    x = torch.randn(3, 192).half()
+    ref = x.double() @ qw.dequantize(torch.float32).double().T
+    assert rel_err(mm.nf4_matmul(x, odd, backend="triton"), ref) < 2e-3
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        mm.nf4_matmul_fused(x, odd, path="mma")
 
 
 def test_mma_bad_input():
