@@ -59,6 +59,21 @@ def _pair_tables(quant_type: str, device: str):
     return f32, f16
 
 
+@functools.lru_cache(maxsize=None)
+def _mma_pair_tables(quant_type: str, device: str, bf16: bool):
+    table = code_table(quant_type, torch.device("cpu")).to(torch.bfloat16 if bf16 else torch.float16)
+    b = torch.arange(256)
+    pairs = torch.stack([table[b >> 4], table[b & 15]], dim=1).contiguous()   # (256, 2): byte -> (even, odd)
+    return pairs.view(torch.int32).reshape(256).to(device)                     # low half = even element
+
+
+def mma_pair_table_on(quant_type: str, device: torch.device, bf16: bool = False) -> torch.Tensor:
+    """The 256-entry byte -> (value of the high nibble, value of the low nibble) table as packed 16-bit pairs in
+    int32 (float16, or bfloat16 with bf16; the even column in the low half): the mma kernel's shared-memory
+    lookup table (cached)."""
+    return _mma_pair_tables(quant_type, str(device), bf16)
+
+
 def pair_table_on(quant_type: str, device: torch.device, half: bool = False) -> torch.Tensor:
     """The 256-entry byte -> (value of the high nibble, value of the low nibble) table: int64 words holding
     two float32 values (exact), or with half=True int32 words holding two float16 values (cached)."""

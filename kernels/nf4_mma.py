@@ -25,6 +25,13 @@ The 4 mma of a unit start from zero and the unit's float32 sum is multiplied by 
 bfloat16 for bf16 x (as bitsandbytes' bf16 dequantize rounds value * absmax) or float16 for fp16 x.
 Warps of a program take interleaved units of the same rows; their sums are added at the end; SPLIT_K > 1
 adds programs' slices into a zeroed float32 y.
+LUT 1 (opt-in, `config=dict(LUT=1)`; not among the dispatcher's candidates until it has been timed and checked on
+a GPU): the lookup reads a 32 KB per-lane copy of the 256-entry byte -> pair table in shared memory, one
+ld.shared per byte instead of 4 prmt per 2 bytes: the loop drops from 236 to 175 SASS instructions a step and
+from ~160 to ~45 on the integer pipe (offline sm_90 compile), which moves the bound from the lookup to the
+memory stream. The table is declared inside an inline-PTX block (ptxas counts it as static shared memory, beside
+Triton's dynamic one) and filled by each program before its loop. The pairs are the register table's, so its
+output is bit-equal to LUT 0's (tests/kernels/test_cuda.py::test_mma_shared_table).
 Off the GPU (TRITON_INTERPRET=1) the lookup reads the rounded float32 table and the mma is computed by the
 same formula over the same lanes (the fragments regrouped by reshape), so the index mapping is tested on
 the CPU; only the two inline-PTX blocks are GPU-only.
@@ -36,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (half_table_on, interpreting, mul_rn, scale_args, use_ptx, word_table, word_table_on, word_values,
-                      xpair)
+from ._common import (half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx, word_table,
+                      word_table_on, word_values, xpair)
 
 MMA_MAX_M = 16
 UNIT = 64  # codes of one row per unit (one mma chain, one scale): K and the blocksize must be multiples of it
@@ -75,20 +82,56 @@ def _unit_mma_asm(ab: str) -> str:
     return "{\n .reg .f32 z;\n mov.f32 z, 0f00000000;\n" + "".join(lines) + "}"
 
 
+# LUT = 1: the 256 byte -> pair table in shared memory, one copy per lane (bank), so that a warp's 32 lookups never
+# conflict: 256 x 32 x 4 bytes = 32 KB, declared by this block (function scope; ptxas counts it as static shared
+# memory) and filled by every program at its start, word i = entry i / 32, copy i % 32: thread t ($1) writes
+# words t, t + T ($3), ... from the 256 pairs at $2, in a loop that ptxas must not unroll (unrolled, its hoisted
+# loads took 168-254 registers at 1-2 warps); then every thread waits; $0: the table's address.
+SMEM_INIT: tl.constexpr = tl.constexpr(
+    ".shared .align 16 .b32 nf4_mma_lut[8192];\n"
+    "{\n .reg .b32 i, b, v, a;\n .reg .b64 p;\n .reg .pred q;\n"
+    " mov.u32 i, $1;\n"
+    "NF4_MMA_LUT_FILL:\n"
+    " .pragma \"nounroll\";\n"
+    " shr.u32 b, i, 5;\n mul.wide.u32 p, b, 4;\n add.s64 p, p, $2;\n ld.global.nc.b32 v, [p];\n"
+    " mov.u32 a, nf4_mma_lut;\n mad.lo.u32 a, i, 4, a;\n st.shared.b32 [a], v;\n"
+    " add.u32 i, i, $3;\n setp.lt.u32 q, i, 8192;\n @q bra NF4_MMA_LUT_FILL;\n"
+    " bar.sync 0;\n mov.u32 $0, nf4_mma_lut;\n}")
+# one word -> its 4 pairs: byte i's address is table + (byte * 32 + lane) * 4 ($5: table + lane * 4)
+SMEM_PAIRS: tl.constexpr = tl.constexpr(
+    "{\n .reg .b32 t0, t1, t2, t3;\n"
+    " and.b32 t0, $4, 255;\n bfe.u32 t1, $4, 8, 8;\n bfe.u32 t2, $4, 16, 8;\n shr.u32 t3, $4, 24;\n"
+    " mad.lo.u32 t0, t0, 128, $5;\n mad.lo.u32 t1, t1, 128, $5;\n mad.lo.u32 t2, t2, 128, $5;\n"
+    " mad.lo.u32 t3, t3, 128, $5;\n"
+    " ld.shared.b32 $0, [t0];\n ld.shared.b32 $1, [t1];\n ld.shared.b32 $2, [t2];\n ld.shared.b32 $3, [t3];\n}")
 PAIRS: tl.constexpr = tl.constexpr(_pairs_asm())
 MMA_BF16: tl.constexpr = tl.constexpr(_unit_mma_asm("bf16"))
 MMA_F16: tl.constexpr = tl.constexpr(_unit_mma_asm("f16"))
 
 
 @triton.jit
-def _pairs(word, tw, table_ptr, USE_PTX: tl.constexpr):
-    """A word's 8 codes as the mma's A operand: 4 int32 pairs (GPU) or their 8 float32 values (interpreter)."""
+def _pairs(word, tw, table_ptr, USE_PTX: tl.constexpr, LUT: tl.constexpr):
+    """A word's 8 codes as the mma's A operand: 4 int32 pairs (GPU) or their 8 float32 values (interpreter).
+    tw: the register table (LUT 0) or (this lane's base address in the shared table,) (LUT 1)."""
     if USE_PTX:
-        return tl.inline_asm_elementwise(PAIRS, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-                                         [word, tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
-                                         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        if LUT == 1:
+            return tl.inline_asm_elementwise(SMEM_PAIRS, "=r,=r,=r,=r,r,r", [word, tw[0]],
+                                             dtype=(tl.int32,) * 4, is_pure=False, pack=1)
+        else:
+            return tl.inline_asm_elementwise(PAIRS, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                             [word, tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
+                                             dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     else:
         return word_values(word, tw, table_ptr, False)
+
+
+@triton.jit
+def _smem_table(pair_ptr, e, lane, T: tl.constexpr):
+    """LUT 1: declare and fill the shared table, wait for every thread (one inline-PTX block, `SMEM_INIT`), and
+    return (this lane's base address,) for `_pairs`."""
+    tb = tl.inline_asm_elementwise(SMEM_INIT, "=r,r,l,r", [e, pair_ptr + e * 0, e * 0 + T], dtype=tl.int32,
+                                   is_pure=False, pack=1)
+    return (tb + lane * 4,)
 
 
 @triton.jit
@@ -218,15 +261,15 @@ def _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u, u_hi, KU, 
 
 @triton.jit
 def _tile_math(t, x0, x1, c0, c1, tw, table_ptr, code8_ptr, offset, NW: tl.constexpr, MX: tl.constexpr,
-               DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, XF16: tl.constexpr):
+               DOUBLE_QUANT: tl.constexpr, USE_PTX: tl.constexpr, XF16: tl.constexpr, LUT: tl.constexpr):
     """One tile's unit: look its 4 words up once, mma against each group of 8 rows of x, scale, accumulate
     (c0, c1: the groups' 4 accumulators)."""
     sa = _scale_of(t[4], t[5], code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
     sb = _scale_of(t[6], t[7], code8_ptr, offset, DOUBLE_QUANT, USE_PTX)
-    pa0 = _pairs(t[0], tw, table_ptr, USE_PTX)
-    pa1 = _pairs(t[1], tw, table_ptr, USE_PTX)
-    pb0 = _pairs(t[2], tw, table_ptr, USE_PTX)
-    pb1 = _pairs(t[3], tw, table_ptr, USE_PTX)
+    pa0 = _pairs(t[0], tw, table_ptr, USE_PTX, LUT)
+    pa1 = _pairs(t[1], tw, table_ptr, USE_PTX, LUT)
+    pb0 = _pairs(t[2], tw, table_ptr, USE_PTX, LUT)
+    pb1 = _pairs(t[3], tw, table_ptr, USE_PTX, LUT)
     d = _unit_mma(pa0, pa1, pb0, pb1, x0, NW, USE_PTX, XF16)
     c0 = (c0[0] + d[0] * sa, c0[1] + d[1] * sa, c0[2] + d[2] * sb, c0[3] + d[3] * sb)
     if MX > 8:
@@ -272,18 +315,20 @@ def _store_tile(c, n, m, N, M, pid_k, bias_ptr, y_ptr, NW: tl.constexpr, HAS_BIA
 @triton.jit
 def _nf4_mma_kernel(
     # pointers: x and the packed weight viewed as int64 (pairs of 32-bit words)
-    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, bias_ptr, y_ptr,
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, pair_ptr, bias_ptr,
+    y_ptr,
     # sizes: M rows of x, N rows of W, KU = K / 64 units per row
     M, N, KU, SPLIT_K,
     # constexpr
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
     NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr,
-    XF16: tl.constexpr,
+    XF16: tl.constexpr, LUT: tl.constexpr,
 ):
     """Y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), M <= MX (8 or 16): a program takes RT tiles of 16 rows of W
     (RT 1 or 2) and a slice of K; its NW warps take interleaved units. PREFETCH issues step i + 1's loads
-    before step i's arithmetic (the loads of a step are otherwise all a warp has in flight). See the module
-    docstring."""
+    before step i's arithmetic (the loads of a step are otherwise all a warp has in flight). LUT 0 looks codes up
+    in the register table (`prmt`), LUT 1 in a 32 KB shared table (pair_ptr: its 256 entries; 1 load per byte
+    instead of 4 `prmt`). See the module docstring."""
     T: tl.constexpr = 32 * NW
     UPB: tl.constexpr = BLOCKSIZE // 64                                   # units per 4-bit block
     e = tl.max_contiguous(tl.arange(0, T), 1)
@@ -291,7 +336,10 @@ def _nf4_mma_kernel(
     warp = e // 32
     g = lane // 4
     q = lane % 4
-    tw = word_table(tw_ptr, lane)
+    if LUT == 1 and USE_PTX:
+        tw = _smem_table(pair_ptr, e, lane, T)
+    else:
+        tw = word_table(tw_ptr, lane)
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     KB = KU // UPB
     pid_k = tl.program_id(1)
@@ -322,10 +370,10 @@ def _nf4_mma_kernel(
             x0, x1, t0, t1 = _step_fetch(x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, u0 + warp, u_hi, KU, KB,
                                          q, rows, xo0, xo1, xok0, xok1, UPB, RT, MX, DOUBLE_QUANT)
         c00, c01 = _tile_math(t0, x0, x1, c00, c01, tw, table_ptr, code8_ptr, offset, NW, MX, DOUBLE_QUANT,
-                              USE_PTX, XF16)
+                              USE_PTX, XF16, LUT)
         if RT > 1:
             c10, c11 = _tile_math(t1, x0, x1, c10, c11, tw, table_ptr, code8_ptr, offset, NW, MX, DOUBLE_QUANT,
-                                  USE_PTX, XF16)
+                                  USE_PTX, XF16, LUT)
     # lane (g, q) holds y for rows 2q, 2q + 1 of x (+ 8 in group 1) and rows n0 + g, n0 + g + 8 of W (+ 16)
     l32 = tl.arange(0, 32)
     m0 = 2 * (l32 % 4)
@@ -392,11 +440,14 @@ class MmaPlan:
             config = dict(RT=1, NW=2, SPLIT_K=1) if interpreting() else \
                 mma_default(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
         config = dict(config)
-        unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K"}
+        unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K", "LUT"}
         if unknown:
-            raise ValueError(f"nf4_matmul_fused: unknown mma config keys {sorted(unknown)} (RT, NW, PREFETCH, SPLIT_K)")
+            raise ValueError(f"nf4_matmul_fused: unknown mma config keys {sorted(unknown)} "
+                             "(RT, NW, PREFETCH, SPLIT_K, LUT)")
         config.setdefault("PREFETCH", False)
-        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8, 16)), ("PREFETCH", (False, True))):
+        config.setdefault("LUT", 0)
+        for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8, 16)), ("PREFETCH", (False, True)),
+                             ("LUT", (0, 1))):
             if config.setdefault(key, allowed[-1] if key == "RT" else 4) not in allowed:
                 raise ValueError(f"nf4_matmul_fused: mma config {key} must be one of {allowed}, got {config[key]}")
         self.split_k = config.pop("SPLIT_K", 1)
@@ -409,7 +460,8 @@ class MmaPlan:
         self.parts = (qw.packed, qw.absmax, qw.nested)
         self.wargs = (packed.view(torch.int64), a, q, a2, code8, offset,
                       half_table_on(qw.quant_type, x.device, bf16=not xf16),
-                      word_table_on(qw.quant_type, x.device, bf16=not xf16))
+                      word_table_on(qw.quant_type, x.device, bf16=not xf16),
+                      mma_pair_table_on(qw.quant_type, x.device, bf16=not xf16))
         self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
                        XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
         self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)

@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--occupancy", action="store_true", help="the CONFIGS_OCC set (more warps / split K)")
     ap.add_argument("--shapes", default=None, help="e.g. 28672x8192,8192x28672 (default: all six)")
     ap.add_argument("--no-dq", action="store_true")
+    ap.add_argument("--lut", action="store_true", help="every config also with the shared-memory table (LUT 1)")
     args = ap.parse_args()
     import bitsandbytes as bnb
     import bitsandbytes.functional as bF
@@ -108,14 +109,18 @@ def main():
                 g = {k: bench_graph(f) for k, f in peers.items()}
                 errs = {k: rel(f(), ref) for k, f in peers.items() if k not in ("bf16", "bnb")}
                 d = mma.mma_default(M, N, K, n_sm)
-                for cfg in (CONFIGS_OCC if args.occupancy else CONFIGS):
+                cfgs = CONFIGS_OCC if args.occupancy else CONFIGS
+                if args.lut:
+                    cfgs = [dict(c, LUT=lut) for c in cfgs for lut in (0, 1)]
+                for cfg in cfgs:
                     c = dict(cfg, SPLIT_K=1)
                     skx = c.pop("SKX", 1)
                     progs = -(-N // (16 * c["RT"]))
                     while progs * c["SPLIT_K"] < 2 * n_sm and (K // 64) // (c["SPLIT_K"] * 2) >= 4 * c["NW"]:
                         c["SPLIT_K"] *= 2
                     c["SPLIT_K"] *= skx
-                    key = "RT{RT} NW{NW} SK{SPLIT_K}".format(**c) + (" pf" if c["PREFETCH"] else "")
+                    key = "RT{RT} NW{NW} SK{SPLIT_K}".format(**c) + (" pf" if c["PREFETCH"] else "") + \
+                        (" smem" if c.get("LUT") else "")
                     try:
                         plan = mma.MmaPlan(x, qw, None, c)
                         f = (lambda plan: lambda: plan.launch(x, None))(plan)

@@ -197,6 +197,25 @@ def test_mma_rows(dq, dtype, quant_type):
         assert rel_err(kernels.nf4_matmul(x, qw, b), ref) < 1e-2        # whichever path the dispatcher times best
 
 
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_shared_table(dq, dtype):
+    """The mma kernel's shared-memory lookup (LUT 1: a 32 KB per-lane table, 1 ld.shared per byte) reads the same
+    packed pairs as the register table (LUT 0), so the outputs are bit-equal; and within tolerance of float64."""
+    for M, N, K, cfg in [(1, 1001, 1344, dict(RT=2, NW=4, PREFETCH=True)), (16, 515, 2048, dict(RT=1, NW=8)),
+                         (5, 4096, 4096, dict(RT=1, NW=16, PREFETCH=True)), (3, 67, 640, dict(RT=2, NW=2, SPLIT_K=3))]:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        qw = kernels.quantize_weight(w, 64, "nf4", dq)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        b = torch.randn(N, device="cuda", dtype=dtype)
+        y0 = mm.nf4_matmul_fused(x, qw, b, path="mma", config=dict(cfg, LUT=0))
+        y1 = mm.nf4_matmul_fused(x, qw, b, path="mma", config=dict(cfg, LUT=1))
+        if cfg.get("SPLIT_K", 1) == 1:  # split-K adds slices with atomics, in any order
+            assert_bits_equal(y1, y0, f"LUT 1 vs 0 {M}x{N}x{K}")
+        ref = x.double() @ qw.dequantize(torch.float32).double().T + b.double()
+        assert rel_err(y1, ref) < (4e-3 if dtype == torch.bfloat16 else 2e-3), (M, N, K, rel_err(y1, ref))
+
+
 @pytest.mark.parametrize("M", [1, 300])
 def test_public_dispatch(M):
     """nf4_matmul / nf4_matmul_t time their candidate paths once, then reuse the choice."""

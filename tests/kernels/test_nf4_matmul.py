@@ -174,7 +174,7 @@ def test_mma_rows(quant_type, dq):
                              (3, 37, 256, 128, dict(RT=2, NW=1, PREFETCH=True)),
                              (9, 33, 320, 64, dict(RT=2, NW=2, SPLIT_K=2, PREFETCH=True)),
                              (16, 17, 128, 64, dict(RT=1, NW=4)),
-                             (8, 50, 448, 64, dict(RT=2, NW=2, SPLIT_K=3))]:
+                             (8, 50, 448, 64, dict(RT=2, NW=2, SPLIT_K=3, LUT=1))]:
         qw = make(N, K, dq, quant_type, bs, seed=M)
         w = qw.dequantize(torch.float32).double()
         x = torch.randn(M, K)
@@ -232,6 +232,8 @@ def test_mma_bad_input():
         mm.nf4_matmul_fused(torch.randn(17, 256).half(), qw, path="mma")
     with pytest.raises(ValueError, match="RT must be one of"):
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(RT=3))
+    with pytest.raises(ValueError, match="LUT must be one of"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(LUT=2))
     with pytest.raises(ValueError, match="unknown mma config keys"):
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(R=2))
     q32 = make(8, 256, False, blocksize=32)
