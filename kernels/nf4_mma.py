@@ -34,7 +34,7 @@ Triton's dynamic one) and filled by each program before its loop. The pairs are 
 output is bit-equal to LUT 0's (tests/kernels/test_cuda.py::test_mma_shared_table).
 Off the GPU (TRITON_INTERPRET=1) the lookup reads the rounded float32 table and the mma is computed by the
 same formula over the same lanes (the fragments regrouped by reshape), so the index mapping is tested on
-the CPU; only the two inline-PTX blocks are GPU-only.
+the CPU; only the inline-PTX blocks (lookup, mma, the shared table) are GPU-only.
 """
 import functools
 import weakref
