@@ -117,3 +117,22 @@ def test_word_lookup(quant_type):
         for lane, w in enumerate(chunk):
             codes = [(w >> 8 * (c // 2) + (0 if c % 2 else 4)) & 15 for c in range(8)]   # column c's code
             assert [out[c][lane] for c in range(8)] == [half[x] for x in codes], hex(w)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_byte_lookup(quant_type):
+    """The v2 GEMV / swap kernel's lookup (`PRMT_NF4` / `PRMT_FP4`, table in immediates): 4 packed bytes -> the
+    float16 values of their high nibbles ($0: bytes 0, 1; $1: bytes 2, 3) and low nibbles ($2, $3)."""
+    asm = (C.PRMT_NF4 if quant_type == "nf4" else C.PRMT_FP4).value
+    half = torch.tensor([float(v) for v in C.half_table_on(quant_type, "cpu")]).half().view(torch.int16)
+    h = [int(v) & 0xFFFF for v in half]
+    words = _words(60, 5)
+    warp = Warp()
+    for k in range(0, len(words), 32):
+        chunk = (words[k:k + 32] + [0] * 32)[:32]
+        out = warp.run(asm, 4, [chunk])
+        for lane, w in enumerate(chunk):
+            b = [(w >> 8 * i) & 0xFF for i in range(4)]
+            want = [h[b[0] >> 4] | h[b[1] >> 4] << 16, h[b[2] >> 4] | h[b[3] >> 4] << 16,
+                    h[b[0] & 15] | h[b[1] & 15] << 16, h[b[2] & 15] | h[b[3] & 15] << 16]
+            assert [out[j][lane] for j in range(4)] == want, hex(w)
