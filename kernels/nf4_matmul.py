@@ -312,7 +312,7 @@ def _nf4_gemv_w_kernel(
     KB = KW // WPB
     n0 = tl.program_id(0) * R
     pid_k, w_lo, w_hi, rw = _word_slice(KW, SPLIT_K, WT)
-    tw = word_table(tw_ptr, rw % 32)           # the register table: one copy per lane, in plain registers
+    tw = word_table(tw_ptr, rw % 32)  # the register table: one copy per lane, in plain registers
     offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
     r0, r1 = tl.minimum(n0, N - 1), tl.minimum(n0 + 1, N - 1)              # rows past N re-read row N - 1
     r2, r3 = tl.minimum(n0 + 2, N - 1), tl.minimum(n0 + 3, N - 1)
