@@ -10,6 +10,7 @@ Exactness notes (see ../shared/NUMERICS.md and nf4/blockwise.py):
 """
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -99,6 +100,26 @@ def scale_args(qw_absmax, nested, device):
 # ---------------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ---------------------------------------------------------------------------------------------------
+class WeightPlan:
+    """Base of the cached launch plans (`nf4_matmul._V2Plan`, `nf4_mma.MmaPlan`): what a launch needs besides x
+    and y, bound to one weight; a plan is reused only while that weight object and its tensors are the same."""
+    __slots__ = ("qw_ref", "parts", "split_k", "n", "k")
+
+    def bind(self, qw) -> None:
+        self.qw_ref = weakref.ref(qw)
+        self.parts = (qw.packed, qw.absmax, qw.nested)
+
+    def valid_for(self, qw) -> bool:
+        p = self.parts
+        return self.qw_ref() is qw and p[0] is qw.packed and p[1] is qw.absmax and p[2] is qw.nested
+
+    def output(self, M: int, x: torch.Tensor) -> torch.Tensor:
+        """y (M, N): a zeroed float32 buffer where split-K programs add into it, else uninitialized in x's dtype."""
+        if self.split_k > 1:
+            return torch.zeros((M, self.n), dtype=torch.float32, device=x.device)
+        return torch.empty((M, self.n), dtype=x.dtype, device=x.device)
+
+
 @triton.jit
 def rcp_approx(x, USE_PTX: tl.constexpr):
     """1/x as CUDA's rcp.approx.ftz.f32 (only valid with USE_PTX; the interpreter path never calls it)."""

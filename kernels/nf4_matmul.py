@@ -41,16 +41,15 @@ CPU tensors run the pure-torch reference (nf4 dequantize + torch matmul).
 """
 import functools
 import inspect
-import weakref
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, code_table_on, half_table_on, interpreting, load_scales, mul_rn, \
-    pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, word_values, \
-    xpair
+from ._common import WeightPlan, check_triton_device, code_table_on, half_table_on, interpreting, load_scales, \
+    mul_rn, pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
+    word_values, xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 from .nf4_mma import MMA_CANDIDATES, MmaPlan, mma_default, mma_supported
 
@@ -750,11 +749,11 @@ def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
 _V2_PLANS = {}  # (path, id(qw), M, dtype, bias?, device, config) -> _V2Plan: what a launch needs besides x and y
 
 
-class _V2Plan:
+class _V2Plan(WeightPlan):
     """Everything about a v2 launch that depends only on the weight, M and the config (kernel, grid,
     weight-side arguments, constexprs), built once: decode calls the same linear thousands of times and
     the host's time per call is what small shapes are bound by."""
-    __slots__ = ("qw_ref", "parts", "kernel", "grid", "wargs", "kw", "split_k", "path", "n", "k")
+    __slots__ = ("kernel", "grid", "wargs", "kw", "path")
 
     def __init__(self, x, qw, bias, path, config):
         M, K = x.shape
@@ -763,8 +762,7 @@ class _V2Plan:
         if config is None:
             config = _V2_INTERP[path] if interpreting() else _v2_default(path, M, N, K, qw.blocksize, x.dtype)
         config = dict(config)
-        self.qw_ref = weakref.ref(qw)
-        self.parts = (qw.packed, qw.absmax, qw.nested)
+        self.bind(qw)
         if path == "gemv3":
             self._word_gemv(x, qw, bias, config)
             return
@@ -823,9 +821,6 @@ class _V2Plan:
         self.kernel = _nf4_gemv_w_kernel if M == 1 else _nf4_gemv_wm_kernel
         self.grid = (triton.cdiv(self.n, config["R"]), self.split_k)
 
-    def valid_for(self, qw):
-        p = self.parts
-        return self.qw_ref() is qw and p[0] is qw.packed and p[1] is qw.absmax and p[2] is qw.nested
 
 
 def _launch_v2(x, qw, bias, path, config):
@@ -861,10 +856,7 @@ def _launch_plan(plan, x, bias):
     M, K = x.shape
     N = plan.n
     bias_arg = bias if bias is not None else x
-    if plan.split_k > 1:
-        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = plan.output(M, x)
     if plan.path == "gemv3":
         x = x.contiguous()
         if x.data_ptr() % 4:  # read as 32-bit pairs

@@ -37,14 +37,13 @@ same formula over the same lanes (the fragments regrouped by reshape), so the in
 the CPU; only the inline-PTX blocks (lookup, mma, the shared table) are GPU-only.
 """
 import functools
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx, word_table,
-                      word_table_on, word_values, xpair)
+from ._common import (WeightPlan, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
+                      word_table, word_table_on, word_values, xpair)
 
 MMA_MAX_M = 16
 UNIT = 64  # codes of one row per unit (one mma chain, one scale): K and the blocksize must be multiples of it
@@ -416,10 +415,10 @@ def mma_default(M, N, K, n_sm, base=None):
     return cfg
 
 
-class MmaPlan:
+class MmaPlan(WeightPlan):
     """Everything about an mma launch that depends only on the weight, M, dtype and config (weight-side
     arguments, constexprs, grid), built once per (weight, M, ...): decode calls each linear once per token."""
-    __slots__ = ("qw_ref", "parts", "wargs", "kw", "grid", "split_k", "n", "k")
+    __slots__ = ("wargs", "kw", "grid")
 
     def __init__(self, x, qw, bias, config):
         M, K = x.shape
@@ -456,8 +455,7 @@ class MmaPlan:
         nw = config["NW"]
         a, q, a2, code8, offset, dq = scale_args(qw.absmax, qw.nested, x.device)
         xf16 = x.dtype == torch.float16
-        self.qw_ref = weakref.ref(qw)
-        self.parts = (qw.packed, qw.absmax, qw.nested)
+        self.bind(qw)
         self.wargs = (packed.view(torch.int64), a, q, a2, code8, offset,
                       half_table_on(qw.quant_type, x.device, bf16=not xf16),
                       word_table_on(qw.quant_type, x.device, bf16=not xf16),
@@ -466,20 +464,13 @@ class MmaPlan:
                        XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
         self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)
 
-    def valid_for(self, qw):
-        p = self.parts
-        return self.qw_ref() is qw and p[0] is qw.packed and p[1] is qw.absmax and p[2] is qw.nested
-
     def launch(self, x, bias):
         """y = x @ W.T (+ bias) with this plan: allocate y, launch, nothing else (the hot decode path)."""
         M = x.shape[0]
         x = x.contiguous()
         if x.data_ptr() % 8:  # read as 64-bit words
             x = x.clone()
-        if self.split_k > 1:
-            y = torch.zeros((M, self.n), dtype=torch.float32, device=x.device)
-        else:
-            y = torch.empty((M, self.n), dtype=x.dtype, device=x.device)
+        y = self.output(M, x)
         _LAST["compiled"] = _nf4_mma_kernel[self.grid](x.view(torch.int64), *self.wargs,
                                                        bias if bias is not None else x, y,
                                                        M, self.n, self.k // UNIT, self.split_k, **self.kw)

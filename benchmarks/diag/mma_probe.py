@@ -11,7 +11,7 @@ import os
 import sys
 
 import torch
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path = [p for p in sys.path if not os.path.abspath(p or ".").startswith(os.path.join(ROOT, "benchmarks"))]
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks", "diag"))
 import importlib  # noqa: E402
 
 import kernels  # noqa: E402
+from gemv3_probe import bench, rel  # noqa: E402
 from gemv_probe import ir_stats  # noqa: E402
 
 mm = importlib.import_module("kernels.nf4_matmul")
@@ -33,10 +34,6 @@ CONFIGS_OCC = [dict(RT=2, NW=4, PREFETCH=True), dict(RT=2, NW=8, PREFETCH=True),
                dict(RT=1, NW=16, PREFETCH=False)]
 
 
-def bench(fn):
-    return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
-
-
 def bench_graph(fn):
     """Microseconds per call replayed from a CUDA graph: the GPU's time without the host's (no L2 flush: the
     4096-wide weights, 8-23 MB, stay in L2 between replays; the 70B ones, 117 MB, do not)."""
@@ -45,10 +42,6 @@ def bench_graph(fn):
     except Exception as ex:  # a peer that cannot be captured
         print(f"graph capture failed: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
         return float("nan")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():
