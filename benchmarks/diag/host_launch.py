@@ -21,7 +21,6 @@ import importlib  # noqa: E402
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-import nf4  # noqa: E402
 
 dq_mod = importlib.import_module("kernels.dequantize")
 common = importlib.import_module("kernels._common")
