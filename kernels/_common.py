@@ -97,17 +97,84 @@ def scale_args(qw_absmax, nested, device):
             offset, True)
 
 
+def fast_launch_enabled() -> bool:
+    """Launches through the compiled kernel's runner (see `Launch`); QLORA_FAST_LAUNCH=0 turns them off."""
+    return os.environ.get("QLORA_FAST_LAUNCH", "1") not in ("", "0") and not interpreting()
+
+
+def _spec(a):
+    """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment; an int's being 1,
+    a multiple of 16 and 32-bit (triton/runtime/jit.py: specialize_impl)."""
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, -2**31 <= a < 2**31
+    if isinstance(a, float) or a is None:
+        return a is None
+    return a.dtype, a.data_ptr() % 16 == 0
+
+
+class Launch:
+    """One @triton.jit kernel with a fixed grid and fixed constexprs / options, launched many times with the
+    same runtime arguments except those at positions `varying` (x, y, ...).
+
+    `kernel[grid](*args, **kw)` costs 25-30 us of host time on a busy host (benchmarks/diag/host_launch.py):
+    Triton binds the arguments, computes their specialization and looks the compiled kernel up on every call.
+    Here the first call goes through Triton and keeps the compiled kernel's runner (`CompiledKernel[grid]`, the
+    object Triton's own launch ends in); a later call whose varying arguments specialize the same way
+    (`_spec`) calls that runner directly with every parameter in signature order, as Triton does. Any other
+    call takes Triton's path again, so a new alignment or dtype compiles and launches exactly as before.
+    The other runtime arguments must stay the same objects (the launch plans bind them to one weight)."""
+    __slots__ = ("kernel", "grid", "kw", "varying", "tail", "runners", "compiled")
+
+    def __init__(self, kernel, grid, kw, varying):
+        self.kernel, self.kw, self.varying = kernel, dict(kw), tuple(varying)
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.tail = None        # the constexprs' values in signature order, after the positional arguments
+        self.runners = {}       # specialization of the varying arguments -> runner
+        self.compiled = None    # the last CompiledKernel (benchmarks/diag inspect its IR)
+
+    def __call__(self, *args):
+        if self.tail is not None:
+            runner = self.runners.get(tuple(_spec(args[i]) for i in self.varying))
+            if runner is not None:
+                runner(*args, *self.tail)
+                return self.compiled
+        compiled = self.kernel[self.grid](*args, **self.kw)
+        self.compiled = compiled
+        if fast_launch_enabled() and compiled is not None:
+            names = list(getattr(self.kernel, "arg_names", ()))
+            params = [n for n in names[len(args):]]
+            if names and len(args) <= len(names) and set(params) <= set(self.kw) and hasattr(compiled, "__getitem__"):
+                self.tail = tuple(self.kw[n] for n in params)
+                self.runners[tuple(_spec(args[i]) for i in self.varying)] = compiled[self.grid]
+        return compiled
+
+
 # ---------------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ---------------------------------------------------------------------------------------------------
 class WeightPlan:
-    """Base of the cached launch plans (`nf4_matmul._V2Plan`, `nf4_mma.MmaPlan`): what a launch needs besides x
-    and y, bound to one weight; a plan is reused only while that weight object and its tensors are the same."""
-    __slots__ = ("qw_ref", "parts", "split_k", "n", "k")
+    """Base of the cached launch plans (`nf4_matmul._V2Plan`, `nf4_mma.MmaPlan`, `dequantize._DequantPlan`): what
+    a launch needs besides x and y, bound to one weight; a plan is reused only while that weight object and its
+    tensors are the same. A plan holds the weight's tensors, so the caches it is stored in (`store`) drop it
+    when the weight object is garbage collected: freeing a model frees its GPU memory."""
+    __slots__ = ("qw_ref", "parts", "split_k", "n", "k", "homes")
 
     def bind(self, qw) -> None:
-        self.qw_ref = weakref.ref(qw)
+        self.qw_ref = weakref.ref(qw, self._drop)
         self.parts = (qw.packed, qw.absmax, qw.nested)
+        self.homes = []
+
+    def store(self, cache: dict, key) -> "WeightPlan":
+        """cache[key] = self, until the weight dies."""
+        cache[key] = self
+        self.homes.append((cache, key))
+        return self
+
+    def _drop(self, _ref) -> None:
+        for cache, key in self.homes:
+            if cache.get(key) is self:
+                del cache[key]
+        self.homes = []
 
     def valid_for(self, qw) -> bool:
         p = self.parts

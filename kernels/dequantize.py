@@ -18,7 +18,8 @@ import triton.language as tl
 import nf4
 from nf4.blockwise import check_quant_args
 
-from ._common import check_triton_device, code_table_on, load_scales, scale_args, unpack_values, use_ptx
+from ._common import Launch, WeightPlan, check_triton_device, code_table_on, interpreting, load_scales, scale_args, \
+    unpack_values, use_ptx
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -48,30 +49,61 @@ def _dequantize_kernel(
     tl.store(out_ptr + 2 * base + eoff, vals.to(out_ptr.dtype.element_ty), mask=eoff < n - 2 * base)
 
 
+def _launch_args(packed, absmax, shape, blocksize, quant_type, nested, block_bytes, num_warps):
+    """(grid, kernel arguments before `out`, sizes after it, constexprs) of one dequantization, after the checks."""
+    check_quant_args(blocksize, quant_type)
+    check_triton_device(packed, "dequantize_4bit_triton packed")
+    n = math.prod(shape)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed codes: expected {(n + 1) // 2} bytes for shape {shape}, got {packed.numel()}")
+    a, q, a2, code8, offset, dq = scale_args(absmax, nested, packed.device)
+    n_blocks = -(-n // blocksize)
+    rows = max(1, block_bytes // (blocksize // 2))
+    grid = (triton.cdiv(n_blocks, rows),)
+    args = (packed, a, q, a2, code8, offset, code_table_on(quant_type, packed.device))
+    kw = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, USE_PTX=use_ptx(packed), ROWS=rows, num_warps=num_warps)
+    return grid, args, (n, packed.numel(), n_blocks), kw
+
+
+def _output(out, shape, n, dtype, device):
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() != n or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    return out
+
+
 def dequantize_4bit_triton(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16,
                            nested=None, out=None, block_bytes=4096, num_warps=4):
     """Triton dequantization. Give `absmax` (float32 per block) or `nested` (a DoubleQuantState) for the
     scales. `out` (optional) is a preallocated tensor of `shape` and `dtype` (a reusable scratch)."""
-    check_quant_args(blocksize, quant_type)
-    check_triton_device(packed, "dequantize_4bit_triton packed")
     shape = tuple(shape)
-    n = math.prod(shape)
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed codes: expected {(n + 1) // 2} bytes for shape {shape}, got {packed.numel()}")
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=packed.device)
-    elif out.numel() != n or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got {out.dtype} "
-                         f"{tuple(out.shape)}")
-    a, q, a2, code8, offset, dq = scale_args(absmax, nested, packed.device)
-    n_bytes = packed.numel()
-    n_blocks = -(-n // blocksize)
-    rows = max(1, block_bytes // (blocksize // 2))
-    grid = (triton.cdiv(n_blocks, rows),)
-    _dequantize_kernel[grid](packed, a, q, a2, code8, offset, code_table_on(quant_type, packed.device), out,
-                             n, n_bytes, n_blocks, BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, USE_PTX=use_ptx(packed),
-                             ROWS=rows, num_warps=num_warps)
+    grid, args, sizes, kw = _launch_args(packed, absmax, shape, blocksize, quant_type, nested, block_bytes, num_warps)
+    out = _output(out, shape, sizes[0], dtype, packed.device)
+    _dequantize_kernel[grid](*args, out, *sizes, **kw)
     return out.view(shape)
+
+
+class _DequantPlan(WeightPlan):
+    """A weight's dequantization, checked and bound once (dequantize_weight on CUDA): the arguments, grid and
+    constexprs, launched through `Launch` (the training step dequantizes every weight twice a step)."""
+    __slots__ = ("launcher", "args", "sizes", "shape", "dtype")
+
+    def __init__(self, qw, dtype):
+        self.bind(qw)
+        self.shape, self.dtype, self.split_k = tuple(qw.shape), dtype, 1
+        grid, self.args, self.sizes, kw = _launch_args(qw.packed, qw.absmax, self.shape, qw.blocksize,
+                                                       qw.quant_type, qw.nested, 4096, 4)
+        self.launcher = Launch(_dequantize_kernel, grid, kw, varying=(len(self.args),))
+
+    def run(self, out):
+        out = _output(out, self.shape, self.sizes[0], self.dtype, self.args[0].device)
+        self.launcher(*self.args, out, *self.sizes)
+        return out.view(self.shape)
+
+
+_PLANS = {}
 
 
 def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16, nested=None,
@@ -91,5 +123,13 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
 def dequantize_weight(qweight, dtype=None, out=None):
     """Dequantize a nf4.QuantizedWeight4bit (dtype defaults to its original dtype)."""
     dtype = qweight.dtype if dtype is None else dtype
+    if qweight.packed.is_cuda and not interpreting():
+        key = (id(qweight), dtype)
+        plan = _PLANS.get(key)
+        if plan is None or not plan.valid_for(qweight):
+            if len(_PLANS) > 4096:  # weights come and go (tests, reloads): start over rather than grow
+                _PLANS.clear()
+            plan = _DequantPlan(qweight, dtype).store(_PLANS, key)
+        return plan.run(out)
     return dequantize_4bit(qweight.packed, qweight.absmax, qweight.shape, qweight.blocksize, qweight.quant_type,
                            dtype, qweight.nested, out)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import WeightPlan, check_triton_device, code_table_on, half_table_on, interpreting, load_scales, \
+from ._common import Launch, WeightPlan, check_triton_device, code_table_on, half_table_on, interpreting, load_scales, \
     mul_rn, pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
     word_values, xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
@@ -753,7 +753,7 @@ class _V2Plan(WeightPlan):
     """Everything about a v2 launch that depends only on the weight, M and the config (kernel, grid,
     weight-side arguments, constexprs), built once: decode calls the same linear thousands of times and
     the host's time per call is what small shapes are bound by."""
-    __slots__ = ("kernel", "grid", "wargs", "kw", "path")
+    __slots__ = ("kernel", "grid", "wargs", "kw", "path", "launcher")
 
     def __init__(self, x, qw, bias, path, config):
         M, K = x.shape
@@ -785,6 +785,12 @@ class _V2Plan(WeightPlan):
             self.kw["PRECISION"] = _precision(x.dtype)
             self.kernel = _nf4_decode_swap_kernel
             self.grid = (triton.cdiv(N, config["BN"]), triton.cdiv(M, config["BM"]), self.split_k)
+        self._bind_launcher()
+
+    def _bind_launcher(self):
+        n_w = len(self.wargs)  # x, the weight-side arguments, bias, y, sizes: x, bias, y (and strides) change
+        strides = tuple(range(n_w + 6, n_w + 10)) if self.path == "swap" else ()
+        self.launcher = Launch(self.kernel, self.grid, self.kw, varying=(0, n_w + 1, n_w + 2) + strides)
 
     def _word_gemv(self, x, qw, bias, config):
         if x.dtype not in (torch.bfloat16, torch.float16):
@@ -820,7 +826,7 @@ class _V2Plan(WeightPlan):
             self.kw["MX"] = 1 << (M - 1).bit_length()                       # 2 or 4
         self.kernel = _nf4_gemv_w_kernel if M == 1 else _nf4_gemv_wm_kernel
         self.grid = (triton.cdiv(self.n, config["R"]), self.split_k)
-
+        self._bind_launcher()
 
 
 def _launch_v2(x, qw, bias, path, config):
@@ -844,8 +850,8 @@ def _v2_plan(x, qw, bias, path, config):
     if plan is None or not plan.valid_for(qw):
         if len(_V2_PLANS) > 4096:  # weights come and go (tests, reloads): start over rather than grow
             _V2_PLANS.clear()
-        plan = _V2_PLANS[key] = MmaPlan(x, qw, bias, config) if path == "mma" else \
-            _V2Plan(x, qw, bias, path, config)
+        plan = (MmaPlan(x, qw, bias, config) if path == "mma" else _V2Plan(x, qw, bias, path, config)).store(
+            _V2_PLANS, key)
     return plan
 
 
@@ -862,15 +868,15 @@ def _launch_plan(plan, x, bias):
         if x.data_ptr() % 4:  # read as 32-bit pairs
             x = x.clone()
         sizes = (N, K // 8, plan.split_k) if M == 1 else (M, N, K // 8, plan.split_k)
-        _LAST["compiled"] = plan.kernel[plan.grid](x.view(torch.int32), *plan.wargs, bias_arg, y, *sizes, **plan.kw)
+        _LAST["compiled"] = plan.launcher(x.view(torch.int32), *plan.wargs, bias_arg, y, *sizes)
     elif plan.path == "gemv2":
         x = x.contiguous()
         if plan.kw["XSPLIT"] == 2:  # per 4-bit block: the even columns, then the odd ones
             x = x.view(K // plan.kw["BLOCKSIZE"], plan.kw["BLOCKSIZE"] // 2, 2).transpose(1, 2).contiguous()
-        _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, N, K, plan.split_k, **plan.kw)
+        _LAST["compiled"] = plan.launcher(x, *plan.wargs, bias_arg, y, N, K, plan.split_k)
     else:
-        _LAST["compiled"] = plan.kernel[plan.grid](x, *plan.wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1),
-                                                   y.stride(0), y.stride(1), plan.split_k, **plan.kw)
+        _LAST["compiled"] = plan.launcher(x, *plan.wargs, bias_arg, y, M, N, K, x.stride(0), x.stride(1),
+                                          y.stride(0), y.stride(1), plan.split_k)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -1122,7 +1128,7 @@ def nf4_matmul(x, qw, bias=None, backend=None):
         else:
             if len(_FAST) > 4096:  # weights come and go: start over rather than grow
                 _FAST.clear()
-            _FAST[fast_key] = plan
+            plan.store(_FAST, fast_key)
             y = _launch_plan(plan, x2, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (WeightPlan, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
+from ._common import (Launch, WeightPlan, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
                       word_table, word_table_on, word_values, xpair)
 
 MMA_MAX_M = 16
@@ -418,7 +418,7 @@ def mma_default(M, N, K, n_sm, base=None):
 class MmaPlan(WeightPlan):
     """Everything about an mma launch that depends only on the weight, M, dtype and config (weight-side
     arguments, constexprs, grid), built once per (weight, M, ...): decode calls each linear once per token."""
-    __slots__ = ("wargs", "kw", "grid")
+    __slots__ = ("wargs", "kw", "grid", "launcher")
 
     def __init__(self, x, qw, bias, config):
         M, K = x.shape
@@ -463,6 +463,8 @@ class MmaPlan(WeightPlan):
         self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
                        XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
         self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)
+        n_w = len(self.wargs)  # x, the weight-side arguments, bias, y, sizes: x, bias and y change per call
+        self.launcher = Launch(_nf4_mma_kernel, self.grid, self.kw, varying=(0, n_w + 1, n_w + 2))
 
     def launch(self, x, bias):
         """y = x @ W.T (+ bias) with this plan: allocate y, launch, nothing else (the hot decode path)."""
@@ -471,7 +473,6 @@ class MmaPlan(WeightPlan):
         if x.data_ptr() % 8:  # read as 64-bit words
             x = x.clone()
         y = self.output(M, x)
-        _LAST["compiled"] = _nf4_mma_kernel[self.grid](x.view(torch.int64), *self.wargs,
-                                                       bias if bias is not None else x, y,
-                                                       M, self.n, self.k // UNIT, self.split_k, **self.kw)
+        _LAST["compiled"] = self.launcher(x.view(torch.int64), *self.wargs, bias if bias is not None else x, y,
+                                          M, self.n, self.k // UNIT, self.split_k)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -28,7 +28,7 @@ import nf4
 from nf4.blockwise import _check_input, blockwise_absmax, check_quant_args, flush_denormals, reciprocal_f32
 from nf4.double_quant import NESTED_BLOCKSIZE, DoubleQuantState, absmax_mean, dynamic_map
 
-from ._common import check_triton_device, rcp_approx, thresholds_on, use_ptx
+from ._common import Launch, check_triton_device, rcp_approx, thresholds_on, use_ptx
 
 
 @triton.jit
@@ -170,10 +170,29 @@ def quantize_4bit_triton(x, blocksize=64, quant_type="nf4", rows=None, num_warps
     else:  # interpreter: the reciprocal the GPU instruction would give, from the torch reference
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(xf.float()), blocksize))
     rows = rows or _rows_for(blocksize)
-    _quantize_kernel[(triton.cdiv(n_blocks, rows),)](
-        xf, inv, thresholds_on(quant_type, x.device), packed, absmax, n, n_blocks,
-        BLOCKSIZE=blocksize, ROWS=rows, IS_NF4=quant_type == "nf4", USE_PTX=ptx, num_warps=num_warps)
+    _launch(_quantize_kernel, (triton.cdiv(n_blocks, rows),), (0, 1, 3, 4), ptx,
+            dict(BLOCKSIZE=blocksize, ROWS=rows, IS_NF4=quant_type == "nf4", USE_PTX=ptx, num_warps=num_warps),
+            xf, inv, thresholds_on(quant_type, x.device), packed, absmax, n, n_blocks)
     return packed, absmax
+
+
+_LAUNCHES = {}
+
+
+def _launch(kernel, grid, varying, ptx, kw, *args):
+    """kernel[grid](*args, **kw); on a GPU through a cached `Launch` (a model's load quantizes a few shapes many
+    times, and each Triton launch costs 25-30 us of host time on a busy host)."""
+    if not ptx:
+        kernel[grid](*args, **kw)
+        return
+    key = (kernel, grid, tuple(sorted(kw.items())), tuple(a for a in args if isinstance(a, int)),
+           tuple(args[i].device for i in varying[:1]))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) > 1024:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = Launch(kernel, grid, kw, varying)
+    launch(*args)
 
 
 def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
@@ -193,8 +212,8 @@ def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
         inv = absmax2
     else:
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(a - offset), NESTED_BLOCKSIZE))
-    _quantize_8bit_kernel[(n2,)](a, offset, inv, code.contiguous(), q, absmax2, n, USE_PTX=ptx,
-                                 BS=NESTED_BLOCKSIZE, num_warps=4)
+    _launch(_quantize_8bit_kernel, (n2,), (0, 1, 2, 3, 4, 5), ptx, dict(USE_PTX=ptx, BS=NESTED_BLOCKSIZE, num_warps=4),
+            a, offset, inv, code.contiguous(), q, absmax2, n)
     return DoubleQuantState(q, absmax2, code.clone(), offset)
 
 

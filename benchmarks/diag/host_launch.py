@@ -23,6 +23,8 @@ import triton  # noqa: E402
 import kernels  # noqa: E402
 
 dq_mod = importlib.import_module("kernels.dequantize")
+q_mod = importlib.import_module("kernels.quantize")
+mm = importlib.import_module("kernels.nf4_matmul")
 common = importlib.import_module("kernels._common")
 
 
@@ -46,11 +48,25 @@ def main():
     args = ap.parse_args()
     res = {}
     w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    x1 = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    for fast in ("0", "1"):  # the public ops without and with the launch fast path (kernels/_common.py Launch)
+        os.environ["QLORA_FAST_LAUNCH"] = fast
+        for cache in (mm._FAST, mm._V2_PLANS, dq_mod._PLANS, q_mod._LAUNCHES):
+            cache.clear()
+        for dq in (False, True):
+            qw = kernels.quantize_weight(w, 64, "nf4", dq)
+            out = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
+            tag = (" DQ" if dq else "") + (" fast" if fast == "1" else " triton")
+            res["dequantize_weight" + tag] = host_us(lambda: kernels.dequantize_weight(qw, torch.bfloat16, out=out))
+            res["quantize_weight" + tag] = host_us(lambda: kernels.quantize_weight(w, 64, "nf4", dq), n=500)
+            kernels.nf4_matmul(x1, qw)
+            res["nf4_matmul M=1" + tag] = host_us(lambda: kernels.nf4_matmul(x1, qw))
+            res["nf4_matmul M=1 chosen" + tag] = str(mm.chosen_paths())
+    os.environ["QLORA_FAST_LAUNCH"] = "1"
     for dq in (False, True):
         qw = kernels.quantize_weight(w, 64, "nf4", dq)
         out = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
         tag = " DQ" if dq else ""
-        res["dequantize_weight" + tag] = host_us(lambda: kernels.dequantize_weight(qw, torch.bfloat16, out=out))
         a, q, a2, code8, offset, dqf = common.scale_args(qw.absmax, qw.nested, w.device)
         table = common.code_table_on("nf4", w.device)
         kargs = (qw.packed, a, q, a2, code8, offset, table, out, 4096, 2048, 64)
@@ -72,10 +88,6 @@ def main():
             except Exception as ex2:
                 print("runner without constexprs failed:", type(ex2).__name__, str(ex2)[:200])
         res["scale_args" + tag] = host_us(lambda: common.scale_args(qw.absmax, qw.nested, w.device))
-        res["quantize_weight" + tag] = host_us(lambda: kernels.quantize_weight(w, 64, "nf4", dq), n=500)
-        x1 = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
-        kernels.nf4_matmul(x1, qw)
-        res["nf4_matmul M=1" + tag] = host_us(lambda: kernels.nf4_matmul(x1, qw))
         try:
             import bitsandbytes.functional as bF
             bp, bqs = bF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
@@ -96,7 +108,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
     for k, v in res.items():
-        print(f"{k:44s} {v:7.2f} us")
+        print(f"{k:44s} {v:7.2f} us" if isinstance(v, float) else f"{k:44s} {v}")
 
 
 if __name__ == "__main__":

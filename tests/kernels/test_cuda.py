@@ -216,6 +216,50 @@ def test_mma_shared_table(dq, dtype):
         assert rel_err(y1, ref) < (4e-3 if dtype == torch.bfloat16 else 2e-3), (M, N, K, rel_err(y1, ref))
 
 
+@pytest.mark.parametrize("dq", [False, True])
+def test_fast_launch_alignments_and_lifetime(dq):
+    """The launch plans call the compiled kernel's runner once a specialization is known (kernels/_common.py
+    Launch). x or out at another alignment (16, 8 or 2 bytes) must take Triton's path for its own
+    specialization: every result is bit-equal to the same call on a fresh, aligned copy (dequantize: to the
+    nf4 reference). Freeing the weight frees its memory (the plans leave their caches)."""
+    import gc
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    N, K = 1024, 4096
+    for seed in range(3):  # the second and third calls launch through the runners kept by the first
+        w = weird(N * K, torch.bfloat16, seed).view(N, K)
+        w.view(-1)[100] = 1.0  # no NaN: the double quantization's offset (the mean) must be a number
+        qa = kernels.quantize_weight(w, 64, "nf4", dq)
+        pr, ar = nf4.quantize_4bit(w, 64, "nf4")
+        assert_bits_equal(qa.packed, pr, f"quantize call {seed}: codes")
+        if dq:  # the offset is torch's float32 mean on the GPU (within 1 ulp of the float64 one, NUMERICS.md)
+            sr = nf4.double_quantize(ar, offset=qa.nested.offset)
+            assert_bits_equal(qa.nested.q, sr.q, f"quantize call {seed}: 8-bit scales")
+            assert_bits_equal(qa.nested.absmax2, sr.absmax2, f"quantize call {seed}: absmax2")
+        else:
+            assert_bits_equal(qa.absmax, ar, f"quantize call {seed}: absmax")
+    del w, qa, pr, ar
+    qw = kernels.quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16), 64, "nf4", dq)
+    ref = qw.dequantize(torch.bfloat16)
+    buf = torch.empty(N * K + 16, device="cuda", dtype=torch.bfloat16)
+    for off in (0, 4, 1, 0, 4, 1):
+        d = kernels.dequantize_weight(qw, torch.bfloat16, out=buf[off:off + N * K].view(N, K))
+        assert_bits_equal(d, ref, f"dequantize into out at element offset {off}")
+    xb = torch.randn(16 * K + 16, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 4, 16):
+        wd = ref.double()
+        for off in (0, 4, 1, 0, 4, 1):
+            x = xb[off:off + M * K].view(M, K)
+            y = kernels.nf4_matmul(x, qw)
+            assert_bits_equal(y, kernels.nf4_matmul(x.clone(), qw), f"M={M} x at element offset {off}")
+            assert rel_err(y, x.double() @ wd.T) < 1e-2
+    del qw, ref, d, y
+    gc.collect()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated() - buf.numel() * 2 - xb.numel() * 2
+    assert after <= before + 2**20, f"{(after - before) / 2**20:.1f} MiB still held after the weight was freed"
+
+
 @pytest.mark.parametrize("M", [1, 300])
 def test_public_dispatch(M):
     """nf4_matmul / nf4_matmul_t time their candidate paths once, then reuse the choice."""
