@@ -246,14 +246,17 @@ def test_fast_launch_alignments_and_lifetime(dq):
         d = kernels.dequantize_weight(qw, torch.bfloat16, out=buf[off:off + N * K].view(N, K))
         assert_bits_equal(d, ref, f"dequantize into out at element offset {off}")
     xb = torch.randn(16 * K + 16, device="cuda", dtype=torch.bfloat16)
+    wd = ref.double()
     for M in (1, 4, 16):
-        wd = ref.double()
         for off in (0, 4, 1, 0, 4, 1):
             x = xb[off:off + M * K].view(M, K)
             y = kernels.nf4_matmul(x, qw)
-            assert_bits_equal(y, kernels.nf4_matmul(x.clone(), qw), f"M={M} x at element offset {off}")
-            assert rel_err(y, x.double() @ wd.T) < 1e-2
-    del qw, ref, d, y
+            plan = mm._FAST.get((id(qw), M, K, x.dtype, True, x.device))
+            y2 = kernels.nf4_matmul(x.clone(), qw)
+            if plan is not None and plan.split_k == 1:  # split-K programs add with atomics, in any order
+                assert_bits_equal(y, y2, f"M={M} x at element offset {off}")
+            assert rel_err(y, y2) < 1e-3 and rel_err(y, x.double() @ wd.T) < 1e-2, (M, off)
+    del qw, ref, wd, d, y, y2, plan
     gc.collect()
     torch.cuda.synchronize()
     after = torch.cuda.memory_allocated() - buf.numel() * 2 - xb.numel() * 2
