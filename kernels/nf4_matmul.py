@@ -51,7 +51,7 @@ from ._common import Launch, WeightPlan, check_triton_device, code_table_on, hal
     mul_rn, pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
     word_values, xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
-from .nf4_mma import MMA_CANDIDATES, MmaPlan, mma_default, mma_supported
+from .nf4_mma import MmaPlan, mma_candidates, mma_default, mma_supported
 
 DECODE_MAX_M = 16
 GEMV3_MAX_M = 4   # the word GEMV takes up to 4 rows of x: past that its FMAs cost more than the swap kernel's mma
@@ -1027,7 +1027,7 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     if mma_supported(M, K, blocksize, dtype):  # tensor cores from registers: timed against the GEMVs / swap kernel
         if on_gpu:
             n_sm = _sm_count(torch.cuda.current_device())
-            for name in MMA_CANDIDATES:
+            for name in mma_candidates(K):
                 specs[name] = ("mma", mma_default(M, N, K, n_sm, name))
         else:
             specs["mma"] = ("mma", None)

@@ -399,8 +399,18 @@ def mma_supported(M, K, blocksize, dtype) -> bool:
 # step's loads in flight on most shapes; 1 tile and 8 warps at K = 28672; 1 tile, no prefetch at M = 1 with
 # double quantization; 16 warps splitting K inside the program on the small weights (in place of split-K's
 # zeroed float32 output, atomics and cast: 1 launch instead of 3). The dispatcher times all four per shape.
+# "mma-smem": the shared-memory table (LUT 1), only where a program's rows are long enough to pay for filling its
+# 32 KB: at 8192x28672, M = 1, 67 us against 79 for the best register-table config; on the 8192-4096-wide weights
+# it lost by 5-40% (H200, benchmarks/results/diag/mma_probe-lut-NVIDIA_H200-9ad4242.json).
 MMA_CANDIDATES = {"mma": dict(RT=2, NW=4, PREFETCH=True), "mma-rt1": dict(RT=1, NW=8, PREFETCH=True),
-                  "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False), "mma-nw16": dict(RT=1, NW=16, PREFETCH=True)}
+                  "mma-rt1-nw4": dict(RT=1, NW=4, PREFETCH=False), "mma-nw16": dict(RT=1, NW=16, PREFETCH=True),
+                  "mma-smem": dict(RT=1, NW=8, PREFETCH=False, LUT=1)}
+SMEM_MIN_K = 16384  # in_features from which "mma-smem" is a candidate
+
+
+def mma_candidates(K: int) -> list:
+    """Names of the MMA_CANDIDATES the dispatcher times for in_features K."""
+    return [name for name in MMA_CANDIDATES if name != "mma-smem" or K >= SMEM_MIN_K]
 
 
 @functools.lru_cache(maxsize=4096)

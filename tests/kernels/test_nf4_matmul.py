@@ -207,6 +207,11 @@ def test_mma_candidates():
     for M, K, bs, dtype in [(17, 192, 64, torch.float16), (4, 192, 64, torch.float32), (4, 192, 32, torch.float16),
                             (4, 96, 32, torch.float16)]:
         assert not any(s and s[0] == "mma" for s in specs(M, 40, K, bs, dtype, False).values()), (M, K, bs, dtype)
+    # on a GPU: every register-table config, and the shared-memory table only for long rows
+    mma_mod = importlib.import_module("kernels.nf4_mma")
+    assert mma_mod.mma_candidates(8192) == ["mma", "mma-rt1", "mma-rt1-nw4", "mma-nw16"]
+    assert mma_mod.mma_candidates(28672)[-1] == "mma-smem"
+    assert all(mma_mod.MMA_CANDIDATES[n].get("LUT", 0) == 0 for n in mma_mod.mma_candidates(8192))
 
 
 def test_mma_misaligned_weight_falls_back():
