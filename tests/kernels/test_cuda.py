@@ -221,10 +221,11 @@ def test_fast_launch_alignments_and_lifetime(dq):
     """The launch plans call the compiled kernel's runner once a specialization is known (kernels/_common.py
     Launch). x or out at another alignment (16, 8 or 2 bytes) must take Triton's path for its own
     specialization: every result is bit-equal to the same call on a fresh, aligned copy (dequantize: to the
-    nf4 reference). Freeing the weight frees its memory (the plans leave their caches)."""
+    nf4 reference). Freeing the weight frees its tensors (the plans leave their caches). (Counting
+    torch.cuda.memory_allocated instead failed at 6e3bf5f on the first parametrization only: 8 MiB that the
+    first dispatcher timing in the process allocates and keeps, not the weight's.)"""
     import gc
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    import weakref
     N, K = 1024, 4096
     for seed in range(3):  # the second and third calls launch through the runners kept by the first
         w = weird(N * K, torch.bfloat16, seed).view(N, K)
@@ -256,11 +257,11 @@ def test_fast_launch_alignments_and_lifetime(dq):
             if plan is not None and plan.split_k == 1:  # split-K programs add with atomics, in any order
                 assert_bits_equal(y, y2, f"M={M} x at element offset {off}")
             assert rel_err(y, y2) < 1e-3 and rel_err(y, x.double() @ wd.T) < 1e-2, (M, off)
+    parts = [weakref.ref(t) for t in (qw.packed, qw.absmax if qw.absmax is not None else qw.nested.q)]
+    assert any(p.qw_ref() is qw for c in (mm._FAST, mm._V2_PLANS) for p in c.values())
     del qw, ref, wd, d, y, y2, plan
     gc.collect()
-    torch.cuda.synchronize()
-    after = torch.cuda.memory_allocated() - buf.numel() * 2 - xb.numel() * 2
-    assert after <= before + 2**20, f"{(after - before) / 2**20:.1f} MiB still held after the weight was freed"
+    assert all(r() is None for r in parts), "the weight's tensors outlived it (held by a launch plan)"
 
 
 @pytest.mark.parametrize("M", [1, 300])
