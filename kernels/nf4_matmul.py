@@ -903,16 +903,22 @@ def nf4_matmul_t_fused(g, qw, path=None, config=None):
     return gx.to(g.dtype)
 
 
+def _dequantized(qw, dtype):
+    """W dequantized by the Triton kernel: on a GPU through the weight's cached launch plan (dequantize_weight),
+    in the interpreter through the kernel's launcher (dequantize_weight would take the CPU reference there)."""
+    if qw.packed.is_cuda:
+        return dequantize_weight(qw, dtype)
+    return dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, dtype, qw.nested)
+
+
 def nf4_matmul_dequant(x, qw, bias=None):
     """Fallback: dequantize W into a scratch tensor (Triton), then cuBLAS: y = x @ W.T (+ bias)."""
-    w = dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, x.dtype, qw.nested)
-    return F.linear(x, w, bias)
+    return F.linear(x, _dequantized(qw, x.dtype), bias)
 
 
 def nf4_matmul_t_dequant(g, qw):
     """Fallback: grad_x = g @ dequantize(W) through cuBLAS."""
-    return g @ dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, g.dtype,
-                                      qw.nested)
+    return g @ _dequantized(qw, g.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1141,9 +1147,10 @@ def nf4_matmul_t(g, qw, backend=None):
     if backend == "torch" or not _triton_ok(g, qw):
         gx = g2 @ dequantize_weight(qw, g.dtype)
     else:
-        cands = {"fused": lambda: nf4_matmul_t_fused(g2, qw), "dequant": lambda: nf4_matmul_t_dequant(g2, qw)}
         key = ("bwd", _m_bucket(g2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, g.dtype)
-        gx = cands[_pick(key, cands)]()
+        name = _path_cache.get(key) or _pick(key, {"fused": lambda: nf4_matmul_t_fused(g2, qw),
+                                                   "dequant": lambda: nf4_matmul_t_dequant(g2, qw)})
+        gx = nf4_matmul_t_fused(g2, qw) if name == "fused" else nf4_matmul_t_dequant(g2, qw)
     return gx.reshape(*lead, qw.shape[1])
 
 
