@@ -312,40 +312,12 @@ def _store_tile(c, n, m, N, M, pid_k, bias_ptr, y_ptr, NW: tl.constexpr, HAS_BIA
 
 
 @triton.jit
-def _nf4_mma_kernel(
-    # pointers: x and the packed weight viewed as int64 (pairs of 32-bit words)
-    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, pair_ptr, bias_ptr,
-    y_ptr,
-    # sizes: M rows of x, N rows of W, KU = K / 64 units per row
-    M, N, KU, SPLIT_K,
-    # constexpr
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
-    NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr,
-    XF16: tl.constexpr, LUT: tl.constexpr,
-):
-    """Y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), M <= MX (8 or 16): a program takes RT tiles of 16 rows of W
-    (RT 1 or 2) and a slice of K; its NW warps take interleaved units. PREFETCH issues step i + 1's loads
-    before step i's arithmetic (the loads of a step are otherwise all a warp has in flight). LUT 0 looks codes up
-    in the register table (`prmt`), LUT 1 in a 32 KB shared table (pair_ptr: its 256 entries; 1 load per byte
-    instead of 4 `prmt`). See the module docstring."""
-    T: tl.constexpr = 32 * NW
-    UPB: tl.constexpr = BLOCKSIZE // 64                                   # units per 4-bit block
-    e = tl.max_contiguous(tl.arange(0, T), 1)
-    lane = e % 32
-    warp = e // 32
-    g = lane // 4
-    q = lane % 4
-    if LUT == 1 and USE_PTX:
-        tw = _smem_table(pair_ptr, e, lane, T)
-    else:
-        tw = word_table(tw_ptr, lane)
-    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
-    KB = KU // UPB
-    pid_k = tl.program_id(1)
-    per = tl.cdiv(tl.cdiv(KU, SPLIT_K), NW) * NW
-    u_lo = pid_k * per
-    u_hi = tl.minimum(u_lo + per, KU)
-    n0 = tl.program_id(0) * (16 * RT)
+def _mma_tile(n0, x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, table_ptr, bias_ptr, y_ptr,
+              M, N, KU, KB, u_lo, u_hi, pid_k, offset, tw, warp, g, q, UPB: tl.constexpr, T: tl.constexpr,
+              DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr, NW: tl.constexpr,
+              RT: tl.constexpr, MX: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr, XF16: tl.constexpr,
+              LUT: tl.constexpr):
+    """The RT tiles of 16 rows of W from row n0, over units u_lo .. u_hi of K: load, look up, mma, store."""
     # rows of W (rows past N re-read row N - 1): tile 0 rows g, g + 8; tile 1 rows 16 + g, 24 + g
     rows = (tl.minimum(n0 + g, N - 1), tl.minimum(n0 + 8 + g, N - 1),
             tl.minimum(n0 + 16 + g, N - 1), tl.minimum(n0 + 24 + g, N - 1))
@@ -384,6 +356,52 @@ def _nf4_mma_kernel(
         _store_tile(c10, ng + 16, m0, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
         if MX > 8:
             _store_tile(c11, ng + 16, m0 + 8, N, M, pid_k, bias_ptr, y_ptr, NW, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _nf4_mma_kernel(
+    # pointers: x and the packed weight viewed as int64 (pairs of 32-bit words)
+    x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, tw_ptr, pair_ptr, bias_ptr,
+    y_ptr,
+    # sizes: M rows of x, N rows of W, KU = K / 64 units per row
+    M, N, KU, SPLIT_K,
+    # constexpr
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX: tl.constexpr,
+    NW: tl.constexpr, RT: tl.constexpr, MX: tl.constexpr, PREFETCH: tl.constexpr, ATOMIC: tl.constexpr,
+    XF16: tl.constexpr, LUT: tl.constexpr, PERSIST: tl.constexpr,
+):
+    """Y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]), M <= MX (8 or 16): a program takes RT tiles of 16 rows of W
+    (RT 1 or 2) and a slice of K; its NW warps take interleaved units. PREFETCH issues step i + 1's loads
+    before step i's arithmetic (the loads of a step are otherwise all a warp has in flight). LUT 0 looks codes up
+    in the register table (`prmt`), LUT 1 in a 32 KB shared table (pair_ptr: its 256 entries; 1 load per byte
+    instead of 4 `prmt`). PERSIST: fewer programs than tiles, each taking tiles pid, pid + programs, ... (with
+    LUT 1 the table is filled once a program instead of once a tile). See the module docstring."""
+    T: tl.constexpr = 32 * NW
+    UPB: tl.constexpr = BLOCKSIZE // 64                                   # units per 4-bit block
+    e = tl.max_contiguous(tl.arange(0, T), 1)
+    lane = e % 32
+    warp = e // 32
+    g = lane // 4
+    q = lane % 4
+    if LUT == 1 and USE_PTX:
+        tw = _smem_table(pair_ptr, e, lane, T)
+    else:
+        tw = word_table(tw_ptr, lane)
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
+    KB = KU // UPB
+    pid_k = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(KU, SPLIT_K), NW) * NW
+    u_lo = pid_k * per
+    u_hi = tl.minimum(u_lo + per, KU)
+    if PERSIST:
+        for tile in range(tl.program_id(0), tl.cdiv(N, 16 * RT), tl.num_programs(0)):
+            _mma_tile(tile * (16 * RT), x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr, table_ptr,
+                      bias_ptr, y_ptr, M, N, KU, KB, u_lo, u_hi, pid_k, offset, tw, warp, g, q, UPB, T, DOUBLE_QUANT,
+                      HAS_BIAS, USE_PTX, NW, RT, MX, PREFETCH, ATOMIC, XF16, LUT)
+    else:
+        _mma_tile(tl.program_id(0) * (16 * RT), x_ptr, packed_ptr, absmax_ptr, q_ptr, absmax2_ptr, code8_ptr,
+                  table_ptr, bias_ptr, y_ptr, M, N, KU, KB, u_lo, u_hi, pid_k, offset, tw, warp, g, q, UPB, T,
+                  DOUBLE_QUANT, HAS_BIAS, USE_PTX, NW, RT, MX, PREFETCH, ATOMIC, XF16, LUT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,10 +467,14 @@ class MmaPlan(WeightPlan):
             config = dict(RT=1, NW=2, SPLIT_K=1) if interpreting() else \
                 mma_default(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
         config = dict(config)
-        unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K", "LUT"}
+        unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K", "LUT", "PERSIST"}
         if unknown:
             raise ValueError(f"nf4_matmul_fused: unknown mma config keys {sorted(unknown)} "
-                             "(RT, NW, PREFETCH, SPLIT_K, LUT)")
+                             "(RT, NW, PREFETCH, SPLIT_K, LUT, PERSIST)")
+        persist = config.pop("PERSIST", 0)
+        if not isinstance(persist, int) or persist < 0:
+            raise ValueError(f"nf4_matmul_fused: mma config PERSIST (programs per SM, 0 = one per tile) must be an "
+                             f"int >= 0, got {persist!r}")
         config.setdefault("PREFETCH", False)
         config.setdefault("LUT", 0)
         for key, allowed in (("RT", (1, 2)), ("NW", (1, 2, 4, 8, 16)), ("PREFETCH", (False, True)),
@@ -470,9 +492,16 @@ class MmaPlan(WeightPlan):
                       half_table_on(qw.quant_type, x.device, bf16=not xf16),
                       word_table_on(qw.quant_type, x.device, bf16=not xf16),
                       mma_pair_table_on(qw.quant_type, x.device, bf16=not xf16))
+        tiles = triton.cdiv(N, 16 * config["RT"])
+        if persist:  # the interpreter counts one SM
+            n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            programs = min(tiles, persist * n_sm)
+        else:
+            programs = tiles
         self.kw = dict(BLOCKSIZE=qw.blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None, USE_PTX=use_ptx(x),
-                       XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, num_warps=nw, **config)
-        self.grid = (triton.cdiv(N, 16 * config["RT"]), self.split_k)
+                       XF16=xf16, MX=8 if M <= 8 else 16, ATOMIC=self.split_k > 1, PERSIST=programs < tiles,
+                       num_warps=nw, **config)
+        self.grid = (programs, self.split_k)
         n_w = len(self.wargs)  # x, the weight-side arguments, bias, y, sizes: x, bias and y change per call
         self.launcher = Launch(_nf4_mma_kernel, self.grid, self.kw, varying=(0, n_w + 1, n_w + 2))
 

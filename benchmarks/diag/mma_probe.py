@@ -3,7 +3,7 @@ float64 math, timed next to the word GEMV (gemv3, M <= 4), the swap kernel (M >=
 matmul_4bit and bf16 cuBLAS in the same run, with the compiler's output per config and the device copy
 bandwidth as the yardstick.
 
-    python benchmarks/diag/mma_probe.py [--ms 1,4,8,16] [--out mma_probe.json] [--quick]
+    python benchmarks/diag/mma_probe.py [--ms 1,4,8,16] [--out mma_probe.json] [--quick] [--lut] [--persist 2,4]
 """
 import argparse
 import json
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 28672x8192,8192x28672 (default: all six)")
     ap.add_argument("--no-dq", action="store_true")
     ap.add_argument("--lut", action="store_true", help="every config also with the shared-memory table (LUT 1)")
+    ap.add_argument("--persist", default="", help="every config also persistent, at these programs per SM (e.g. 2,4)")
     args = ap.parse_args()
     import bitsandbytes as bnb
     import bitsandbytes.functional as bF
@@ -105,6 +106,8 @@ def main():
                 cfgs = CONFIGS_OCC if args.occupancy else CONFIGS
                 if args.lut:
                     cfgs = [dict(c, LUT=lut) for c in cfgs for lut in (0, 1)]
+                if args.persist:
+                    cfgs = cfgs + [dict(c, PERSIST=int(k)) for c in cfgs for k in args.persist.split(",")]
                 for cfg in cfgs:
                     c = dict(cfg, SPLIT_K=1)
                     skx = c.pop("SKX", 1)
@@ -113,7 +116,7 @@ def main():
                         c["SPLIT_K"] *= 2
                     c["SPLIT_K"] *= skx
                     key = "RT{RT} NW{NW} SK{SPLIT_K}".format(**c) + (" pf" if c["PREFETCH"] else "") + \
-                        (" smem" if c.get("LUT") else "")
+                        (" smem" if c.get("LUT") else "") + (f" p{c['PERSIST']}" if c.get("PERSIST") else "")
                     try:
                         plan = mma.MmaPlan(x, qw, None, c)
                         f = (lambda plan: lambda: plan.launch(x, None))(plan)

@@ -216,6 +216,27 @@ def test_mma_shared_table(dq, dtype):
         assert rel_err(y1, ref) < (4e-3 if dtype == torch.bfloat16 else 2e-3), (M, N, K, rel_err(y1, ref))
 
 
+@pytest.mark.parametrize("lut", [0, 1])
+def test_mma_persistent(lut):
+    """PERSIST: fewer programs than tiles, each looping over tiles (with LUT 1 filling its shared table once).
+    The tiles' arithmetic is the same, so the output is bit-equal to one program a tile; and within tolerance of
+    float64 math."""
+    # more than 3 tiles an SM (132 on an H100 / H200), so that PERSIST 1 and 3 both loop
+    for M, N, K, dq, cfg in [(1, 16003, 512, False, dict(RT=1, NW=8)), (16, 19205, 640, True, dict(RT=2, NW=4)),
+                             (5, 28672 // 4, 1024, False, dict(RT=1, NW=4, PREFETCH=True))]:
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        qw = kernels.quantize_weight(w, 64, "nf4", dq)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        base = dict(cfg, LUT=lut, SPLIT_K=1)
+        y0 = mm.nf4_matmul_fused(x, qw, path="mma", config=base)
+        for persist in (1, 3):
+            assert mm._v2_plan(x, qw, None, "mma", dict(base, PERSIST=persist)).kw["PERSIST"], "not persistent"
+            y = mm.nf4_matmul_fused(x, qw, path="mma", config=dict(base, PERSIST=persist))
+            assert_bits_equal(y, y0, f"PERSIST={persist} LUT={lut} {M}x{N}x{K}")
+        ref = x.double() @ qw.dequantize(torch.float32).double().T
+        assert rel_err(y, ref) < 4e-3, (M, N, K, rel_err(y, ref))
+
+
 @pytest.mark.parametrize("dq", [False, True])
 def test_fast_launch_alignments_and_lifetime(dq):
     """The launch plans call the compiled kernel's runner once a specialization is known (kernels/_common.py

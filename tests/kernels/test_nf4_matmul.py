@@ -169,12 +169,16 @@ def test_mma_rows(quant_type, dq):
     """The tensor-core decode kernel (kernels/nf4_mma.py, the mma fragments emulated lane by lane): 1 to 16 rows
     of x (8 and 16 row groups, rows past M re-read and not stored), odd N (rows past N), 1 or 2 tiles of 16
     rows, 1-4 warps interleaving units, split-K with a slice that does not divide into whole steps, the
-    next step prefetched, blocksizes 64 / 128 (2 units a block), bias; each row of x on its own."""
+    next step prefetched, blocksizes 64 / 128 (2 units a block), bias, persistent programs looping over tiles;
+    each row of x on its own."""
     for M, N, K, bs, cfg in [(1, 40, 192, 64, dict(RT=1, NW=2)),
                              (3, 37, 256, 128, dict(RT=2, NW=1, PREFETCH=True)),
                              (9, 33, 320, 64, dict(RT=2, NW=2, SPLIT_K=2, PREFETCH=True)),
                              (16, 17, 128, 64, dict(RT=1, NW=4)),
-                             (8, 50, 448, 64, dict(RT=2, NW=2, SPLIT_K=3, LUT=1))]:
+                             (8, 50, 448, 64, dict(RT=2, NW=2, SPLIT_K=3, LUT=1)),
+                             # persistent: 2 programs over 5 tiles (3 and 2 each), 1 program over 3 tiles of 32 rows
+                             (5, 75, 192, 64, dict(RT=1, NW=2, PERSIST=2)),
+                             (12, 70, 256, 64, dict(RT=2, NW=1, PERSIST=1, SPLIT_K=2, PREFETCH=True))]:
         qw = make(N, K, dq, quant_type, bs, seed=M)
         w = qw.dequantize(torch.float32).double()
         x = torch.randn(M, K)
@@ -241,6 +245,8 @@ def test_mma_bad_input():
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(LUT=2))
     with pytest.raises(ValueError, match="unknown mma config keys"):
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(R=2))
+    with pytest.raises(ValueError, match="PERSIST"):
+        mm.nf4_matmul_fused(torch.randn(1, 256).half(), qw, path="mma", config=dict(PERSIST=-1))
     q32 = make(8, 256, False, blocksize=32)
     with pytest.raises(ValueError, match="divisible by 64"):
         mm.nf4_matmul_fused(torch.randn(1, 256).half(), q32, path="mma")
