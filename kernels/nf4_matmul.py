@@ -994,35 +994,60 @@ def _time_graph(fn, calls=20, reps=3):
 PICK_ROUNDS = 2  # _pick times every candidate once per round, round after round, and keeps each one's best
 
 
-def _pick(key, candidates):
+def _is_decode(key) -> bool:
+    """A decode-sized key (kind fwd / bwd, M bucket <= DECODE_MAX_M): chosen separately for graphs and eager calls."""
+    return len(key) > 2 and key[0] in ("fwd", "bwd") and isinstance(key[1], int) and key[1] <= DECODE_MAX_M
+
+
+def _cache_key(key, eager: bool):
+    return key + ("eager",) if eager and _is_decode(key) else key
+
+
+def _eager_call(t: torch.Tensor) -> bool:
+    """A call launched from Python (not captured into a CUDA graph): decode keys choose by host + GPU time."""
+    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _pick(key, candidates, eager=False):
     """Name of the fastest candidate for `key`, timed on the GPU on first use (like Triton's autotuner, one
     level up: fused kernel vs dequantize + cuBLAS), best of PICK_ROUNDS interleaved rounds: on a shared H100
     a sequential timing once chose dequantize + cuBLAS at 4096x11008, M = 16, where the fused kernel was
     faster in every other measurement of the run. The interpreter, CUDA-graph capture and forced paths take
-    the first candidate."""
-    if key in _path_cache:
-        return _path_cache[key]
+    the first candidate.
+
+    Decode-sized keys (M <= DECODE_MAX_M) get two choices, both timed here: replayed from CUDA graphs (the GPU's
+    time, as llama.generate runs decode) for calls being captured, and launched back to back (host included) for
+    eager calls (`eager`). They differ where a candidate costs more launches: split K zeroes a float32 output
+    and casts it (3 launches), which a graph replays at ~2 us each and Python launches at 10-30 us each (H200,
+    6e3bf5f: 4096x11008 at M = 16 took 30 us from a graph and 56 us launched from Python)."""
+    ckey = _cache_key(key, eager)
+    if ckey in _path_cache:
+        return _path_cache[ckey]
     names = list(candidates)
     if len(names) == 1 or interpreting() or not torch.cuda.is_available() or \
             torch.cuda.is_current_stream_capturing():
         return names[0]
-    times = dict.fromkeys(names, float("inf"))
+    decode = _is_decode(key)
+    timers = {"graph": _time_graph, "eager": _time_pipelined} if decode else {"eager": _time_pipelined}
+    times = {mode: dict.fromkeys(names, float("inf")) for mode in timers}
     failed = set()
-    # decode-sized calls (key[1], the M bucket, <= DECODE_MAX_M) run replayed from CUDA graphs in generation:
-    # their candidates are timed the same way (GPU time; a back-to-back eager timing measures the host there)
-    decode = len(key) > 2 and key[0] in ("fwd", "bwd") and isinstance(key[1], int) and key[1] <= DECODE_MAX_M
-    timer = _time_graph if decode else _time_pipelined
     for _ in range(PICK_ROUNDS):  # candidates interleaved: a burst of contention slows one round, not a choice
         for name in names:
-            if name in failed:
-                continue
-            try:
-                times[name] = min(times[name], timer(candidates[name], reps=2))
-            except Exception:  # a config that fails to compile, run or be captured here is simply not chosen
-                failed.add(name)
-                times[name] = float("inf")
-    _path_cache[key] = min(names, key=times.get)
-    return _path_cache[key]
+            for mode, timer in timers.items():
+                if name in failed:
+                    continue
+                try:
+                    times[mode][name] = min(times[mode][name], timer(candidates[name], reps=2))
+                except Exception:  # a config that fails to compile, run or be captured here is simply not chosen
+                    failed.add(name)
+                    for t in times.values():
+                        t[name] = float("inf")
+    if decode:
+        _path_cache[key] = min(names, key=times["graph"].get)
+        _path_cache[_cache_key(key, True)] = min(names, key=times["eager"].get)
+    else:
+        _path_cache[key] = min(names, key=times["eager"].get)
+    return _path_cache[ckey]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1098,7 +1123,7 @@ def _forward_candidates(x2, qw, bias):
     return out
 
 
-_FAST = {}  # (id(qw), M, K, dtype, bias?, device) -> the _V2Plan that nf4_matmul chose for a small-M call
+_FAST = {}  # (id(qw), M, K, dtype, bias?, device, eager?) -> the _V2Plan that nf4_matmul chose for a small-M call
 
 
 def nf4_matmul(x, qw, bias=None, backend=None):
@@ -1107,10 +1132,12 @@ def nf4_matmul(x, qw, bias=None, backend=None):
     On CUDA the path (gemv / decode / fused GEMM / dequantize + cuBLAS) is the fastest measured for this
     (M bucket, N, K, scales, dtype) on first use. Once a small-M call (M <= DECODE_MAX_M) has chosen a
     fused kernel, later calls with the same weight, M, dtype and bias go straight to its launch plan:
-    decode calls each linear once per token and small weights are bound by this host time."""
+    decode calls each linear once per token and small weights are bound by this host time. Small-M calls
+    captured into a CUDA graph and calls launched from Python may choose different kernels (see `_pick`)."""
     K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)                            # (M, K)
-    fast_key = (id(qw), x2.shape[0], K, x.dtype, bias is None, x.device)
+    eager = _eager_call(x)
+    fast_key = (id(qw), x2.shape[0], K, x.dtype, bias is None, x.device, eager)
     if backend != "torch" and (x.is_cuda or backend == "triton"):
         plan = _FAST.get(fast_key)
         if plan is not None and plan.valid_for(qw):
@@ -1121,7 +1148,7 @@ def nf4_matmul(x, qw, bias=None, backend=None):
         y = F.linear(x2, dequantize_weight(qw, x.dtype), bias)
     else:
         key = ("fwd", _m_bucket(x2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, x.dtype, bias is None)
-        name = _path_cache.get(key) or _pick(key, _forward_candidates(x2, qw, bias))
+        name = _path_cache.get(_cache_key(key, eager)) or _pick(key, _forward_candidates(x2, qw, bias), eager)
         spec = _forward_specs(x2.shape[0], qw.shape[0], K, qw.blocksize, x2.dtype, x2.is_cuda)[name]
         try:
             plan = _fused_plan(spec, x2, qw, bias)
@@ -1148,8 +1175,10 @@ def nf4_matmul_t(g, qw, backend=None):
         gx = g2 @ dequantize_weight(qw, g.dtype)
     else:
         key = ("bwd", _m_bucket(g2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, g.dtype)
-        name = _path_cache.get(key) or _pick(key, {"fused": lambda: nf4_matmul_t_fused(g2, qw),
-                                                   "dequant": lambda: nf4_matmul_t_dequant(g2, qw)})
+        eager = _eager_call(g)
+        name = _path_cache.get(_cache_key(key, eager)) or _pick(key, {"fused": lambda: nf4_matmul_t_fused(g2, qw),
+                                                                      "dequant": lambda: nf4_matmul_t_dequant(g2, qw)},
+                                                                eager)
         gx = nf4_matmul_t_fused(g2, qw) if name == "fused" else nf4_matmul_t_dequant(g2, qw)
     return gx.reshape(*lead, qw.shape[1])
 

@@ -273,8 +273,9 @@ def test_fast_launch_alignments_and_lifetime(dq):
         for off in (0, 4, 1, 0, 4, 1):
             x = xb[off:off + M * K].view(M, K)
             y = kernels.nf4_matmul(x, qw)
-            plan = mm._FAST.get((id(qw), M, K, x.dtype, True, x.device))
+            plan = mm._FAST.get((id(qw), M, K, x.dtype, True, x.device, True))    # an eager call's plan
             y2 = kernels.nf4_matmul(x.clone(), qw)
+            assert plan is not None or mm._path_cache[("fwd", M, (N, K), dq, 64, x.dtype, True, "eager")] == "dequant"
             if plan is not None and plan.split_k == 1:  # split-K programs add with atomics, in any order
                 assert_bits_equal(y, y2, f"M={M} x at element offset {off}")
             assert rel_err(y, y2) < 1e-3 and rel_err(y, x.double() @ wd.T) < 1e-2, (M, off)
@@ -283,6 +284,31 @@ def test_fast_launch_alignments_and_lifetime(dq):
     del qw, ref, wd, d, y, y2, plan
     gc.collect()
     assert all(r() is None for r in parts), "the weight's tensors outlived it (held by a launch plan)"
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_dispatch_eager_and_graphed(M):
+    """A decode-sized call keeps two choices (kernels/nf4_matmul.py _pick): one for calls launched from Python and
+    one for calls captured into a CUDA graph. Both run correctly: eagerly, then captured and replayed."""
+    N, K = 4096, 11008  # a long K over few rows: split K is a candidate, with its extra launches
+    qw = kernels.quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16), 64, "nf4", False)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ qw.dequantize(torch.bfloat16).double().T
+    y_eager = kernels.nf4_matmul(x, qw)
+    key = ("fwd", M, (N, K), False, 64, torch.bfloat16, True)
+    assert key in mm._path_cache and key + ("eager",) in mm._path_cache
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.nf4_matmul(x, qw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = kernels.nf4_matmul(x, qw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y_eager, ref) < 1e-2 and rel_err(y_graph, ref) < 1e-2, (mm._path_cache[key],
+                                                                           mm._path_cache[key + ("eager",)])
 
 
 @pytest.mark.parametrize("M", [1, 300])

@@ -350,7 +350,7 @@ def test_small_m_dispatch_fast_path(M):
     x = torch.randn(M, 128)
     qa, qb = make(16, 128, False, seed=7), make(16, 128, True, seed=8)
     first = mm.nf4_matmul(x, qa, backend="triton")
-    key = (id(qa), M, 128, x.dtype, True, x.device)
+    key = (id(qa), M, 128, x.dtype, True, x.device, False)  # CPU: not an eager GPU call
     assert key in mm._FAST and mm._FAST[key].valid_for(qa)
     again = mm.nf4_matmul(x, qa, backend="triton")
     assert torch.equal(first, again)
@@ -364,7 +364,7 @@ def test_small_m_dispatch_fast_path(M):
         yn = mm.nf4_matmul(x, qn, backend="triton")
         assert rel_err(yn, x.double() @ qn.dequantize(torch.float32).double().T) < 1e-5
         del qn
-    assert not mm._FAST.get((id(x), M, 128, x.dtype, True, x.device))       # only weights key plans
+    assert not mm._FAST.get((id(x), M, 128, x.dtype, True, x.device, False))       # only weights key plans
     assert torch.equal(mm.nf4_matmul(x, qb, backend="torch"),               # the torch backend is untouched
                        torch.nn.functional.linear(x, qb.dequantize(torch.float32)))
 
@@ -403,14 +403,16 @@ def test_pick_interleaves_rounds(monkeypatch):
 
 @pytest.mark.parametrize("M,graphed", [(1, True), (16, True), (32, False), (4096, False)])
 def test_pick_times_decode_from_graphs(monkeypatch, M, graphed):
-    """Decode-sized calls (M bucket <= 16) are timed replayed from CUDA graphs, as generation runs them (GPU time);
-    larger ones launched back to back (timers faked: which one ran is what is checked)."""
+    """Decode-sized calls (M bucket <= 16) are timed both replayed from CUDA graphs (GPU time, for calls being
+    captured, as generation runs them) and launched back to back (host included, for eager calls), and keep a
+    choice for each; larger ones are timed launched back to back only (timers faked: each candidate returns its
+    (graph, eager) times, and which timer ran is what is checked)."""
     used = []
 
     def timer(kind):
         def fake(fn, calls=20, reps=3):
             used.append(kind)
-            return fn()
+            return fn()[0 if kind == "graph" else 1]
         return fake
 
     monkeypatch.setattr(mm, "_time_graph", timer("graph"))
@@ -419,9 +421,21 @@ def test_pick_times_decode_from_graphs(monkeypatch, M, graphed):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     key = ("fwd", mm._m_bucket(M), (8, 8), False, 64, torch.bfloat16, True)
-    mm._path_cache.pop(key, None)
+    # "split": fastest on the GPU, slowest with its extra launches from Python; "single": the reverse
+    cands = {"split": lambda: (1.0, 3.0), "single": lambda: (2.0, 2.0)}
+    keys = (key, key + ("eager",))
+    for k in keys:
+        mm._path_cache.pop(k, None)
     try:
-        assert mm._pick(key, {"slow": lambda: 2.0, "fast": lambda: 1.0}) == "fast"
-        assert set(used) == {"graph" if graphed else "eager"} and len(used) == 2 * mm.PICK_ROUNDS
+        if graphed:
+            assert mm._pick(key, cands, eager=True) == "single"
+            assert sorted(set(used)) == ["eager", "graph"] and len(used) == 2 * 2 * mm.PICK_ROUNDS
+            assert mm._pick(key, cands) == "split" and len(used) == 4 * mm.PICK_ROUNDS   # cached, not re-timed
+            assert mm._path_cache[key] == "split" and mm._path_cache[key + ("eager",)] == "single"
+        else:
+            assert mm._pick(key, cands, eager=True) == "single" == mm._pick(key, cands)
+            assert set(used) == {"eager"} and len(used) == 2 * mm.PICK_ROUNDS
+            assert key + ("eager",) not in mm._path_cache
     finally:
-        mm._path_cache.pop(key, None)
+        for k in keys:
+            mm._path_cache.pop(k, None)
