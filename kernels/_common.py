@@ -142,7 +142,7 @@ class Launch:
         self.compiled = compiled
         if fast_launch_enabled() and compiled is not None:
             names = list(getattr(self.kernel, "arg_names", ()))
-            params = [n for n in names[len(args):]]
+            params = names[len(args):]
             if names and len(args) <= len(names) and set(params) <= set(self.kw) and hasattr(compiled, "__getitem__"):
                 self.tail = tuple(self.kw[n] for n in params)
                 self.runners[tuple(_spec(args[i]) for i in self.varying)] = compiled[self.grid]
