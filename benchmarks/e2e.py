@@ -14,6 +14,10 @@ random token batches (labels = inputs).
           NF4 holding random weights), peft get_peft_model, bitsandbytes PagedAdamW32bit,
           model.gradient_checkpointing_enable() where the setting says so
 
+    Unsloth (--stacks ...,unsloth, where installed): benchmarks/unsloth_peer.py in its own process (its import
+          patches transformers and peft), settings (a) and (b), on a random checkpoint of the same shape; the
+          results add its row and our variants' ratios to it (speed_ratio_vs_unsloth, memory_ratio_vs_unsloth)
+
 Settings: (a) batch 4 x 512, LoRA on q,v, HF without checkpointing; (b) batch 4 x 2048, LoRA on all seven
 linears, HF with checkpointing; longest: batch 1, all linears, checkpointing, doubling + bisection on the
 sequence length, catching torch.cuda.OutOfMemoryError, capped at --search-seconds per stack; losscheck: 50 steps
@@ -409,6 +413,41 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     return res, extra
 
 
+def run_unsloth(size: str, setting: str, steps: int, device, model_dir=None, timeout_s: float = 1500) -> dict:
+    """The Unsloth peer in its own process (its import patches transformers and peft for the whole process):
+    e2e's result fields, or {"skipped": why} where unsloth is not installed or there is no GPU."""
+    import importlib.util
+    import tempfile
+
+    if device.type != "cuda":
+        return {"skipped": "Unsloth needs a CUDA GPU"}
+    if importlib.util.find_spec("unsloth") is None:
+        return {"skipped": "unsloth is not installed (ANCHORS.md lists its wheels)"}
+    model_dir = model_dir or os.path.join(tempfile.gettempdir(), f"e2e-unsloth-{size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "unsloth.json")
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "unsloth_peer.py"), "--setting", setting,
+               "--steps", str(steps), "--size", size, "--model-dir", model_dir, "--device", str(device),
+               "--out", out]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"the Unsloth peer ran past {timeout_s:.0f} s"}
+        if not os.path.isfile(out):
+            return {"error": f"the Unsloth peer exited {r.returncode} without a result", "stderr": r.stderr[-3000:]}
+        with open(out) as f:
+            res = json.load(f)
+    res["process_s"] = round(time.perf_counter() - t0, 1)
+    if "tokens_per_s" in res:
+        log(f"  {'unsloth':>20s} ({setting}): {res['tokens_per_s']:9.0f} tok/s  step {res['step_s']*1e3:8.1f} ms  "
+            f"peak {res['peak_gib']:.2f} GiB  build {res.get('build_s', 0):.1f} s")
+    else:
+        log(f"  unsloth ({setting}): {res.get('skipped') or res.get('error')}")
+    return res
+
+
 def memory_breakdown(model, opt, peak, device) -> dict:
     """GiB by kind for our model: what sits on the device, and the paged optimizer states (managed memory)."""
     nf4 = emb = lora = 0
@@ -783,6 +822,15 @@ def summarize_setting(entry):
     meets = [o for o in ours if o["memory_ratio"] is not None and o["memory_ratio"] <= 0.6]
     best = max(meets, key=lambda o: o["tokens_per_s"]) if meets else min(ours, key=lambda o: o["peak_gib"])
     entry["primary"] = {"name": best["name"], "speed_ratio": best["speed_ratio"], "memory_ratio": best["memory_ratio"]}
+    uns = entry.get("unsloth")
+    if isinstance(uns, dict) and "tokens_per_s" in uns:  # the second peer, where it ran
+        uns["speed_ratio_vs_hf"] = round(uns["tokens_per_s"] / hf["tokens_per_s"], 3)
+        uns["memory_ratio_vs_hf"] = round(uns["peak_gib"] / hf["peak_gib"], 3)
+        for o in ours:
+            o["speed_ratio_vs_unsloth"] = round(o["tokens_per_s"] / uns["tokens_per_s"], 3)
+            o["memory_ratio_vs_unsloth"] = round(o["peak_gib"] / uns["peak_gib"], 3)
+        entry["primary"].update(speed_ratio_vs_unsloth=best["speed_ratio_vs_unsloth"],
+                                memory_ratio_vs_unsloth=best["memory_ratio_vs_unsloth"])
 
 
 def main(argv=None):
@@ -791,7 +839,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "tiny"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--stacks", default="ours,hf")
+    ap.add_argument("--stacks", default="ours,hf,unsloth",
+                    help="unsloth runs in its own process (benchmarks/unsloth_peer.py) where it is installed")
+    ap.add_argument("--unsloth-dir", default=None,
+                    help="where the Unsloth peer's random checkpoint is written once (default: a temp folder)")
     ap.add_argument("--double-quant", type=int, default=1, help="our NF4 weights double-quantized (1/0)")
     ap.add_argument("--search-seconds", type=float, default=85.0)
     ap.add_argument("--longest-mode", default="search", choices=["search", "slope"],
@@ -844,6 +895,7 @@ def main(argv=None):
         entry = results["settings"].setdefault(setting, setting_shape(setting, args))
         log(f"setting ({setting}): {SETTINGS[setting]['label']}")
         runs = ([("hf", None)] if "hf" in stacks else []) + \
+               ([("unsloth", None)] if "unsloth" in stacks else []) + \
                ([("ours", v) for v in OUR_VARIANTS[setting]] if "ours" in stacks else [])
         if "ours" in stacks:
             runs += [("ours", "partial")] + ([("ours", "partial-graph")] if setting == "a" else [])
@@ -855,7 +907,10 @@ def main(argv=None):
                 if variant is None:
                     continue
                 log(f"  partial checkpointing: {variant}")
-            key = "hf" if stack == "hf" else variant["name"]
+            key = stack if stack in ("hf", "unsloth") else variant["name"]
+            if stack == "unsloth":
+                entry[key] = run_unsloth(a.size, setting, a.steps, device, a.unsloth_dir)
+                continue
             try:
                 res, extra = run_stack(stack, args, device, setting, variant, a.steps, dq)
                 entry[key] = res
@@ -903,7 +958,7 @@ def main(argv=None):
     if "longest" in todo:
         results["longest"] = {}
         max_len = 1 << 20 if device.type == "cuda" else 256
-        for stack in stacks:
+        for stack in [st for st in stacks if st in ("ours", "hf")]:   # the Unsloth peer runs (a) and (b) only
             log(f"longest sequence at batch 1: {stack}")
             try:
                 if a.longest_mode == "slope":
@@ -930,10 +985,15 @@ def print_table(results):
     for s, entry in results.get("settings", {}).items():
         for k, v in entry.items():
             if isinstance(v, dict) and "tokens_per_s" in v:
+                sp = v.get("speed_ratio", v.get("speed_ratio_vs_hf", float("nan")))
+                mem = v.get("memory_ratio", v.get("memory_ratio_vs_hf")) or float("nan")
+                vs = f"  vs unsloth {v['speed_ratio_vs_unsloth']:.3f}x" if "speed_ratio_vs_unsloth" in v else ""
                 log(f"({s})      {k:>20s} {v['tokens_per_s']:9.0f} {v['step_s']*1e3:9.1f} {v['peak_gib']:9.2f} "
-                    f"{v.get('speed_ratio', float('nan')):8.3f} {v.get('memory_ratio') or float('nan'):7.3f}")
+                    f"{sp:8.3f} {mem:7.3f}{vs}")
             elif isinstance(v, dict) and "error" in v:
                 log(f"({s})      {k:>20s} ERROR {v['error'][:80]}")
+            elif isinstance(v, dict) and "skipped" in v:
+                log(f"({s})      {k:>20s} skipped: {v['skipped'][:80]}")
     for stack, r in results.get("longest", {}).items():
         log(f"longest  {stack:>20s} fits {r.get('longest_fit')}  first OOM {r.get('first_oom')}  "
             f"capped: {r.get('capped')}  extrapolated {r.get('extrapolated_by_peak_memory')}")

@@ -48,14 +48,15 @@ PROMPT_LEN, NEW_TOKENS = 64, 128
 
 
 # ------------------------------------------------------------------------------------------ the checkpoint
-def make_checkpoint(size: str, out: str, shards: int, device: str) -> None:
-    """Random fp16 weights in ``shards`` safetensors files of about equal size, plus index and config.json."""
+def make_checkpoint(size: str, out: str, shards: int, device: str, args: ModelArgs = None) -> None:
+    """Random fp16 weights in ``shards`` safetensors files of about equal size, plus index and config.json
+    (the shapes of ModelArgs ``size``, or of ``args``)."""
     from safetensors.torch import save_file
 
     if os.path.isfile(os.path.join(out, "model.safetensors.index.json")):
         return
     os.makedirs(out, exist_ok=True)
-    args = ModelArgs.from_name(size, torch_dtype="float16")
+    args = ModelArgs.from_name(size, torch_dtype="float16") if args is None else args
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(args).state_dict().items()}
     total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
