@@ -80,9 +80,10 @@ def run(setting: str, steps: int, size: str, model_dir: str, device: str) -> dic
     prepare(size, model_dir, device)
     prep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=s["seq"], dtype=torch.bfloat16,
-                                                 load_in_4bit=True, local_files_only=True)
     ckpt = "unsloth" if s["hf_checkpointing"] else False
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=s["seq"], dtype=torch.bfloat16,
+                                                 load_in_4bit=True, use_gradient_checkpointing=ckpt,
+                                                 local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                              target_modules=list(s["targets"]), bias="none",
                                              use_gradient_checkpointing=ckpt, random_state=0,
