@@ -83,6 +83,7 @@ def run(setting: str, steps: int, size: str, model_dir: str, device: str) -> dic
     ckpt = "unsloth" if s["hf_checkpointing"] else False
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=s["seq"], dtype=torch.bfloat16,
                                                  load_in_4bit=True, use_gradient_checkpointing=ckpt,
+                                                 fix_tokenizer=False,  # the placeholder tokenizer is never used
                                                  local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                              target_modules=list(s["targets"]), bias="none",
