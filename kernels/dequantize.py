@@ -68,9 +68,9 @@ def _launch_args(packed, absmax, shape, blocksize, quant_type, nested, block_byt
 def _output(out, shape, n, dtype, device):
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if out.numel() != n or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got {out.dtype} "
-                         f"{tuple(out.shape)}")
+    if out.numel() != n or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements on {device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}{'' if out.is_contiguous() else ' (not contiguous)'}")
     return out
 
 

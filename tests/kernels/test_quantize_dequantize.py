@@ -82,6 +82,11 @@ def test_dequantize_into_scratch_and_shape():
     assert_bits_equal(out, nf4.dequantize_4bit(packed, absmax, w.shape, 64, "nf4", torch.float32), "scratch")
     with pytest.raises(ValueError, match="out"):
         dequantize_4bit_triton(packed, absmax, w.shape, 64, "nf4", torch.float16, out=scratch)
+    with pytest.raises(ValueError, match="on cpu, got torch.float32 .* on meta"):   # never written across devices
+        dequantize_4bit_triton(packed, absmax, w.shape, 64, "nf4", torch.float32,
+                               out=torch.empty(37, 90, device="meta"))
+    with pytest.raises(ValueError, match="not contiguous"):
+        dequantize_4bit_triton(packed, absmax, w.shape, 64, "nf4", torch.float32, out=torch.empty(90, 37).t())
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
