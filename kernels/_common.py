@@ -37,6 +37,22 @@ def check_triton_device(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {t.device}")
 
 
+def check_word_path(path: str, x: torch.Tensor, qw, unit: int, word_bits: int) -> torch.Tensor:
+    """The checks of the kernels that read the packed weight as words (gemv3: 32-bit, mma: 64-bit): bf16 / fp16 x,
+    in_features and blocksize multiples of `unit`, the storage aligned to a word. Returns the packed codes, flat."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"nf4_matmul_fused: the {path} path takes bfloat16 or float16 input, got {x.dtype}")
+    K = x.shape[1]
+    if K % unit or qw.blocksize % unit:
+        raise ValueError(f"nf4_matmul_fused: the {path} path needs in_features and blocksize divisible by {unit}, "
+                         f"got {K} and {qw.blocksize}")
+    packed = qw.packed.reshape(-1)
+    if packed.data_ptr() % (word_bits // 8):
+        raise ValueError(f"nf4_matmul_fused: the {path} path reads the packed weight as {word_bits}-bit words; its "
+                         f"storage is not {word_bits // 8}-byte aligned")
+    return packed
+
+
 @functools.lru_cache(maxsize=None)
 def _tables(quant_type: str, device: str):
     dev = torch.device(device)

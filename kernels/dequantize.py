@@ -92,7 +92,7 @@ class _DequantPlan(WeightPlan):
 
     def __init__(self, qw, dtype):
         self.bind(qw)
-        self.shape, self.dtype, self.split_k = tuple(qw.shape), dtype, 1
+        self.shape, self.dtype = tuple(qw.shape), dtype
         grid, self.args, self.sizes, kw = _launch_args(qw.packed, qw.absmax, self.shape, qw.blocksize,
                                                        qw.quant_type, qw.nested, 4096, 4)
         self.launcher = Launch(_dequantize_kernel, grid, kw, varying=(len(self.args),))

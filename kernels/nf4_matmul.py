@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import Launch, WeightPlan, check_triton_device, code_table_on, half_table_on, interpreting, load_scales, \
+from ._common import Launch, WeightPlan, check_triton_device, check_word_path, code_table_on, half_table_on, interpreting, load_scales, \
     mul_rn, pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
     word_values, xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
@@ -793,16 +793,7 @@ class _V2Plan(WeightPlan):
         self.launcher = Launch(self.kernel, self.grid, self.kw, varying=(0, n_w + 1, n_w + 2) + strides)
 
     def _word_gemv(self, x, qw, bias, config):
-        if x.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"nf4_matmul_fused: the gemv3 path takes bfloat16 or float16 input, got {x.dtype}")
-        K = self.k
-        if K % 8 or qw.blocksize % 8:
-            raise ValueError(f"nf4_matmul_fused: the gemv3 path needs in_features and blocksize divisible by 8, "
-                             f"got {K} and {qw.blocksize}")
-        packed = qw.packed.reshape(-1)
-        if packed.data_ptr() % 4:
-            raise ValueError("nf4_matmul_fused: the gemv3 path reads the packed weight as 32-bit words; "
-                             "its storage is not 4-byte aligned")
+        packed = check_word_path("gemv3", x, qw, 8, 32)
         M = x.shape[0]
         rows = (1, 2, 4) if M == 1 else (1, 2)
         if config.get("R", rows[-1]) not in rows:

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, WeightPlan, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
+from ._common import (Launch, WeightPlan, check_word_path, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
                       word_table, word_table_on, word_values, xpair)
 
 MMA_MAX_M = 16
@@ -452,17 +452,9 @@ class MmaPlan(WeightPlan):
         M, K = x.shape
         N = qw.shape[0]
         self.n, self.k = N, K
-        if x.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"nf4_matmul_fused: the mma path takes bfloat16 or float16 input, got {x.dtype}")
         if not 1 <= M <= MMA_MAX_M:
             raise ValueError(f"nf4_matmul_fused: the mma path takes 1 to {MMA_MAX_M} rows, got {M}")
-        if K % UNIT or qw.blocksize % UNIT:
-            raise ValueError(f"nf4_matmul_fused: the mma path needs in_features and blocksize divisible by {UNIT}, "
-                             f"got {K} and {qw.blocksize}")
-        packed = qw.packed.reshape(-1)
-        if packed.data_ptr() % 8:
-            raise ValueError("nf4_matmul_fused: the mma path reads the packed weight as 64-bit words; its storage "
-                             "is not 8-byte aligned")
+        packed = check_word_path("mma", x, qw, UNIT, 64)
         if config is None:
             config = dict(RT=1, NW=2, SPLIT_K=1) if interpreting() else \
                 mma_default(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)

@@ -185,8 +185,7 @@ def _launch(kernel, grid, varying, ptx, kw, *args):
     if not ptx:
         kernel[grid](*args, **kw)
         return
-    key = (kernel, grid, tuple(sorted(kw.items())), tuple(a for a in args if isinstance(a, int)),
-           tuple(args[i].device for i in varying[:1]))
+    key = (kernel, grid, *kw.values(), *(a for a in args if isinstance(a, int)), args[varying[0]].device)
     launch = _LAUNCHES.get(key)
     if launch is None:
         if len(_LAUNCHES) > 1024:
