@@ -120,9 +120,11 @@ def fast_launch_enabled() -> bool:
 
 def _spec(a):
     """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment; an int's being 1,
-    a multiple of 16 and 32-bit (triton/runtime/jit.py: specialize_impl)."""
+    a multiple of 16 and its type (i32, i64 or u64); a bool is u1 (triton/runtime/jit.py: specialize_impl)."""
+    if isinstance(a, bool):
+        return "u1"
     if isinstance(a, int):
-        return a == 1, a % 16 == 0, -2**31 <= a < 2**31
+        return a == 1, a % 16 == 0, -2**31 <= a < 2**31, a >= 2**63
     if isinstance(a, float) or a is None:
         return a is None
     return a.dtype, a.data_ptr() % 16 == 0
@@ -156,13 +158,61 @@ class Launch:
                 return self.compiled
         compiled = self.kernel[self.grid](*args, **self.kw)
         self.compiled = compiled
-        if fast_launch_enabled() and compiled is not None:
-            names = list(getattr(self.kernel, "arg_names", ()))
-            params = names[len(args):]
-            if names and len(args) <= len(names) and set(params) <= set(self.kw) and hasattr(compiled, "__getitem__"):
-                self.tail = tuple(self.kw[n] for n in params)
+        if fast_launch_enabled() and compiled is not None and hasattr(compiled, "__getitem__"):
+            tail = _tail(self.kernel, len(args), self.kw)
+            if tail is not None:
+                self.tail = tail
                 self.runners[tuple(_spec(args[i]) for i in self.varying)] = compiled[self.grid]
         return compiled
+
+
+_RUNNERS: dict = {}   # launch(): (kernel, current device, grid rank, constexprs, argument specializations) -> runner
+
+
+def _tail(kernel, n_args: int, kw: dict):
+    """The constexprs' values in signature order after `n_args` positional arguments, or None when some are
+    not in kw (a default value: the runner would not know it)."""
+    names = list(getattr(kernel, "arg_names", ()))
+    params = names[n_args:]
+    if not names or n_args > len(names) or not set(params) <= set(kw):
+        return None
+    return tuple(kw[n] for n in params)
+
+
+def launch(kernel, grid: tuple, args: tuple, **kw):
+    """`kernel[grid](*args, **kw)` for kernels whose arguments change every call (the fused norm / RoPE /
+    SwiGLU / loss / LoRA / AdamW kernels), through the compiled kernel's runner once a call with arguments that
+    specialize the same way (`_spec`) has gone through Triton on this device: `Launch` without a fixed grid or
+    fixed arguments. Runtime arguments must be positional, kw holds the constexprs and launch options."""
+    if not fast_launch_enabled():
+        return kernel[grid](*args, **kw)
+    try:
+        key = (kernel, torch.cuda.current_device(), len(grid), *kw.items(), *map(_spec, args))
+        hit = _RUNNERS.get(key)
+    except (TypeError, AttributeError):          # an unhashable option or an argument Triton types otherwise
+        return kernel[grid](*args, **kw)
+    if hit is not None:
+        compiled, tail = hit
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)
+        return compiled
+    compiled = kernel[grid](*args, **kw)
+    tail = _tail(kernel, len(args), kw)
+    if compiled is not None and tail is not None and hasattr(compiled, "__getitem__"):
+        if len(_RUNNERS) > 4096:
+            _RUNNERS.clear()
+        _RUNNERS[key] = (compiled, tail)
+    return compiled
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the properties lookup costs host time per call)."""
+    device = torch.device(device)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------------------------------

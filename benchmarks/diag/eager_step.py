@@ -9,6 +9,7 @@ replayed from a CUDA graph by ~2x, so the host, not the GPU, sets its pace. This
   4. profiles one step with torch.profiler (CPU self time by op, and the GPU's busy time against the wall time).
 
     python benchmarks/diag/eager_step.py [--setting a] [--size llama-2-7b|tiny] [--out $OUT/eager_step.json]
+                                         [--timing-only]   (QLORA_FAST_LAUNCH=0: Triton's own launch path)
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "tiny"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "eager_step.json"))
+    ap.add_argument("--timing-only", action="store_true", help="only part 1 (the eager steps' times)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     margs = e2e.model_args(args.size)
@@ -70,6 +72,10 @@ def main(argv=None):
     for r in rows:
         print("  " + "  ".join(f"{k} {v:7.1f}" for k, v in r.items()))
 
+    res["fast_launch"] = os.environ.get("QLORA_FAST_LAUNCH", "1")
+    if args.timing_only:
+        _write(res, args.out)
+        return
     # 2. synchronizing operations in one step
     syncs = []
     if dev.type == "cuda":
@@ -97,7 +103,7 @@ def main(argv=None):
         print(f"  {n:4d}x  {' <- '.join(reversed(k))}")
 
     # 3. cProfile over two steps
-    prof = cProfile.Profile()
+    prof = cProfile.Profile()          # (the whole profile: the .pstats file next to --out)
     e2e.sync(dev)
     prof.enable()
     for i in range(2):
@@ -105,6 +111,7 @@ def main(argv=None):
     e2e.sync(dev)
     prof.disable()
     out = io.StringIO()
+    prof.dump_stats(os.path.splitext(os.path.abspath(args.out))[0] + ".pstats")
     st = pstats.Stats(prof, stream=out)
     st.sort_stats("tottime").print_stats(35)
     st.sort_stats("cumulative").print_stats(45)
@@ -126,10 +133,14 @@ def main(argv=None):
                                      gpu_table=ka.table(sort_by="self_device_time_total", row_limit=25))
         print(f"profiled step: wall {wall:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms")
         print(res["torch_profiler"]["cpu_table"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    _write(res, args.out)
     print(res["cprofile"][:12000])
+
+
+def _write(res, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

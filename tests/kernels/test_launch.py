@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nf4
-from kernels._common import Launch, _spec, interpreting
+from kernels._common import Launch, _spec, interpreting, launch
 
 mm = importlib.import_module("kernels.nf4_matmul")
 
@@ -68,6 +68,35 @@ def test_launch_uses_runner_while_specialization_holds(compiled_mode):
     assert len(launch.runners) == 3
 
 
+def test_generic_launch_caches_per_specialization(compiled_mode, monkeypatch):
+    """kernels._common.launch: every argument may change; the runner is reused (with this call's grid) while all
+    of them specialize the same, per set of constexprs."""
+    import kernels._common as common
+    monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common, "_RUNNERS", {})
+    k = FakeKernel()
+    buf = torch.zeros(64)
+    launch(k, (3,), (buf[0:8], buf[8:16], buf[16:24], 48), FLAG=True, BLOCK=32, num_warps=4)
+    assert k.log[-1][0] == "triton" and k.log[-1][1] == (3,)
+    a, b, c = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    launch(k, (5, 2), (a, b, c, 48), FLAG=True, BLOCK=32, num_warps=4)   # another grid rank: Triton again
+    assert k.log[-1][0] == "triton"
+    launch(k, (9,), (a, b, c, 64), FLAG=True, BLOCK=32, num_warps=4)     # new tensors, n still a multiple of 16
+    assert k.log[-1] == ("runner", (9, 1, 1), (a, b, c, 64, 32, True))
+    launch(k, (9,), (a, b, c, 65), FLAG=True, BLOCK=32, num_warps=4)     # n no longer divisible by 16
+    assert k.log[-1][0] == "triton"
+    launch(k, (9,), (a, buf[1:9], c, 64), FLAG=True, BLOCK=32, num_warps=4)   # a misaligned pointer
+    assert k.log[-1][0] == "triton"
+    launch(k, (9,), (a, b, c, 64), FLAG=False, BLOCK=32, num_warps=4)    # another constexpr value
+    assert k.log[-1][0] == "triton"
+    launch(k, (9,), (a, b, c, 64), BLOCK=32, num_warps=4)               # FLAG left to its default: never cached
+    launch(k, (9,), (a, b, c, 64), BLOCK=32, num_warps=4)
+    assert [e[0] for e in k.log[-2:]] == ["triton", "triton"]
+    monkeypatch.setenv("QLORA_FAST_LAUNCH", "0")
+    launch(k, (9,), (a, b, c, 64), FLAG=True, BLOCK=32, num_warps=4)
+    assert k.log[-1][0] == "triton"
+
+
 def test_launch_fast_path_off(compiled_mode, monkeypatch):
     monkeypatch.setenv("QLORA_FAST_LAUNCH", "0")
     k = FakeKernel()
@@ -91,7 +120,30 @@ def test_launch_needs_every_constexpr(compiled_mode):
 def test_spec_follows_triton():
     a = torch.zeros(8)
     assert _spec(a) == (torch.float32, True) and _spec(a[1:]) == (torch.float32, False)
-    assert _spec(1) == (True, False, True) and _spec(32) == (False, True, True) and _spec(2**40)[2] is False
+    assert _spec(1) == (True, False, True, False) and _spec(32) == (False, True, True, False)
+    assert _spec(2**40)[2] is False and _spec(2**63)[3] is True and _spec(True) != _spec(1)
+
+
+SAMPLES = [0, 1, 2, 15, 16, 32, 48, 2**31 - 1, 2**31, 2**40, 2**63, 2**64 - 1, -1, -16, -2**31, -2**31 - 1, True,
+           False, None, 0.5, 3.0]
+
+
+def test_spec_is_at_least_as_fine_as_triton():
+    """Two arguments with the same _spec get the same specialization from Triton's own function (so a cached
+    runner is never called with arguments its kernel was not compiled for)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        pytest.skip("this triton has no native_specialize_impl to compare with")
+    base = torch.zeros(64)
+    samples = SAMPLES + [base[0:8], base[1:9], base[4:12], base.half()[0:8], base.half()[1:9],
+                         base.to(torch.bfloat16)[8:16], torch.zeros(3, dtype=torch.int64)]
+    triton_spec = lambda a: native_specialize_impl(BaseBackend, a, False, True, True)  # noqa: E731
+    for a in samples:
+        for b in samples:
+            if _spec(a) == _spec(b):
+                assert triton_spec(a) == triton_spec(b), (a, b)
 
 
 @pytest.mark.skipif(not interpreting(), reason="the interpreter runs the plans on the CPU")
