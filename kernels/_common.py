@@ -166,9 +166,6 @@ class Launch:
         return compiled
 
 
-_RUNNERS: dict = {}   # launch(): (kernel, current device, grid rank, constexprs, argument specializations) -> runner
-
-
 def _tail(kernel, n_args: int, kw: dict):
     """The constexprs' values in signature order after `n_args` positional arguments, or None when some are
     not in kw (a default value: the runner would not know it)."""
@@ -177,31 +174,6 @@ def _tail(kernel, n_args: int, kw: dict):
     if not names or n_args > len(names) or not set(params) <= set(kw):
         return None
     return tuple(kw[n] for n in params)
-
-
-def launch(kernel, grid: tuple, args: tuple, **kw):
-    """`kernel[grid](*args, **kw)` for kernels whose arguments change every call (the fused norm / RoPE /
-    SwiGLU / loss / LoRA / AdamW kernels), through the compiled kernel's runner once a call with arguments that
-    specialize the same way (`_spec`) has gone through Triton on this device: `Launch` without a fixed grid or
-    fixed arguments. Runtime arguments must be positional, kw holds the constexprs and launch options."""
-    if not fast_launch_enabled():
-        return kernel[grid](*args, **kw)
-    try:
-        key = (kernel, torch.cuda.current_device(), len(grid), *kw.items(), *map(_spec, args))
-        hit = _RUNNERS.get(key)
-    except (TypeError, AttributeError):          # an unhashable option or an argument Triton types otherwise
-        return kernel[grid](*args, **kw)
-    if hit is not None:
-        compiled, tail = hit
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)
-        return compiled
-    compiled = kernel[grid](*args, **kw)
-    tail = _tail(kernel, len(args), kw)
-    if compiled is not None and tail is not None and hasattr(compiled, "__getitem__"):
-        if len(_RUNNERS) > 4096:
-            _RUNNERS.clear()
-        _RUNNERS[key] = (compiled, tail)
-    return compiled
 
 
 @functools.lru_cache(maxsize=None)

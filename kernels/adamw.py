@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, interpreting, launch
+from ._common import check_triton_device, interpreting
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -145,9 +145,9 @@ def adamw_triton_(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decay_a
     if n > 0:
         if interpreting():
             block = min(triton.next_power_of_2(n), 1 << 16)
-        launch(_adamw_kernel, (triton.cdiv(n, block),),
-               (*tensors, n, beta1, beta2, omb1, omb2, step_size, eps_c2, decay),
-               HAS_DECAY=weight_decay > 0.0, DECAY_AFTER=decay_after, BLOCK=block, num_warps=4)
+        _adamw_kernel[(triton.cdiv(n, block),)](*tensors, n, beta1, beta2, omb1, omb2, step_size, eps_c2, decay,
+                                                HAS_DECAY=weight_decay > 0.0, DECAY_AFTER=decay_after,
+                                                BLOCK=block, num_warps=4)
     for dst, src in zip((p, m, v), (tensors[0], tensors[2], tensors[3])):
         if dst is not src:
             dst.copy_(src)
@@ -191,10 +191,10 @@ def adamw_multi_triton_(params, grads, ms, vs, step, lr, beta1, beta2, eps, weig
         else:
             table = table.to(device)
         blocks = _block_table(tuple(params[k].numel() for k in idx), block, device)           # (n_blocks, 2)
-        launch(_adamw_multi_kernel, (blocks.shape[0],),
-               (table, blocks, beta1, beta2, omb1, omb2, step_size, eps_c2, decay),
-               P_CODE=_DTYPE_CODE[p_dtype], G_CODE=_DTYPE_CODE[g_dtype], HAS_DECAY=weight_decay > 0.0,
-               DECAY_AFTER=decay_after, BLOCK=block, num_warps=4)
+        _adamw_multi_kernel[(blocks.shape[0],)](table, blocks, beta1, beta2, omb1, omb2, step_size, eps_c2, decay,
+                                                P_CODE=_DTYPE_CODE[p_dtype], G_CODE=_DTYPE_CODE[g_dtype],
+                                                HAS_DECAY=weight_decay > 0.0, DECAY_AFTER=decay_after,
+                                                BLOCK=block, num_warps=4)
 
 
 @torch.no_grad()

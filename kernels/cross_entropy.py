@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, interpreting, launch
+from ._common import check_triton_device, interpreting
 
 
 @triton.jit
@@ -88,9 +88,9 @@ def softmax_ce_chunk_triton_(logits: torch.Tensor, labels: torch.Tensor, scale: 
     loss = torch.empty((R,), dtype=torch.float32, device=logits.device)
     if R > 0:
         block_v = min(triton.next_power_of_2(V), 1 << 16 if interpreting() else 8192)
-        launch(_softmax_ce_kernel, (R,), (logits, labels, loss, scale, V, logits.stride(0), ignore_index),
-               COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-               num_warps=16 if block_v >= 8192 else 8 if block_v >= 2048 else 4)
+        _softmax_ce_kernel[(R,)](logits, labels, loss, scale, V, logits.stride(0), ignore_index,
+                                 COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+                                 num_warps=16 if block_v >= 8192 else 8 if block_v >= 2048 else 4)
     return loss
 
 

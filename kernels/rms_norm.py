@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, interpreting, launch, sm_count
+from ._common import check_triton_device, interpreting, sm_count
 
 
 @triton.jit
@@ -97,8 +97,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
     if N > 0:
         block_h = triton.next_power_of_2(H)
-        launch(_rms_norm_fwd_kernel, (N,), (x2, weight.contiguous(), y, rstd, H, x2.stride(0), y.stride(0), eps),
-               BLOCK_H=block_h, num_warps=_num_warps(block_h))
+        _rms_norm_fwd_kernel[(N,)](x2, weight.contiguous(), y, rstd, H, x2.stride(0), y.stride(0), eps,
+                                   BLOCK_H=block_h, num_warps=_num_warps(block_h))
     return y.view(*x.shape[:-1], H), rstd
 
 
@@ -118,9 +118,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     block_h = triton.next_power_of_2(H)
     dw_partial = torch.zeros((n_programs, block_h), dtype=torch.float32, device=x.device)
     if N > 0:
-        launch(_rms_norm_bwd_kernel, (n_programs,), (dy2, x2, weight.contiguous(), rstd, dx, dw_partial, N, H,
-                                                     dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program),
-               BLOCK_H=block_h, num_warps=_num_warps(block_h))
+        _rms_norm_bwd_kernel[(n_programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
+                                            N, H, dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
+                                            BLOCK_H=block_h, num_warps=_num_warps(block_h))
     dw = dw_partial[:, :H].sum(0).to(weight.dtype)                        # (H,)
     return dx.view(x.shape), dw
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, interpreting, launch
+from ._common import check_triton_device, interpreting
 
 
 @triton.jit
@@ -95,9 +95,10 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: tor
         # about 4096 (t, h, j) elements per half per program; the interpreter takes whole rows (fewer programs)
         budget = 1 << 16 if interpreting() else 4096
         block_t = max(1, min(triton.next_power_of_2(T), budget // (block_h * block_half)))
-        launch(_rope_kernel, (B, triton.cdiv(T, block_t)), (x, c, s, out, T, H, D // 2, *x.stride(), *out.stride(),
-                                                            scb, sct, scd),
-               BACKWARD=backward, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
+        _rope_kernel[(B, triton.cdiv(T, block_t))](x, c, s, out, T, H, D // 2,
+                                                   *x.stride(), *out.stride(), scb, sct, scd,
+                                                   BACKWARD=backward, BLOCK_T=block_t, BLOCK_H=block_h,
+                                                   BLOCK_HALF=block_half, num_warps=4)
     return out
 
 

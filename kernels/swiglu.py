@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, interpreting, launch
+from ._common import check_triton_device, interpreting
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = g.numel()
     if n > 0:
         block = _block(n)
-        launch(_swiglu_fwd_kernel, (triton.cdiv(n, block),), (g, u, h, n), BLOCK=block, num_warps=4)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](g, u, h, n, BLOCK=block, num_warps=4)
     return h
 
 
@@ -79,7 +79,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out=
     n = g.numel()
     if n > 0:
         block = _block(n)
-        launch(_swiglu_bwd_kernel, (triton.cdiv(n, block),), (dh, g, u, dg, du, n), BLOCK=block, num_warps=4)
+        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dh, g, u, dg, du, n, BLOCK=block, num_warps=4)
     return dg, du
 
 

@@ -148,8 +148,6 @@ try:
     import triton
     import triton.language as tl
 
-    from kernels._common import launch as _launch       # the launch through the compiled kernel's runner
-
     @triton.jit
     def _keep(u, t31):
         """Philox word -> keep flag: (u >> 1) >= t31 with t31 = floor(p * 2**31)."""
@@ -309,7 +307,7 @@ try:
                  PREC)
 
 except Exception:  # noqa: BLE001  (no triton: the torch mask family below is used)
-    triton = _launch = None
+    triton = None
     _dropout4_kernel = _lora_xa_kernel = _lora_da_kernel = _lora_dx_kernel = None
 
 # block sizes: candidates per fused kernel (timed on first use); the interpreter uses small blocks
@@ -356,9 +354,9 @@ def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Te
     t31, scale = _drop_consts(p)
     BM, BQ = (16, 64) if _interpreting() else (16, 128)
     if N and K:
-        _launch(_dropout4_kernel, (triton.cdiv(N, BM), triton.cdiv(Q, BQ)),
-                (x2, o2, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0),
-                ACCUMULATE=accumulate, BM=BM, BQ=BQ, SEED_PTR=torch.is_tensor(seed), num_warps=4)
+        _dropout4_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
+            x2, o2, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0, ACCUMULATE=accumulate, BM=BM,
+            BQ=BQ, SEED_PTR=torch.is_tensor(seed), num_warps=4)
     return out.view(x.shape)
 
 
@@ -436,9 +434,9 @@ def _xa_fused(x2, Ac, p, seed, row0, cfg):
     split = triton.cdiv(Q, j_per)
     out = torch.empty((split, N, R) if split > 1 else (N, R), device=x2.device,
                       dtype=torch.float32 if split > 1 else x2.dtype)
-    _launch(_lora_xa_kernel, (n_m, split),
-            (x2, Ac, out, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale, seed, row0),
-            BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1, SEED_PTR=torch.is_tensor(seed), **cfg)
+    _lora_xa_kernel[(n_m, split)](x2, Ac, out, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale, seed,
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1,
+                                  SEED_PTR=torch.is_tensor(seed), **cfg)
     return out.sum(0).to(x2.dtype) if split > 1 else out
 
 
@@ -460,9 +458,9 @@ def _da_fused(dxa, x2, p, seed, row0, cfg):
     rows = triton.cdiv(triton.cdiv(N, split), BM) * BM
     split = triton.cdiv(N, rows)
     part = torch.empty((split, R, K), device=x2.device, dtype=torch.float32)
-    _launch(_lora_da_kernel, (n_j, split),
-            (dxa, x2, part, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale, seed, row0),
-            BM=BM, BR=_br(R), PREC=_prec(x2.dtype), SEED_PTR=torch.is_tensor(seed), **cfg)
+    _lora_da_kernel[(n_j, split)](dxa, x2, part, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale, seed,
+                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), SEED_PTR=torch.is_tensor(seed),
+                                  **cfg)
     return part.sum(0) if split > 1 else part[0]
 
 
@@ -472,9 +470,9 @@ def _dx_fused_(dx, dxa, Ac, p, seed, row0, cfg):
     t31, scale = _drop_consts(p)
     cfg = dict(cfg)
     BM, BQ = cfg.pop("BM"), cfg["BQ"]
-    _launch(_lora_dx_kernel, (triton.cdiv(N, BM), triton.cdiv(Q, BQ)),
-            (dx, dxa, Ac, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0),
-            BM=BM, BR=_br(R), PREC=_prec(dx.dtype), SEED_PTR=torch.is_tensor(seed), **cfg)
+    _lora_dx_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
+        dx, dxa, Ac, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0, BM=BM,
+        BR=_br(R), PREC=_prec(dx.dtype), SEED_PTR=torch.is_tensor(seed), **cfg)
     return dx
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nf4
-from kernels._common import Launch, _spec, interpreting, launch
+from kernels._common import Launch, _spec, interpreting
 
 mm = importlib.import_module("kernels.nf4_matmul")
 
@@ -66,35 +66,6 @@ def test_launch_uses_runner_while_specialization_holds(compiled_mode):
     launch(buf[0:16].half(), w, y2, 48)              # another dtype
     assert k.log[-1][0] == "triton"
     assert len(launch.runners) == 3
-
-
-def test_generic_launch_caches_per_specialization(compiled_mode, monkeypatch):
-    """kernels._common.launch: every argument may change; the runner is reused (with this call's grid) while all
-    of them specialize the same, per set of constexprs."""
-    import kernels._common as common
-    monkeypatch.setattr(common.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(common, "_RUNNERS", {})
-    k = FakeKernel()
-    buf = torch.zeros(64)
-    launch(k, (3,), (buf[0:8], buf[8:16], buf[16:24], 48), FLAG=True, BLOCK=32, num_warps=4)
-    assert k.log[-1][0] == "triton" and k.log[-1][1] == (3,)
-    a, b, c = torch.zeros(8), torch.zeros(8), torch.zeros(8)
-    launch(k, (5, 2), (a, b, c, 48), FLAG=True, BLOCK=32, num_warps=4)   # another grid rank: Triton again
-    assert k.log[-1][0] == "triton"
-    launch(k, (9,), (a, b, c, 64), FLAG=True, BLOCK=32, num_warps=4)     # new tensors, n still a multiple of 16
-    assert k.log[-1] == ("runner", (9, 1, 1), (a, b, c, 64, 32, True))
-    launch(k, (9,), (a, b, c, 65), FLAG=True, BLOCK=32, num_warps=4)     # n no longer divisible by 16
-    assert k.log[-1][0] == "triton"
-    launch(k, (9,), (a, buf[1:9], c, 64), FLAG=True, BLOCK=32, num_warps=4)   # a misaligned pointer
-    assert k.log[-1][0] == "triton"
-    launch(k, (9,), (a, b, c, 64), FLAG=False, BLOCK=32, num_warps=4)    # another constexpr value
-    assert k.log[-1][0] == "triton"
-    launch(k, (9,), (a, b, c, 64), BLOCK=32, num_warps=4)               # FLAG left to its default: never cached
-    launch(k, (9,), (a, b, c, 64), BLOCK=32, num_warps=4)
-    assert [e[0] for e in k.log[-2:]] == ["triton", "triton"]
-    monkeypatch.setenv("QLORA_FAST_LAUNCH", "0")
-    launch(k, (9,), (a, b, c, 64), FLAG=True, BLOCK=32, num_warps=4)
-    assert k.log[-1][0] == "triton"
 
 
 def test_launch_fast_path_off(compiled_mode, monkeypatch):
