@@ -145,3 +145,21 @@ def test_fast_path_run(tiny_model_dir, jsonl, tmp_path, capsys):
     assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--fast_path", "--cuda_graph", "--device", "cpu")) == 1
     assert "--cuda_graph: CUDA graphs need one CUDA GPU in one process; this run has device cpu" in \
         capsys.readouterr().out
+
+
+def test_speed_hint_names_what_is_off():
+    """A single-GPU run without the fused, graphed step is told which flags turn it on; nothing is suggested
+    where they cannot apply (CPU, several processes, fp16) or are already on."""
+    from train.config import TrainConfig
+    from train.run import speed_hint
+
+    cuda = torch.device("cuda")
+    hint = speed_hint(TrainConfig(), cuda, distributed=False)
+    assert hint is not None and "--fast_path --cuda_graph" in hint
+    hint = speed_hint(TrainConfig(fast_path=True), cuda, distributed=False)
+    assert "--cuda_graph" in hint and "--fast_path" not in hint
+    assert speed_hint(TrainConfig(fast_path=True, cuda_graph=True), cuda, distributed=False) is None
+    assert speed_hint(TrainConfig(), torch.device("cpu"), distributed=False) is None
+    assert speed_hint(TrainConfig(), cuda, distributed=True) is None
+    assert speed_hint(TrainConfig(fp16=True), cuda, distributed=False) is None
+    assert speed_hint(TrainConfig(eval_only=True), cuda, distributed=False) is None
