@@ -127,11 +127,13 @@ def main(argv=None):
             e2e.sync(dev)
         wall = (time.perf_counter() - t0) * 1e3
         ka = p.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in ka)
-        res["torch_profiler"] = dict(wall_ms=wall, gpu_busy_ms=gpu_us / 1e3,
+        gpu_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
+        calls = {e.key: e.count for e in ka if e.key in ("cuLaunchKernelEx", "cudaLaunchKernel", "aten::_to_copy",
+                                                          "aten::sum", "cudaMemsetAsync", "aten::mm")}
+        res["torch_profiler"] = dict(wall_ms=wall, gpu_kernels_ms=gpu_us / 1e3, calls=calls,
                                      cpu_table=ka.table(sort_by="self_cpu_time_total", row_limit=40),
                                      gpu_table=ka.table(sort_by="self_device_time_total", row_limit=25))
-        print(f"profiled step: wall {wall:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms")
+        print(f"profiled step: wall {wall:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms, calls {calls}")
         print(res["torch_profiler"]["cpu_table"])
     _write(res, args.out)
     print(res["cprofile"][:12000])
