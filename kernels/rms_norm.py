@@ -13,7 +13,7 @@ Backward (the rounding of xhat is treated as the identity, as autograd does for 
     dw    = sum over rows of dy * xhat.to(x.dtype)    accumulated in float32
 
 Layers: `_rms_norm_fwd_kernel` (one program per row), `_rms_norm_bwd_kernel` (one program per group of rows,
-partial dw per program summed by torch), the launchers `rms_norm_forward` / `rms_norm_backward`, the
+partial dw per program summed by torch; none when the weight is frozen), the launchers `rms_norm_forward` / `rms_norm_backward`, the
 autograd Function `RMSNormFunction`, the torch reference `rms_norm_reference`, and the dispatcher `rms_norm`
 (CUDA -> Triton, CPU -> reference).
 """
@@ -53,7 +53,7 @@ def _rms_norm_bwd_kernel(
     # sizes and strides (rows)
     N, H, stride_dy, stride_x, stride_dx, rows_per_program,
     # constexpr
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -71,8 +71,10 @@ def _rms_norm_bwd_kernel(
         dxhat = dy * w                                                    # dL/dxhat
         dx = r * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / H))
         tl.store(dx_ptr + row64 * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)    # dy * hidden.to(input_dtype)
-    tl.store(dw_partial_ptr + pid * BLOCK_H + cols, dw_acc, mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)    # dy * hidden.to(input_dtype)
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid * BLOCK_H + cols, dw_acc, mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -103,8 +105,10 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      n_programs: int | None = None):
-    """Triton backward. dy, x (..., H), weight (H,), rstd (N,) -> (dx like x, dw like weight)."""
+                      n_programs: int | None = None, need_dw: bool = True):
+    """Triton backward. dy, x (..., H), weight (H,), rstd (N,) -> (dx like x, dw like weight).
+    need_dw=False (a frozen weight, as in LoRA training) skips dw: dw is None, and the zeroed partial sums, their
+    sum and its cast (3 launches per norm) are never made."""
     H = x.shape[-1]
     x2, dy2 = _as_rows(x), _as_rows(dy)                                   # (N, H)
     N = x2.shape[0]
@@ -116,12 +120,12 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     rows_per_program = triton.cdiv(N, n_programs) if N > 0 else 1
     n_programs = triton.cdiv(N, rows_per_program) if N > 0 else 1
     block_h = triton.next_power_of_2(H)
-    dw_partial = torch.zeros((n_programs, block_h), dtype=torch.float32, device=x.device)
+    dw_partial = torch.zeros((n_programs, block_h), dtype=torch.float32, device=x.device) if need_dw else rstd
     if N > 0:
         _rms_norm_bwd_kernel[(n_programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
                                             N, H, dy2.stride(0), x2.stride(0), dx.stride(0), rows_per_program,
-                                            BLOCK_H=block_h, num_warps=_num_warps(block_h))
-    dw = dw_partial[:, :H].sum(0).to(weight.dtype)                        # (H,)
+                                            BLOCK_H=block_h, COMPUTE_DW=need_dw, num_warps=_num_warps(block_h))
+    dw = dw_partial[:, :H].sum(0).to(weight.dtype) if need_dw else None  # (H,)
     return dx.view(x.shape), dw
 
 
@@ -137,8 +141,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
-        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

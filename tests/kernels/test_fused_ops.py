@@ -84,6 +84,26 @@ def test_rms_norm_triton_vs_reference(dtype, w_dtype):
     assert rel_err(y, y64) <= max(2 * rel_err(yr, y64), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_frozen_weight_skips_dw(dtype):
+    """A frozen norm weight (LoRA training) gets no dw: same dx bit for bit, and the dw partial sums, their sum
+    and cast are not made (the backward returns None for it)."""
+    from kernels.rms_norm import rms_norm_backward, rms_norm_forward
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 11, 40, generator=g) + 0.3).to(dtype)
+    w = (1 + 0.1 * torch.randn(40, generator=g)).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    _, rstd = rms_norm_forward(x, w, 1e-6)
+    dx_all, dw_all = rms_norm_backward(dy, x, w, rstd, n_programs=3)
+    dx_only, dw_none = rms_norm_backward(dy, x, w, rstd, n_programs=3, need_dw=False)
+    assert dw_none is None and dw_all is not None and dw_all.shape == (40,)
+    assert torch.equal(dx_only, dx_all)
+    xr = x.clone().requires_grad_()
+    RMSNormFunction.apply(xr, w, 1e-6).backward(dy)                # w does not require grad
+    assert torch.equal(xr.grad, dx_all.view(x.shape))
+    assert w.grad is None
+
+
 def test_rms_norm_public_cpu_is_reference():
     x, w = torch.randn(4, 9), torch.rand(9)
     assert torch.equal(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
