@@ -13,9 +13,9 @@ Backward (the rounding of xhat is treated as the identity, as autograd does for 
     dw    = sum over rows of dy * xhat.to(x.dtype)    accumulated in float32
 
 Layers: `_rms_norm_fwd_kernel` (one program per row), `_rms_norm_bwd_kernel` (one program per group of rows,
-partial dw per program summed by torch; none when the weight is frozen), the launchers `rms_norm_forward` / `rms_norm_backward`, the
-autograd Function `RMSNormFunction`, the torch reference `rms_norm_reference`, and the dispatcher `rms_norm`
-(CUDA -> Triton, CPU -> reference).
+partial dw per program summed by torch; none when the weight is frozen), the launchers `rms_norm_forward` /
+`rms_norm_backward`, the autograd Function `RMSNormFunction`, the torch reference `rms_norm_reference`, and the
+dispatcher `rms_norm` (CUDA -> Triton, CPU -> reference).
 """
 import torch
 import triton
