@@ -74,6 +74,23 @@ def test_rms_norm_cuda_bf16(shape, w_dtype):
     assert_close(dw, dw64, BF16_TOL, "rms_norm dw", dwlp)
 
 
+def test_rms_norm_cuda_frozen_weight_same_dx():
+    """A frozen weight (LoRA training) skips dw in the kernel (COMPUTE_DW): dx bit-equal to the dw-computing
+    launch, no gradient for the weight."""
+    from kernels.rms_norm import rms_norm_backward, rms_norm_forward
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = (torch.randn(2, 333, 4096, generator=g, device=DEV) * 3 + 0.5).to(torch.bfloat16)
+    w = (1 + 0.2 * torch.randn(4096, generator=g, device=DEV)).to(torch.bfloat16)
+    dy = torch.randn(x.shape, generator=g, device=DEV).to(torch.bfloat16)
+    _, rstd = rms_norm_forward(x, w, 1e-5)
+    dx_all, dw_all = rms_norm_backward(dy, x, w, rstd)
+    dx_only, dw_none = rms_norm_backward(dy, x, w, rstd, need_dw=False)
+    assert dw_none is None and dw_all.shape == (4096,) and torch.equal(dx_only, dx_all)
+    xr = x.clone().requires_grad_()
+    rms_norm(xr, w, 1e-5).backward(dy)
+    assert torch.equal(xr.grad, dx_all) and w.grad is None
+
+
 # ---------------------------------------------------------------------------------------------------- RoPE
 @pytest.mark.parametrize("batched_cos", [False, True])
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(2, 32, 32, 257, 128), (3, 9, 3, 100, 64)])
