@@ -10,11 +10,14 @@ replayed from a CUDA graph by ~2x, so the host, not the GPU, sets its pace. This
 
     python benchmarks/diag/eager_step.py [--setting a] [--size llama-2-7b|tiny] [--out $OUT/eager_step.json]
                                          [--timing-only]   (QLORA_FAST_LAUNCH=0: Triton's own launch path)
+The results' commit is E2E_COMMIT where set, else HEAD: a device's copy of the tree may carry a stale .git, so
+pass E2E_COMMIT=<hash> from the machine that holds the repository.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import datetime
 import io
 import json
 import os
@@ -49,7 +52,8 @@ def main(argv=None):
     opt = e2e.our_optimizer([p for p in model.parameters() if p.requires_grad], dev)
     step = e2e.Step(model, e2e.our_loss, opt, dev)
     ids = [e2e.random_ids(s["batch"], s["seq"], margs.vocab_size, dev, i) for i in range(args.steps)]
-    res = dict(gpu=e2e.gpu_name(dev), commit=e2e.git_commit(), setting=args.setting, shape=s)
+    res = dict(gpu=e2e.gpu_name(dev), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               commit=e2e.git_commit(), setting=args.setting, shape=s)
 
     # 1. eager steps: GPU phases (events) and host wall time per phase
     rows = []
