@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._common import Launch, WeightPlan, check_triton_device, check_word_path, code_table_on, half_table_on, interpreting, load_scales, \
-    mul_rn, pair_table_on, scale_args, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
+    mul_rn, pair_table_on, scale_args, sm_count, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
     word_values, xpair
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 from .nf4_mma import MmaPlan, mma_candidates, mma_default, mma_supported
@@ -713,17 +713,12 @@ _V2_INTERP = {"gemv2": dict(BN=4, NB=2, SPLIT_K=1, LUT=1), "swap": dict(BM=16, B
               "gemv3": dict(WT=16, SPLIT_K=1)}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=4096)
 def _v2_default(path, M, N, K, blocksize, dtype=torch.bfloat16):
     """A config for the v2 decode kernels where none is given (GPU): enough programs to fill the GPU.
     float32 inputs keep the exact float32 table (LUT 1): the float16 register table (LUT 3) is only
     below the weight's own rounding for bf16/fp16 compute."""
-    n_sm = _sm_count(torch.cuda.current_device())
+    n_sm = sm_count(torch.cuda.current_device())
     # measured best on an H200 (benchmarks/diag/gemv_probe.py): the register table, 4 rows x 8 blocks a step
     kb = K // blocksize
     if path == "gemv3":  # the word GEMV: R rows a program, WT words a step
@@ -1048,7 +1043,7 @@ def _forward_specs(M, N, K, blocksize, dtype, on_gpu):
     blocked = K % blocksize == 0
     if mma_supported(M, K, blocksize, dtype):  # tensor cores from registers: timed against the GEMVs / swap kernel
         if on_gpu:
-            n_sm = _sm_count(torch.cuda.current_device())
+            n_sm = sm_count(torch.cuda.current_device())
             for name in mma_candidates(K):
                 specs[name] = ("mma", mma_default(M, N, K, n_sm, name))
         else:

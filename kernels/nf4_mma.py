@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, WeightPlan, check_word_path, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, use_ptx,
+from ._common import (Launch, WeightPlan, check_word_path, half_table_on, interpreting, mma_pair_table_on, mul_rn, scale_args, sm_count, use_ptx,
                       word_table, word_table_on, word_values, xpair)
 
 MMA_MAX_M = 16
@@ -457,7 +457,7 @@ class MmaPlan(WeightPlan):
         packed = check_word_path("mma", x, qw, UNIT, 64)
         if config is None:
             config = dict(RT=1, NW=2, SPLIT_K=1) if interpreting() else \
-                mma_default(M, N, K, torch.cuda.get_device_properties(x.device).multi_processor_count)
+                mma_default(M, N, K, sm_count(x.device))
         config = dict(config)
         unknown = set(config) - {"RT", "NW", "PREFETCH", "SPLIT_K", "LUT", "PERSIST"}
         if unknown:
@@ -486,7 +486,7 @@ class MmaPlan(WeightPlan):
                       mma_pair_table_on(qw.quant_type, x.device, bf16=not xf16))
         tiles = triton.cdiv(N, 16 * config["RT"])
         if persist:  # the interpreter counts one SM
-            n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            n_sm = sm_count(x.device) if x.is_cuda else 1
             programs = min(tiles, persist * n_sm)
         else:
             programs = tiles

@@ -120,6 +120,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     rows_per_program = triton.cdiv(N, n_programs) if N > 0 else 1
     n_programs = triton.cdiv(N, rows_per_program) if N > 0 else 1
     block_h = triton.next_power_of_2(H)
+    # without dw the kernel never touches dw_partial: any float32 pointer stands in
     dw_partial = torch.zeros((n_programs, block_h), dtype=torch.float32, device=x.device) if need_dw else rstd
     if N > 0:
         _rms_norm_bwd_kernel[(n_programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_partial,

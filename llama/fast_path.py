@@ -443,7 +443,7 @@ def _xa_fused(x2, Ac, p, seed, row0, cfg):
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 4
-    from kernels._common import sm_count
+    from kernels._common import sm_count      # (llama imports kernels only where it needs them)
     return sm_count(device)
 
 

@@ -25,6 +25,18 @@ def _expected_pairs(word, pairs):
     return [pairs[(word >> 8 * i) & 0xFF] & 0xFFFFFFFF for i in range(4)]
 
 
+def _over_words(asm: str, n_out: int, words: list, regs: list, warp=None):
+    """Run `asm` on a warp (a fresh one unless given) over `words`, 32 lanes at a time (the last chunk padded
+    with zero words), the word in operand 0 and `regs` after it: yields (outputs, lane, word) for every lane."""
+    assert words, "no words to check"
+    warp = warp or Warp()
+    for k in range(0, len(words), 32):
+        chunk = (words[k:k + 32] + [0] * 32)[:32]
+        out = warp.run(asm, n_out, [chunk] + regs)
+        for lane, w in enumerate(chunk):
+            yield out, lane, w
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("bf16", [True, False])
 def test_register_table_pairs(quant_type, bf16):
@@ -32,13 +44,8 @@ def test_register_table_pairs(quant_type, bf16):
     permutes) gives, for every byte of a word, the 16-bit values of its two codes, even column in the low half."""
     tw = [int(v) & 0xFFFFFFFF for v in C.word_table_on(quant_type, "cpu", bf16=bf16)[:9]]
     pairs = [int(v) for v in C.mma_pair_table_on(quant_type, "cpu", bf16=bf16)]
-    words = _words(60, 1)
-    warp = Warp()
-    for k in range(0, len(words), 32):
-        chunk = (words[k:k + 32] + [0] * 32)[:32]
-        out = warp.run(mma.PAIRS.value, 4, [chunk] + tw)
-        for lane, w in enumerate(chunk):
-            assert [out[j][lane] for j in range(4)] == _expected_pairs(w, pairs), hex(w)
+    for out, lane, w in _over_words(mma.PAIRS.value, 4, _words(60, 1), tw):
+        assert [out[j][lane] for j in range(4)] == _expected_pairs(w, pairs), hex(w)
 
 
 @pytest.mark.parametrize("nw", [1, 4, 16])
@@ -61,12 +68,9 @@ def test_shared_table_fill_and_lookup(nw, bf16):
     assert len(warp.shared) == 8192
     for i in range(8192):
         assert warp.shared[table + 4 * i] == pairs[i // 32], i
-    words = _words(60, 2)
-    for k in range(0, len(words), 32):
-        chunk = (words[k:k + 32] + [0] * 32)[:32]
-        out = warp.run(mma.SMEM_PAIRS.value, 4, [chunk, [table + 4 * lane for lane in range(32)]])
-        for lane, w in enumerate(chunk):
-            assert [out[j][lane] for j in range(4)] == _expected_pairs(w, pairs), hex(w)
+    addr = [[table + 4 * lane for lane in range(32)]]
+    for out, lane, w in _over_words(mma.SMEM_PAIRS.value, 4, _words(60, 2), addr, warp):
+        assert [out[j][lane] for j in range(4)] == _expected_pairs(w, pairs), hex(w)
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -109,14 +113,9 @@ def test_word_lookup(quant_type):
     0..7, from the register table in operands $9..$17)."""
     tw = [int(v) & 0xFFFFFFFF for v in C.word_table_on(quant_type, "cpu")[:9]]
     half = [float(v) for v in C.half_table_on(quant_type, "cpu")]
-    words = _words(60, 4)
-    warp = Warp()
-    for k in range(0, len(words), 32):
-        chunk = (words[k:k + 32] + [0] * 32)[:32]
-        out = warp.run(C.WORD_LOOKUP.value, 8, [chunk] + tw)
-        for lane, w in enumerate(chunk):
-            codes = [(w >> 8 * (c // 2) + (0 if c % 2 else 4)) & 15 for c in range(8)]   # column c's code
-            assert [out[c][lane] for c in range(8)] == [half[x] for x in codes], hex(w)
+    for out, lane, w in _over_words(C.WORD_LOOKUP.value, 8, _words(60, 4), tw):
+        codes = [(w >> 8 * (c // 2) + (0 if c % 2 else 4)) & 15 for c in range(8)]   # column c's code
+        assert [out[c][lane] for c in range(8)] == [half[x] for x in codes], hex(w)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -126,13 +125,8 @@ def test_byte_lookup(quant_type):
     asm = (C.PRMT_NF4 if quant_type == "nf4" else C.PRMT_FP4).value
     half = torch.tensor([float(v) for v in C.half_table_on(quant_type, "cpu")]).half().view(torch.int16)
     h = [int(v) & 0xFFFF for v in half]
-    words = _words(60, 5)
-    warp = Warp()
-    for k in range(0, len(words), 32):
-        chunk = (words[k:k + 32] + [0] * 32)[:32]
-        out = warp.run(asm, 4, [chunk])
-        for lane, w in enumerate(chunk):
-            b = [(w >> 8 * i) & 0xFF for i in range(4)]
-            want = [h[b[0] >> 4] | h[b[1] >> 4] << 16, h[b[2] >> 4] | h[b[3] >> 4] << 16,
-                    h[b[0] & 15] | h[b[1] & 15] << 16, h[b[2] & 15] | h[b[3] & 15] << 16]
-            assert [out[j][lane] for j in range(4)] == want, hex(w)
+    for out, lane, w in _over_words(asm, 4, _words(60, 5), []):
+        b = [(w >> 8 * i) & 0xFF for i in range(4)]
+        want = [h[b[0] >> 4] | h[b[1] >> 4] << 16, h[b[2] >> 4] | h[b[3] >> 4] << 16,
+                h[b[0] & 15] | h[b[1] & 15] << 16, h[b[2] & 15] | h[b[3] & 15] << 16]
+        assert [out[j][lane] for j in range(4)] == want, hex(w)
