@@ -154,6 +154,22 @@ try:
         return (u >> 1).to(tl.int32, bitcast=True) >= t31
 
     @triton.jit
+    def _keeps4(seed, rows, j, Q, t31, kc_ptr, kc_mask, KC: tl.constexpr, ROUNDS: tl.constexpr):
+        """Keep flags of the four quarter tiles at rows x j (rows already offset by row0). KC = 0: Philox; 1:
+        Philox, and the flags stored as one code byte per (row, j) (bit q = quarter q) in kc_ptr (rows, Q);
+        2: the flags read back from those codes (no Philox)."""
+        idx = rows[:, None] * Q + j[None, :]
+        if KC == 2:
+            c = tl.load(kc_ptr + idx, mask=kc_mask, other=0)
+            return (c & 1) != 0, (c & 2) != 0, (c & 4) != 0, (c & 8) != 0
+        u0, u1, u2, u3 = tl.randint4x(seed, idx, ROUNDS)
+        k0, k1, k2, k3 = _keep(u0, t31), _keep(u1, t31), _keep(u2, t31), _keep(u3, t31)
+        if KC == 1:
+            c = k0.to(tl.uint8) | (k1.to(tl.uint8) << 1) | (k2.to(tl.uint8) << 2) | (k3.to(tl.uint8) << 3)
+            tl.store(kc_ptr + idx, c, mask=kc_mask)
+        return k0, k1, k2, k3
+
+    @triton.jit
     def _drop4_tile(x_row, o_row, col, m2, keep, scale, ACCUMULATE: tl.constexpr):
         x = tl.load(x_row + col[None, :], mask=m2, other=0.0).to(tl.float32)
         y = tl.where(keep, x * scale, 0.0)
@@ -162,8 +178,9 @@ try:
         tl.store(o_row + col[None, :], y.to(o_row.dtype.element_ty), mask=m2)
 
     @triton.jit(do_not_specialize=["seed", "row0"])
-    def _dropout4_kernel(x_ptr, out_ptr, N, K, Q, stride_xm, stride_om, t31, scale, seed, row0,
-                         ACCUMULATE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, SEED_PTR: tl.constexpr):
+    def _dropout4_kernel(x_ptr, out_ptr, kc_ptr, N, K, Q, stride_xm, stride_om, t31, scale, seed, row0,
+                         ACCUMULATE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, SEED_PTR: tl.constexpr,
+                         KC: tl.constexpr = 0, ROUNDS: tl.constexpr = 10):
         # out = dropout(x)  (ACCUMULATE: out += dropout(x)); program = BM rows x (BQ columns in each quarter)
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
             seed = tl.load(seed)
@@ -171,15 +188,14 @@ try:
         j = tl.program_id(1) * BQ + tl.arange(0, BQ)                    # (BQ,) column within a quarter
         mm = (rm < N)[:, None]
         jm = j < Q
-        u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])   # int32: (row0 + N) * Q < 2**31
+        # int32 counters: (row0 + N) * Q < 2**31
+        k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm & jm[None, :], KC, ROUNDS)
         x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
         o_row = out_ptr + rm.to(tl.int64)[:, None] * stride_om
-        _drop4_tile(x_row, o_row, j, mm & (jm & (j < K))[None, :], _keep(u0, t31), scale, ACCUMULATE)
-        _drop4_tile(x_row, o_row, Q + j, mm & (jm & (Q + j < K))[None, :], _keep(u1, t31), scale, ACCUMULATE)
-        _drop4_tile(x_row, o_row, 2 * Q + j, mm & (jm & (2 * Q + j < K))[None, :], _keep(u2, t31), scale,
-                    ACCUMULATE)
-        _drop4_tile(x_row, o_row, 3 * Q + j, mm & (jm & (3 * Q + j < K))[None, :], _keep(u3, t31), scale,
-                    ACCUMULATE)
+        _drop4_tile(x_row, o_row, j, mm & (jm & (j < K))[None, :], k0, scale, ACCUMULATE)
+        _drop4_tile(x_row, o_row, Q + j, mm & (jm & (Q + j < K))[None, :], k1, scale, ACCUMULATE)
+        _drop4_tile(x_row, o_row, 2 * Q + j, mm & (jm & (2 * Q + j < K))[None, :], k2, scale, ACCUMULATE)
+        _drop4_tile(x_row, o_row, 3 * Q + j, mm & (jm & (3 * Q + j < K))[None, :], k3, scale, ACCUMULATE)
 
     @triton.jit
     def _xa_tile(acc, x_row, a_ptr, col, cm, mm, rr, rmask, stride_am, keep, scale, PREC: tl.constexpr):
@@ -191,9 +207,10 @@ try:
         return tl.dot(xd, at, acc, input_precision=PREC)
 
     @triton.jit(do_not_specialize=["seed", "row0"])
-    def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, N, K, Q, R, stride_xm, stride_am, stride_om, j_per_split, t31, scale,
-                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                        PARTIAL: tl.constexpr, SEED_PTR: tl.constexpr):
+    def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, kc_ptr, N, K, Q, R, stride_xm, stride_am, stride_om, j_per_split, t31,
+                        scale, seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        PARTIAL: tl.constexpr, SEED_PTR: tl.constexpr, KC: tl.constexpr = 0,
+                        ROUNDS: tl.constexpr = 10):
         # xa (N, R) = dropout(x) @ A^T: x (N, K), A (R, K); program = (BM rows, a range of j_per_split columns
         # per quarter); PARTIAL: fp32 partial sums into xa_ptr[split] (S, N, R), summed by the launcher
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
@@ -210,15 +227,13 @@ try:
         for j0 in range(j_lo, j_hi, BQ):
             j = j0 + tl.arange(0, BQ)
             jm = j < j_hi
-            u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
-            acc = _xa_tile(acc, x_row, a_ptr, j, jm & (j < K), mm, rr, rmask, stride_am, _keep(u0, t31), scale,
+            k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm[:, None] & jm[None, :], KC, ROUNDS)
+            acc = _xa_tile(acc, x_row, a_ptr, j, jm & (j < K), mm, rr, rmask, stride_am, k0, scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, k1, scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am, k2, scale,
                            PREC)
-            acc = _xa_tile(acc, x_row, a_ptr, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, _keep(u1, t31),
-                           scale, PREC)
-            acc = _xa_tile(acc, x_row, a_ptr, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am,
-                           _keep(u2, t31), scale, PREC)
-            acc = _xa_tile(acc, x_row, a_ptr, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am,
-                           _keep(u3, t31), scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, k3, scale,
+                           PREC)
         o = xa_ptr + split.to(tl.int64) * N * stride_om + rm.to(tl.int64)[:, None] * stride_om + rr[None, :]
         if PARTIAL:
             tl.store(o, acc, mask=mm[:, None] & rmask[None, :])
@@ -237,9 +252,9 @@ try:
         tl.store(part_row + col[None, :], acc, mask=rmask[:, None] & cm[None, :])
 
     @triton.jit(do_not_specialize=["seed", "row0"])
-    def _lora_da_kernel(dxa_ptr, x_ptr, part_ptr, N, K, Q, R, stride_dm, stride_xm, rows_per_split, t31, scale,
-                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                        SEED_PTR: tl.constexpr):
+    def _lora_da_kernel(dxa_ptr, x_ptr, part_ptr, kc_ptr, N, K, Q, R, stride_dm, stride_xm, rows_per_split, t31,
+                        scale, seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        SEED_PTR: tl.constexpr, KC: tl.constexpr = 0, ROUNDS: tl.constexpr = 10):
         # part[s] (R, K) = dxa[rows of s]^T @ dropout(x[rows of s]); program = (BQ columns per quarter, split s)
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
             seed = tl.load(seed)
@@ -259,12 +274,12 @@ try:
             mm = rm < m_hi
             dT = tl.load(dxa_ptr + rm.to(tl.int64)[None, :] * stride_dm + rr[:, None],
                          mask=rmask[:, None] & mm[None, :], other=0.0)                            # (BR, BM)
-            u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
+            k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm[:, None] & jm[None, :], KC, ROUNDS)
             x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-            acc0 = _da_tile(acc0, dT, x_row, j, jm & (j < K), mm, _keep(u0, t31), scale, PREC)
-            acc1 = _da_tile(acc1, dT, x_row, Q + j, jm & (Q + j < K), mm, _keep(u1, t31), scale, PREC)
-            acc2 = _da_tile(acc2, dT, x_row, 2 * Q + j, jm & (2 * Q + j < K), mm, _keep(u2, t31), scale, PREC)
-            acc3 = _da_tile(acc3, dT, x_row, 3 * Q + j, jm & (3 * Q + j < K), mm, _keep(u3, t31), scale, PREC)
+            acc0 = _da_tile(acc0, dT, x_row, j, jm & (j < K), mm, k0, scale, PREC)
+            acc1 = _da_tile(acc1, dT, x_row, Q + j, jm & (Q + j < K), mm, k1, scale, PREC)
+            acc2 = _da_tile(acc2, dT, x_row, 2 * Q + j, jm & (2 * Q + j < K), mm, k2, scale, PREC)
+            acc3 = _da_tile(acc3, dT, x_row, 3 * Q + j, jm & (3 * Q + j < K), mm, k3, scale, PREC)
         part_row = part_ptr + split.to(tl.int64) * R * K + rr[:, None] * K
         _da_store(part_row, acc0, j, jm & (j < K), rmask)
         _da_store(part_row, acc1, Q + j, jm & (Q + j < K), rmask)
@@ -283,9 +298,9 @@ try:
         tl.store(dx_row + col[None, :], g.to(dx_row.dtype.element_ty), mask=m2)
 
     @triton.jit(do_not_specialize=["seed", "row0"])
-    def _lora_dx_kernel(dx_ptr, dxa_ptr, a_ptr, N, K, Q, R, stride_gm, stride_dm, stride_am, t31, scale, seed, row0,
-                        BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                        SEED_PTR: tl.constexpr):
+    def _lora_dx_kernel(dx_ptr, dxa_ptr, a_ptr, kc_ptr, N, K, Q, R, stride_gm, stride_dm, stride_am, t31, scale,
+                        seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                        SEED_PTR: tl.constexpr, KC: tl.constexpr = 0, ROUNDS: tl.constexpr = 10):
         # dx (N, K) += dropout(dxa @ A): dxa (N, R), A (R, K); program = BM rows x (BQ columns per quarter)
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
             seed = tl.load(seed)
@@ -297,14 +312,12 @@ try:
         rmask = rr < R
         d = tl.load(dxa_ptr + rm.to(tl.int64)[:, None] * stride_dm + rr[None, :],
                     mask=mm[:, None] & rmask[None, :], other=0.0)                                 # (BM, BR)
-        u0, u1, u2, u3 = tl.randint4x(seed, (rm + row0)[:, None] * Q + j[None, :])
+        k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm[:, None] & jm[None, :], KC, ROUNDS)
         dx_row = dx_ptr + rm.to(tl.int64)[:, None] * stride_gm
-        _dx_tile(d, a_ptr, dx_row, j, jm & (j < K), mm, rr, rmask, stride_am, _keep(u0, t31), scale, PREC)
-        _dx_tile(d, a_ptr, dx_row, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, _keep(u1, t31), scale, PREC)
-        _dx_tile(d, a_ptr, dx_row, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am, _keep(u2, t31), scale,
-                 PREC)
-        _dx_tile(d, a_ptr, dx_row, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, _keep(u3, t31), scale,
-                 PREC)
+        _dx_tile(d, a_ptr, dx_row, j, jm & (j < K), mm, rr, rmask, stride_am, k0, scale, PREC)
+        _dx_tile(d, a_ptr, dx_row, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, k1, scale, PREC)
+        _dx_tile(d, a_ptr, dx_row, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am, k2, scale, PREC)
+        _dx_tile(d, a_ptr, dx_row, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, k3, scale, PREC)
 
 except Exception:  # noqa: BLE001  (no triton: the torch mask family below is used)
     triton = None
@@ -316,6 +329,8 @@ _DA_CONFIGS = (dict(BM=64, BQ=64, num_warps=8, num_stages=3), dict(BM=64, BQ=32,
 _DX_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=1), dict(BM=128, BQ=64, num_warps=8, num_stages=1))
 _INTERP_CONFIG = dict(BM=16, BQ=16, num_warps=4, num_stages=1)
 
+PHILOX_ROUNDS = 10                 # Philox4x32 rounds of every mask (Triton's and cuRAND's default)
+KEEP_CODES = True                  # a backpropagated forward keeps its mask as keep codes (False: regenerate)
 _TRITON_DROPOUT = {"ok": None}     # the philox family's contract check (first use on CUDA)
 _PATHS: dict = {}                  # (op, size, K, r, dtype) -> chosen candidate name
 _PHILOX_ON_CPU = False             # tests: run the philox family on CPU tensors (needs TRITON_INTERPRET=1)
@@ -340,10 +355,35 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"      # fp32 compute keeps fp32 products (no TF32)
 
 
+_KC_DUMMY: dict = {}
+
+
+def _kc_arg(kc_out: Optional[torch.Tensor], kc_in: Optional[torch.Tensor], ref: torch.Tensor):
+    """(kc tensor, KC mode) for a philox-family launch: write kc_out, read kc_in, or neither (a 1-byte stand-in
+    of the device: the kernel never touches it, and one pointer type keeps one compiled variant)."""
+    if kc_out is not None:
+        return kc_out, 1
+    if kc_in is not None:
+        return kc_in, 2
+    d = _KC_DUMMY.get(ref.device)
+    if d is None:
+        d = _KC_DUMMY[ref.device] = torch.zeros(1, dtype=torch.uint8, device=ref.device)
+    return d, 0
+
+
+def keep_codes(rows: int, K: int, device) -> torch.Tensor:
+    """An empty (rows, ceil(K/4)) uint8 buffer for the keep codes of a philox-family mask: bit q of [m, j] is the
+    keep flag of element (m, q * ceil(K/4) + j). A forward that keeps them lets the backward kernels read the mask
+    instead of regenerating it (K/4 bytes a row against two Philox passes)."""
+    return torch.empty((rows, _quarter(K)), dtype=torch.uint8, device=device)
+
+
 def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None,
-                    row0: int = 0) -> torch.Tensor:
+                    row0: int = 0, kc_out: Optional[torch.Tensor] = None,
+                    kc_in: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dropout(x) with the philox mask of `seed` (out=None) or out += dropout(x); x, out (..., K) with rows of
-    unit column stride, same shape. row0: x's first row is row row0 of the masked tensor (a row chunk)."""
+    unit column stride, same shape. row0: x's first row is row row0 of the masked tensor (a row chunk).
+    kc_out: also store the mask's keep codes (see keep_codes) of these rows; kc_in: read the mask from them."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     accumulate = out is not None
@@ -353,10 +393,11 @@ def _dropout_triton(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Te
     N, Q = x2.shape[0], _quarter(K)
     t31, scale = _drop_consts(p)
     BM, BQ = (16, 64) if _interpreting() else (16, 128)
+    kc, mode = _kc_arg(kc_out, kc_in, x2)
     if N and K:
         _dropout4_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
-            x2, o2, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0, ACCUMULATE=accumulate, BM=BM,
-            BQ=BQ, SEED_PTR=torch.is_tensor(seed), num_warps=4)
+            x2, o2, kc, N, K, Q, x2.stride(0), o2.stride(0), t31, scale, seed, row0, ACCUMULATE=accumulate, BM=BM,
+            BQ=BQ, SEED_PTR=torch.is_tensor(seed), KC=mode, ROUNDS=PHILOX_ROUNDS, num_warps=4)
     return out.view(x.shape)
 
 
@@ -422,7 +463,7 @@ def _br(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def _xa_fused(x2, Ac, p, seed, row0, cfg):
+def _xa_fused(x2, Ac, p, seed, row0, kc_out, cfg):
     N, K = x2.shape
     R, Q = Ac.shape[0], _quarter(K)
     t31, scale = _drop_consts(p)
@@ -434,9 +475,10 @@ def _xa_fused(x2, Ac, p, seed, row0, cfg):
     split = triton.cdiv(Q, j_per)
     out = torch.empty((split, N, R) if split > 1 else (N, R), device=x2.device,
                       dtype=torch.float32 if split > 1 else x2.dtype)
-    _lora_xa_kernel[(n_m, split)](x2, Ac, out, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale, seed,
-                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1,
-                                  SEED_PTR=torch.is_tensor(seed), **cfg)
+    kc, mode = _kc_arg(kc_out, None, x2)
+    _lora_xa_kernel[(n_m, split)](x2, Ac, out, kc, N, K, Q, R, x2.stride(0), Ac.stride(0), R, j_per, t31, scale,
+                                  seed, row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), PARTIAL=split > 1,
+                                  SEED_PTR=torch.is_tensor(seed), KC=mode, ROUNDS=PHILOX_ROUNDS, **cfg)
     return out.sum(0).to(x2.dtype) if split > 1 else out
 
 
@@ -447,7 +489,7 @@ def _sm_count(device) -> int:
     return sm_count(device)
 
 
-def _da_fused(dxa, x2, p, seed, row0, cfg):
+def _da_fused(dxa, x2, p, seed, row0, kc_in, cfg):
     N, K = x2.shape
     R, Q = dxa.shape[1], _quarter(K)
     t31, scale = _drop_consts(p)
@@ -458,34 +500,36 @@ def _da_fused(dxa, x2, p, seed, row0, cfg):
     rows = triton.cdiv(triton.cdiv(N, split), BM) * BM
     split = triton.cdiv(N, rows)
     part = torch.empty((split, R, K), device=x2.device, dtype=torch.float32)
-    _lora_da_kernel[(n_j, split)](dxa, x2, part, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale, seed,
-                                  row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), SEED_PTR=torch.is_tensor(seed),
-                                  **cfg)
+    kc, mode = _kc_arg(None, kc_in, x2)
+    _lora_da_kernel[(n_j, split)](dxa, x2, part, kc, N, K, Q, R, dxa.stride(0), x2.stride(0), rows, t31, scale,
+                                  seed, row0, BM=BM, BR=_br(R), PREC=_prec(x2.dtype), SEED_PTR=torch.is_tensor(seed),
+                                  KC=mode, ROUNDS=PHILOX_ROUNDS, **cfg)
     return part.sum(0) if split > 1 else part[0]
 
 
-def _dx_fused_(dx, dxa, Ac, p, seed, row0, cfg):
+def _dx_fused_(dx, dxa, Ac, p, seed, row0, kc_in, cfg):
     N, K = dx.shape
     R, Q = Ac.shape[0], _quarter(K)
     t31, scale = _drop_consts(p)
     cfg = dict(cfg)
     BM, BQ = cfg.pop("BM"), cfg["BQ"]
+    kc, mode = _kc_arg(None, kc_in, dx)
     _lora_dx_kernel[(triton.cdiv(N, BM), triton.cdiv(Q, BQ))](
-        dx, dxa, Ac, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0, BM=BM,
-        BR=_br(R), PREC=_prec(dx.dtype), SEED_PTR=torch.is_tensor(seed), **cfg)
+        dx, dxa, Ac, kc, N, K, Q, R, dx.stride(0), dxa.stride(0), Ac.stride(0), t31, scale, seed, row0, BM=BM,
+        BR=_br(R), PREC=_prec(dx.dtype), SEED_PTR=torch.is_tensor(seed), KC=mode, ROUNDS=PHILOX_ROUNDS, **cfg)
     return dx
 
 
-def _xa_split(x2, Ac, p, seed, row0):
-    return _dropout_triton(x2, p, seed, row0=row0) @ Ac.t()
+def _xa_split(x2, Ac, p, seed, row0, kc_out=None):
+    return _dropout_triton(x2, p, seed, row0=row0, kc_out=kc_out) @ Ac.t()
 
 
-def _da_split(dxa, x2, p, seed, row0):
-    return (dxa.t() @ _dropout_triton(x2, p, seed, row0=row0)).float()
+def _da_split(dxa, x2, p, seed, row0, kc_in=None):
+    return (dxa.t() @ _dropout_triton(x2, p, seed, row0=row0, kc_in=kc_in)).float()
 
 
-def _dx_split_(dx, dxa, Ac, p, seed, row0):
-    return _dropout_triton(dxa @ Ac, p, seed, out=dx, row0=row0)
+def _dx_split_(dx, dxa, Ac, p, seed, row0, kc_in=None):
+    return _dropout_triton(dxa @ Ac, p, seed, out=dx, row0=row0, kc_in=kc_in)
 
 
 _OPS = {  # op -> (fused launcher, its configs, split launcher)
@@ -519,22 +563,31 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
         err.max().item() <= 0.1 * want.abs().max().item() + 1e-6
 
 
-def _fused_ok_names(op, K, R, dtype, device, names):
+def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False):
     """The fused candidates that agree with the split path on a small problem of this op's K, r and dtype (the
-    same mask, so only rounding differs; a wrong mask or a miscompiled kernel differs by whole elements)."""
+    same mask, so only rounding differs; a wrong mask or a miscompiled kernel differs by whole elements). kc: the
+    keep-code variant (xa writes the codes, which must equal the split path's; dA and dx read them)."""
     g = torch.Generator(device=device).manual_seed(1)
     N, p, seed, row0 = 256, 0.25, 12345, 77
     x = torch.randn(N, K, device=device, dtype=dtype, generator=g)
     A = (torch.randn(R, K, device=device, dtype=dtype, generator=g) / K ** 0.5).to(dtype)
     d = torch.randn(N, R, device=device, dtype=dtype, generator=g)
     cands = _candidates(op)
+    codes = None
+    if kc:
+        codes = keep_codes(row0 + N, K, device)
+        _dropout_triton(x, p, seed, row0=row0, kc_out=codes)
 
     def call(name):
         if op == "xa":
-            return cands[name](x, A, p, seed, row0)
+            if not kc:
+                return cands[name](x, A, p, seed, row0, None)
+            mine = torch.zeros_like(codes)
+            got = cands[name](x, A, p, seed, row0, mine)
+            return got if torch.equal(mine[row0:], codes[row0:]) else torch.full_like(got, float("nan"))
         if op == "da":
-            return cands[name](d, x, p, seed, row0)
-        return cands[name](x.clone(), d, A, p, seed, row0)
+            return cands[name](d, x, p, seed, row0, codes)
+        return cands[name](x.clone(), d, A, p, seed, row0, codes)
 
     want = call("split")
     ok = []
@@ -564,19 +617,22 @@ def _time_ms(fn, reps: int = 5) -> float:
 
 def _path(op, N, K, R, ref: torch.Tensor, args):
     """Name of the philox-family candidate for this call: forced, the interpreter's fused one, or on CUDA the
-    fastest of the correct candidates, timed once per (op, size class, K, r, dtype) on this call's tensors."""
+    fastest of the correct candidates, timed once per (op, size class, K, r, dtype, keep codes or not) on this
+    call's tensors."""
     if _FORCE_PATH is not None:
         return "split" if _FORCE_PATH == "split" else "fused0"
     if not ref.is_cuda:
         return "fused0"
-    key = (op, "N>=4096" if N >= 4096 else "N<4096", K, R, str(ref.dtype).replace("torch.", ""))
+    kc = args[-1] is not None
+    key = (op, "N>=4096" if N >= 4096 else "N<4096", K, R, str(ref.dtype).replace("torch.", "")) + \
+        (("keep codes",) if kc else ())
     name = _PATHS.get(key)
     if name is not None:
         return name
     if torch.cuda.is_current_stream_capturing():
         return "split"
     cands = _candidates(op)
-    names = _fused_ok_names(op, K, R, ref.dtype, ref.device, [n for n in cands if n != "split"]) + ["split"]
+    names = _fused_ok_names(op, K, R, ref.dtype, ref.device, [n for n in cands if n != "split"], kc) + ["split"]
     if op == "dx":
         scratch = args[0].clone()
         times = {n: _time_ms(lambda n=n: cands[n](scratch, *args[1:])) for n in names}
@@ -612,31 +668,32 @@ def lora_kernel_paths() -> dict:
     return {" ".join(str(k) for k in key): v for key, v in _PATHS.items()}
 
 
-def _lora_xa(x2, Ac, p, seed, fam, row0=0):
-    """xa = dropout(x2) @ Ac^T (N, r); x2 is rows row0.. of the masked tensor."""
+def _lora_xa(x2, Ac, p, seed, fam, row0=0, kc_out=None):
+    """xa = dropout(x2) @ Ac^T (N, r); x2 is rows row0.. of the masked tensor; kc_out (philox family): also store
+    the mask's keep codes of these rows (keep_codes of the whole tensor)."""
     if fam is None:
         return x2 @ Ac.t()
     if fam == "torch":
         assert row0 == 0, "row chunks need the philox mask family"
         return _torch_dropout(x2, p, seed) @ Ac.t()
-    args = (x2, Ac, p, seed, row0)
+    args = (x2, Ac, p, seed, row0, kc_out)
     return _run("xa", _path("xa", x2.shape[0], x2.shape[1], Ac.shape[0], x2, args), args)
 
 
-def _lora_da(dxa, x2, p, seed, fam, row0=0):
-    """dA = dxa^T @ dropout(x2) (r, K) in fp32."""
+def _lora_da(dxa, x2, p, seed, fam, row0=0, kc_in=None):
+    """dA = dxa^T @ dropout(x2) (r, K) in fp32; kc_in: the mask from its keep codes instead of Philox."""
     if fam is None:
         return (dxa.t() @ x2).float()
     if fam == "torch":
         assert row0 == 0, "row chunks need the philox mask family"
         return (dxa.t() @ _torch_dropout(x2, p, seed)).float()
     dxa = dxa.contiguous()
-    args = (dxa, x2, p, seed, row0)
+    args = (dxa, x2, p, seed, row0, kc_in)
     return _run("da", _path("da", x2.shape[0], x2.shape[1], dxa.shape[1], x2, args), args)
 
 
-def _lora_dx_(dx, dxa, Ac, p, seed, fam, row0=0):
-    """dx += dropout(dxa @ Ac) in place (dx (N, K) in the compute dtype); returns dx."""
+def _lora_dx_(dx, dxa, Ac, p, seed, fam, row0=0, kc_in=None):
+    """dx += dropout(dxa @ Ac) in place (dx (N, K) in the compute dtype); returns dx. kc_in as in _lora_da."""
     if fam is None:
         return dx.addmm_(dxa, Ac)
     if fam == "torch":
@@ -645,9 +702,9 @@ def _lora_dx_(dx, dxa, Ac, p, seed, fam, row0=0):
         dl.mul_(_keep_mask(dl.shape, p, seed, dl.device, dl.dtype)).mul_(1.0 / (1.0 - p))
         return dx.add_(dl)
     if not _philox_shape_ok(dx, row0) or dx.dtype != dxa.dtype:     # not a plain row-major buffer: split + add
-        return dx.add_(_dropout_triton((dxa @ Ac).contiguous(), p, seed, row0=row0))
+        return dx.add_(_dropout_triton((dxa @ Ac).contiguous(), p, seed, row0=row0, kc_in=kc_in))
     dxa = dxa.contiguous()
-    args = (dx, dxa, Ac, p, seed, row0)
+    args = (dx, dxa, Ac, p, seed, row0, kc_in)
     return _run("dx", _path("dx", dx.shape[0], dx.shape[1], Ac.shape[0], dx, args), args)
 
 
@@ -659,37 +716,40 @@ class LoRAFunction(torch.autograd.Function):
     Backward, with dy (N, out):
         dB = s * dy^T @ xa                 dxa = s * dy @ B              dA = dxa^T @ xd
         dx = dy @ W + ((dxa @ A) * keep) * 1/(1-p)
-    Saved: x (usually shared with the sibling projections), xa (N, r) and the seed; keep and xd are never stored:
-    on CUDA the mask is generated inside the kernels that compute xa, dA and the dropout part of dx (see the
-    "philox" family above), and y accumulates s * xa @ B^T in place (no copy of the base output).
+    Saved: x (usually shared with the sibling projections), xa (N, r) and the seed; xd is never stored: on CUDA
+    the mask is generated inside the kernel that computes xa (see the "philox" family above), which with
+    `codes` (a forward that will be backpropagated) also stores it as keep codes, N * in / 4 bytes, that the
+    kernels of dA and of the dropout part of dx read instead of running Philox twice more; y accumulates
+    s * xa @ B^T in place (no copy of the base output).
     """
 
     @staticmethod
-    def forward(ctx, x2, A, B, base, scaling, p, seed):
+    def forward(ctx, x2, A, B, base, scaling, p, seed, codes=False):
         c = x2.dtype
         Ac, Bc = A.to(c), B.to(c)
         fam = _family(x2, p)
-        xa = _lora_xa(x2, Ac, p, seed, fam)                                 # (N, r)
+        kc = keep_codes(x2.shape[0], x2.shape[1], x2.device) if codes and fam == "philox" else None
+        xa = _lora_xa(x2, Ac, p, seed, fam, kc_out=kc)                      # (N, r)
         y = _own(_base_forward(base, x2))                                   # (N, out), not a view
         y.addmm_(xa, Bc.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xa, A, B)
+        ctx.save_for_backward(x2, xa, A, B, kc)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam = base, scaling, p, seed, fam
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, A, B = ctx.saved_tensors
+        x2, xa, A, B, kc = ctx.saved_tensors
         s, p, c, fam = ctx.scaling, ctx.p, x2.dtype, ctx.fam
         dy = dy.to(c)
         Ac, Bc = A.to(c), B.to(c)
         dB = (dy.t() @ xa).float().mul_(s) if ctx.needs_input_grad[2] else None   # (out, r)
         dxa = (dy @ Bc).mul_(s)                                                    # (N, r)
-        dA = _lora_da(dxa, x2, p, ctx.seed, fam) if ctx.needs_input_grad[1] else None   # (r, in) fp32
+        dA = _lora_da(dxa, x2, p, ctx.seed, fam, kc_in=kc) if ctx.needs_input_grad[1] else None   # (r, in) fp32
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _lora_dx_(_base_backward(ctx.base, dy), dxa, Ac, p, ctx.seed, fam)    # (N, in)
+            dx = _lora_dx_(_base_backward(ctx.base, dy), dxa, Ac, p, ctx.seed, fam, kc_in=kc)    # (N, in)
         return dx, (dA.to(A.dtype) if dA is not None else None), (dB.to(B.dtype) if dB is not None else None), \
-            None, None, None, None
+            None, None, None, None, None
 
 
 def _lora_class():
@@ -787,6 +847,12 @@ def _draw_seed(p: float):
     return _host_seed() if slots is None else slots.take()
 
 
+def _backward_follows() -> bool:
+    """Whether a forward here will be backpropagated: grad mode on (a checkpointed layer's first, no-grad pass is
+    not; its recompute is). Decides whether the dropout mask is kept as keep codes for the backward."""
+    return torch.is_grad_enabled() and KEEP_CODES
+
+
 def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     """LoRALinear.forward of the fast path: one fused node when training with an adapter and no lora bias."""
     if self.merged or self.disable_adapter or self.lora_B.bias is not None:
@@ -797,7 +863,8 @@ def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     p = _dropout_p(self)
     seed = _draw_seed(p)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p, seed)
+        y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p, seed,
+                               _backward_follows())
     return y.view(*shape[:-1], y.shape[-1]).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else c)
 
 
@@ -840,31 +907,32 @@ class SwiGLUDownFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g2, u2, A, B, base, n_out, scaling, p, seed, need_out, inplace_bwd):
+    def forward(ctx, g2, u2, A, B, base, n_out, scaling, p, seed, need_out, inplace_bwd, codes=False):
         c = g2.dtype
         N = g2.shape[0]
         fam = _family(g2, p) if A is not None else None
+        kc = keep_codes(N, g2.shape[1], g2.device) if codes and fam == "philox" else None
         xa = None
         if need_out:
             h = _swiglu_h(g2, u2)                                            # (N, F)
             y = _own(_base_forward(base, h))                                 # (N, out)
             if A is not None:
-                xa = _lora_xa(h, A.to(c), p, seed, fam)                      # (N, r)
+                xa = _lora_xa(h, A.to(c), p, seed, fam, kc_out=kc)           # (N, r)
                 y.addmm_(xa, B.to(c).t(), alpha=scaling)
             del h
         else:
             if A is not None:
                 Ac = A.to(c)
-                xa = torch.cat([_lora_xa(_swiglu_h(g2[r0:r1], u2[r0:r1]), Ac, p, seed, fam, r0)
+                xa = torch.cat([_lora_xa(_swiglu_h(g2[r0:r1], u2[r0:r1]), Ac, p, seed, fam, r0, kc_out=kc)
                                 for r0, r1 in _row_chunks(N, fam)])
             y = g2.new_zeros(()).expand(N, n_out)                            # never read (see the class doc)
-        ctx.save_for_backward(g2, u2, xa, A, B)
+        ctx.save_for_backward(g2, u2, xa, A, B, kc)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam, ctx.inplace = base, scaling, p, seed, fam, inplace_bwd
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        g2, u2, xa, A, B = ctx.saved_tensors
+        g2, u2, xa, A, B, kc = ctx.saved_tensors
         s, p, c, fam, seed = ctx.scaling, ctx.p, g2.dtype, ctx.fam, ctx.seed
         dy = dy.to(c)
         need_a = A is not None and ctx.needs_input_grad[2]
@@ -881,15 +949,16 @@ class SwiGLUDownFunction(torch.autograd.Function):
         for r0, r1 in _row_chunks(g2.shape[0], fam):
             g_c, u_c = g2[r0:r1], u2[r0:r1]
             if need_a:
-                part = _lora_da(dxa[r0:r1], _swiglu_h(g_c, u_c), p, seed, fam, r0)   # (r, F) fp32
+                part = _lora_da(dxa[r0:r1], _swiglu_h(g_c, u_c), p, seed, fam, r0, kc_in=kc)   # (r, F) fp32
                 dA = part if dA is None else dA.add_(part)
             if need_gu:
                 dh = _base_backward(ctx.base, dy[r0:r1])                   # (rows, F)
                 if dxa is not None:
-                    dh = _lora_dx_(dh, dxa[r0:r1], Ac, p, seed, fam, r0)
+                    dh = _lora_dx_(dh, dxa[r0:r1], Ac, p, seed, fam, r0, kc_in=kc)
                 _swiglu_grads_(dh, g_c, u_c, dg[r0:r1], du[r0:r1])
                 del dh
-        return dg, du, (dA.to(A.dtype) if dA is not None else None), dB, None, None, None, None, None, None, None
+        return dg, du, (dA.to(A.dtype) if dA is not None else None), dB, None, None, None, None, None, None, None, \
+            None
 
 
 def _mlp_tail(mlp: nn.Module, g: torch.Tensor, u: torch.Tensor, output_needed: bool) -> Optional[torch.Tensor]:
@@ -919,7 +988,7 @@ def _mlp_tail(mlp: nn.Module, g: torch.Tensor, u: torch.Tensor, output_needed: b
     seed = _draw_seed(p)                                                      # as down_proj's forward would
     with torch.autocast(g.device.type, enabled=False):
         y = SwiGLUDownFunction.apply(g2, u2, A, B, base, n_out, scaling, p, seed, output_needed,
-                                     not output_needed)
+                                     not output_needed, _backward_follows())
     return y.view(*g.shape[:-1], n_out).to(out_dtype)
 
 

@@ -170,6 +170,112 @@ def check_lora_function_grads_same_mask():
     fp._FORCE_PATH = None
 
 
+def expected_codes(keep: torch.Tensor) -> torch.Tensor:
+    """Keep codes (N, Q) uint8 of a (N, K) bool keep mask by their definition: bit q of [m, j] = keep[m, q*Q + j]
+    (bits whose element is past K are left 0; compare with valid_bits)."""
+    N, K = keep.shape
+    Q = (K + 3) // 4
+    out = torch.zeros(N, Q, dtype=torch.uint8)
+    for q in range(4):
+        cols = torch.arange(Q) + q * Q
+        ok = cols < K
+        out[:, ok] |= keep[:, cols[ok]].to(torch.uint8) << q
+    return out
+
+
+def valid_bits(K: int) -> torch.Tensor:
+    Q = (K + 3) // 4
+    return sum(((torch.arange(Q) + q * Q) < K).to(torch.uint8) << q for q in range(4)).to(torch.uint8)
+
+
+def check_keep_codes_round_trip():
+    """xa with kc_out stores the keep codes of the numpy Philox mask (fused and split paths, row chunks); dA and
+    dx with kc_in then equal the Philox-regenerating kernels bit for bit, and read the codes (wrong codes give
+    a different result)."""
+    torch.manual_seed(3)
+    p, seed = 0.25, 4242
+    for N, K, R, row0 in ((33, 37, 4, 0), (20, 70, 16, 13)):
+        x = torch.randn(N, K)
+        A = torch.randn(R, K) / K ** 0.5
+        d = torch.randn(N, R)
+        dx0 = torch.randn(N, K)
+        want = expected_codes(philox_keep(row0 + N, K, p, seed))[row0:]
+        for path in ("fused", "split"):
+            fp._FORCE_PATH = path
+            what = f"{path} N={N} K={K} row0={row0}"
+            kc = torch.full((row0 + N, (K + 3) // 4), 0xF0, dtype=torch.uint8)
+            xa = fp._lora_xa(x, A, p, seed, "philox", row0, kc_out=kc)
+            assert torch.equal(kc[row0:] & valid_bits(K), want), f"keep codes differ from numpy Philox ({what})"
+            assert torch.equal(kc[:row0], torch.full_like(kc[:row0], 0xF0)), f"rows before row0 written ({what})"
+            assert torch.equal(xa, fp._lora_xa(x, A, p, seed, "philox", row0)), f"xa changed by kc_out ({what})"
+            da = fp._lora_da(d, x, p, seed, "philox", row0)
+            assert torch.equal(fp._lora_da(d, x, p, seed, "philox", row0, kc_in=kc), da), f"dA from codes ({what})"
+            dx = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0)
+            got = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0, kc_in=kc)
+            assert torch.equal(got, dx), f"dx from codes ({what})"
+            flipped = kc ^ 1
+            assert not torch.equal(fp._lora_da(d, x, p, seed, "philox", row0, kc_in=flipped), da), \
+                f"dA ignores kc_in ({what})"
+            assert not torch.equal(fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0, kc_in=flipped), dx), \
+                f"dx ignores kc_in ({what})"
+    fp._FORCE_PATH = None
+
+
+def check_keep_codes_in_the_nodes():
+    """LoRAFunction and SwiGLUDownFunction (row chunks, recompute) with codes=True: the same y and grads, bit for
+    bit, as regenerating the mask in backward (codes=False)."""
+    torch.manual_seed(4)
+    N, fin, fout, r, s, p, seed = 41, 48, 40, 6, 0.5, 0.3, 777
+    base = nn.Linear(fin, fout, bias=True).requires_grad_(False)
+    x, A, B = torch.randn(N, fin), torch.randn(r, fin), torch.randn(fout, r)
+    dy = torch.randn(N, fout)
+    for path in ("fused", "split"):
+        fp._FORCE_PATH = path
+        res = []
+        for codes in (False, True):
+            xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
+            y = fp.LoRAFunction.apply(xs, As, Bs, base, s, p, seed, codes)
+            res.append((y,) + torch.autograd.grad(y, (xs, As, Bs), dy))
+        for a, b, what in zip(res[0], res[1], ("y", "dx", "dA", "dB")):
+            assert torch.equal(a, b), f"LoRAFunction {what} with codes ({path})"
+    fp._FORCE_PATH = None
+    F_, C = 40, 24
+    base = nn.Linear(F_, C, bias=False).requires_grad_(False)
+    g, u, A, B = torch.randn(N, F_), torch.randn(N, F_), torch.randn(r, F_), torch.randn(C, r)
+    dy = torch.randn(N, C)
+    old = fp._MLP_CHUNK_ROWS
+    fp._MLP_CHUNK_ROWS = 16
+    try:
+        for recompute in (False, True):
+            res = []
+            for codes in (False, True):
+                gs, us, As, Bs = (t.clone().requires_grad_() for t in (g, u, A, B))
+                y = fp.SwiGLUDownFunction.apply(gs * 1, us * 1, As, Bs, base, C, s, p, seed, not recompute,
+                                                recompute, codes)
+                res.append(torch.autograd.grad(y, (gs, us, As, Bs), dy))
+            for a, b, what in zip(res[0], res[1], ("dg", "du", "dA", "dB")):
+                assert torch.equal(a, b), f"SwiGLUDownFunction {what} with codes (recompute={recompute})"
+    finally:
+        fp._MLP_CHUNK_ROWS = old
+
+
+def check_model_keep_codes_same_grads():
+    """Tiny Llama, dropout 0.3, fast path with and without checkpointing: KEEP_CODES on and off give the same loss
+    and LoRA grads bit for bit."""
+    from llama.fast_path import enable_fast_path
+    ids = torch.randint(0, 256, (2, 12))
+    for ckpt in (False, True):
+        out = []
+        for on in (False, True):
+            fp.KEEP_CODES = on
+            model = enable_fast_path(_tiny(0.3), checkpointing=ckpt)
+            out.append(_loss_grads(model, ids))
+        fp.KEEP_CODES = True
+        assert torch.equal(out[0][0], out[1][0]), f"loss differs with keep codes (checkpointing={ckpt})"
+        for n in out[0][1]:
+            assert torch.equal(out[0][1][n], out[1][1][n]), f"grad {n} differs with keep codes (ckpt={ckpt})"
+
+
 def _tiny(dropout, seed=0):
     from llama import LlamaForCausalLM, ModelArgs
     from lora import LoraConfig, inject_lora
@@ -261,9 +367,9 @@ def check_model_masks_are_per_linear():
     seeds = []
     orig = fp._lora_xa
 
-    def spy(x2, Ac, p, seed, fam):
+    def spy(x2, Ac, p, seed, fam, *a, **k):
         seeds.append(seed)
-        return orig(x2, Ac, p, seed, fam)
+        return orig(x2, Ac, p, seed, fam, *a, **k)
 
     fp._lora_xa = spy
     try:

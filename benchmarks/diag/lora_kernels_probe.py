@@ -1,0 +1,127 @@
+"""The LoRA A-side kernels with fused dropout (llama.fast_path: xa, dA, dx) at a 4 x 2048-token step's shapes, on
+a GPU (diagnostic): each fused config and the split path (dropout pass, then cuBLAS), at 10 Philox rounds (the
+default; --rounds 10,7,0 adds 7 and 0, no mixing: what the mask costs), with and without keep codes (xa stores the
+mask as codes, dA and dx read them instead of running Philox), against cuBLAS without dropout and a copy of x.
+
+    python benchmarks/diag/lora_kernels_probe.py [--out lora_kernels.json]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path = [p for p in sys.path if not os.path.abspath(p or ".").startswith(os.path.join(ROOT, "benchmarks"))]
+sys.path.insert(0, ROOT)
+import triton  # noqa: E402
+
+import llama.fast_path as fp  # noqa: E402
+
+
+def us(fn):
+    return round(triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3, 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--rounds", type=lambda v: [int(r) for r in v.split(",")], default=[10],
+                    help="Philox rounds to time, comma-separated (10 is the library's; 0 shows the mask's cost)")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of block configs per op (10 rounds) instead")
+    a = ap.parse_args()
+    if a.sweep:
+        return sweep(a)
+    dev, dt, R, p, seed = torch.device("cuda"), torch.bfloat16, 64, 0.1, 1234
+    N = a.rows
+    res = dict(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               rows=N, r=R, p=p, results=[])
+    for K in (4096, 11008):
+        x = torch.randn(N, K, device=dev, dtype=dt)
+        A = (torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5)
+        d = torch.randn(N, R, device=dev, dtype=dt)
+        dx = torch.randn(N, K, device=dev, dtype=dt)
+        ref = dict(copy_x=us(lambda: x.clone()), xAt_cublas=us(lambda: x @ A.t()),
+                   dAt_cublas=us(lambda: d.t() @ x), dxA_cublas_add=us(lambda: dx.addmm_(d, A)),
+                   torch_dropout=us(lambda: torch.nn.functional.dropout(x, p)))
+        row = dict(K=K, x_mib=round(x.numel() * 2 / 2**20, 1), ref_us=ref, ops={})
+        kc = fp.keep_codes(N, K, dev)
+        fp._dropout_triton(x, p, seed, kc_out=kc)
+        for rounds in a.rounds:
+            fp.PHILOX_ROUNDS = rounds
+            for op in ("xa", "da", "dx"):
+                fused, cfgs, split = fp._OPS[op]
+                t = {}
+                for codes in (None, kc):
+                    tag = "" if codes is None else "+kc"       # xa writes the keep codes, dA / dx read them
+                    for i, cfg in enumerate(cfgs):
+                        if op == "xa":
+                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(x, A, p, seed, 0, k, c))
+                        elif op == "da":
+                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(d, x, p, seed, 0, k, c))
+                        else:
+                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(dx, d, A, p, seed, 0, k, c))
+                    if op == "xa":
+                        t["split" + tag] = us(lambda k=codes: split(x, A, p, seed, 0, k))
+                    elif op == "da":
+                        t["split" + tag] = us(lambda k=codes: split(d, x, p, seed, 0, k))
+                    else:
+                        t["split" + tag] = us(lambda k=codes: split(dx, d, A, p, seed, 0, k))
+                t["dropout_pass"] = us(lambda: fp._dropout_triton(x, p, seed))
+                t["dropout_pass+kc_in"] = us(lambda: fp._dropout_triton(x, p, seed, kc_in=kc))
+                row["ops"][f"{op} rounds={rounds}"] = t
+                print(K, op, rounds, t, flush=True)
+        fp.PHILOX_ROUNDS = 10
+        res["results"].append(row)
+        print(K, "ref", ref, flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print("\n     K op/rounds       fused  split  fused+kc  split+kc  (us, best config; references per K below)")
+    for row in res["results"]:
+        print(row["K"], "ref", row["ref_us"])
+        for k, t in row["ops"].items():
+            f = min(v for n, v in t.items() if n.startswith("fused") and not n.endswith("+kc"))
+            fk = min(v for n, v in t.items() if n.startswith("fused") and n.endswith("+kc"))
+            print(f"{row['K']:6d} {k:14s} {f:7.1f} {t['split']:6.1f} {fk:8.1f} {t['split+kc']:8.1f}")
+
+
+def sweep(a):
+    """Every (BM, BQ, num_warps, num_stages) of a small grid per op and K, at 10 rounds; the fastest first."""
+    import itertools
+    dev, dt, R, p, seed, N = torch.device("cuda"), torch.bfloat16, 64, 0.1, 1234, a.rows
+    res = dict(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               rows=N, r=R, p=p, sweep={})
+    grid = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)))
+    for K in (4096, 11008):
+        x = torch.randn(N, K, device=dev, dtype=dt)
+        A = (torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5)
+        d = torch.randn(N, R, device=dev, dtype=dt)
+        dx = torch.randn(N, K, device=dev, dtype=dt)
+        for op in ("xa", "da", "dx"):
+            fused = fp._OPS[op][0]
+            t = {}
+            for BM, BQ, w, st in grid:
+                if BM * BQ > 8192 or (op == "xa" and BM == 32 and BQ == 32):
+                    continue
+                cfg = dict(BM=BM, BQ=BQ, num_warps=w, num_stages=st)
+                fn = {"xa": lambda: fused(x, A, p, seed, 0, None, cfg),
+                      "da": lambda: fused(d, x, p, seed, 0, None, cfg),
+                      "dx": lambda: fused(dx, d, A, p, seed, 0, None, cfg)}[op]
+                try:
+                    t[f"{BM},{BQ},{w},{st}"] = us(fn)
+                except Exception as e:  # noqa: BLE001
+                    t[f"{BM},{BQ},{w},{st}"] = repr(e)[:80]
+            best = sorted((v, k) for k, v in t.items() if isinstance(v, float))[:6]
+            res["sweep"][f"{op} K={K}"] = dict(best=best, all=t)
+            print(op, K, "best (us, BM,BQ,warps,stages):", best, flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The philox-family LoRA dropout kernels compiled on a CUDA GPU, bf16, at Llama-2-7B widths (r = 64): the keep
+codes that xa stores equal the numpy Philox mask, and dA / dx read from them equal the kernels that regenerate
+the mask; a fast-path model gives the same grads with keep codes on and off. (The CPU interpreter runs the same
+checks at small shapes in fp16/fp32: tests/llama/fast_dropout_checks.py.)"""
+import pytest
+import torch
+
+from llama import fast_path as fp
+
+from .fast_dropout_checks import expected_codes, philox_keep, valid_bits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+
+
+@pytest.mark.parametrize("path", ["fused", "split", None])
+@pytest.mark.parametrize("N,K,row0", [(512, 4096, 0), (300, 11008, 1000)])
+def test_keep_codes_cuda_bf16(path, N, K, row0):
+    dev, dt, p, seed = torch.device("cuda"), torch.bfloat16, 0.1, 987654321
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, K, device=dev, dtype=dt, generator=g)
+    A = (torch.randn(64, K, device=dev, generator=g) / K ** 0.5).to(dt)
+    d = torch.randn(N, 64, device=dev, dtype=dt, generator=g)
+    dx0 = torch.randn(N, K, device=dev, dtype=dt, generator=g)
+    fp._FORCE_PATH = path                      # None: the timed choice of this GPU
+    try:
+        kc = torch.zeros((row0 + N, (K + 3) // 4), dtype=torch.uint8, device=dev)
+        xa = fp._lora_xa(x, A, p, seed, "philox", row0, kc_out=kc)
+        want = expected_codes(philox_keep(row0 + N, K, p, seed))[row0:]
+        assert torch.equal((kc[row0:].cpu() & valid_bits(K)), want)
+        ref = fp._lora_xa(x, A, p, seed, "philox", row0)
+        assert ((xa.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()).item()
+        da = fp._lora_da(d, x, p, seed, "philox", row0)
+        da_kc = fp._lora_da(d, x, p, seed, "philox", row0, kc_in=kc)
+        assert torch.equal(da_kc, da)
+        dx = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0)
+        dx_kc = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0, kc_in=kc)
+        assert torch.equal(dx_kc, dx)
+    finally:
+        fp._FORCE_PATH = None
+
+
+def test_model_keep_codes_same_grads_cuda():
+    from llama import LlamaForCausalLM, ModelArgs
+    from lora import LoraConfig, inject_lora
+
+    dev = torch.device("cuda")
+    ids = torch.randint(0, 256, (2, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(ModelArgs.from_name("tiny")).to(dev)
+        inject_lora(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        fp.enable_fast_path(model.train(), checkpointing=True)
+        fp.KEEP_CODES = on
+        try:
+            torch.manual_seed(5)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+        finally:
+            fp.KEEP_CODES = True
+        grads.append((loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.requires_grad}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) == 2 * 4 * 2
+    for n, g0 in grads[0][1].items():
+        assert torch.equal(grads[1][1][n], g0), n
