@@ -1,7 +1,7 @@
 """The philox-family LoRA dropout kernels compiled on a CUDA GPU, bf16, at Llama-2-7B widths (r = 64): the keep
 codes that xa stores equal the numpy Philox mask, and dA / dx read from them equal the kernels that regenerate
 the mask; a fast-path model gives the same grads with keep codes on and off. (The CPU interpreter runs the same
-checks at small shapes in fp16/fp32: tests/llama/fast_dropout_checks.py.)"""
+checks at small shapes in fp16/fp32, bit for bit: tests/llama/fast_dropout_checks.py.)"""
 import pytest
 import torch
 
@@ -62,7 +62,10 @@ def test_model_keep_codes_same_grads_cuda():
         finally:
             fp.KEEP_CODES, fp._FORCE_PATH = True, None
         grads.append((loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.requires_grad}))
-    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][0], grads[1][0])          # the forward is deterministic: the same loss
     assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) == 2 * 4 * 2
+    # the attention backward accumulates with atomics (run-to-run differences of fp32 rounding), so the grads are
+    # compared by relative Frobenius error; a different mask in any LoRA backward kernel moves them by >> 1e-3
     for n, g0 in grads[0][1].items():
-        assert torch.equal(grads[1][1][n], g0), n
+        rel = ((grads[1][1][n] - g0).norm() / g0.norm()).item()
+        assert rel <= 1e-4, (n, rel)
