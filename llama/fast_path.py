@@ -330,7 +330,12 @@ _DX_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=1), dict(BM=128, BQ=64
 _INTERP_CONFIG = dict(BM=16, BQ=16, num_warps=4, num_stages=1)
 
 PHILOX_ROUNDS = 10                 # Philox4x32 rounds of every mask (Triton's and cuRAND's default)
-KEEP_CODES = True                  # a backpropagated forward keeps its mask as keep codes (False: regenerate)
+# Which backpropagated forwards keep their dropout masks as keep codes (dA and dx then read them instead of running
+# Philox): "recompute" (a checkpointed layer's recompute: the codes live only until its backward, 1.9% of a
+# 4 x 2048 all-linear step on an H200), "always" (also plain layers: N * in / 4 bytes per LoRA linear held from
+# forward to backward, 2.2 GiB at that step without checkpointing), or "never".
+KEEP_CODES = "recompute"
+_RECOMPUTING = [0]                 # > 0 inside OffloadedCheckpoint's recompute
 _TRITON_DROPOUT = {"ok": None}     # the philox family's contract check (first use on CUDA)
 _PATHS: dict = {}                  # (op, size, K, r, dtype) -> chosen candidate name
 _PHILOX_ON_CPU = False             # tests: run the philox family on CPU tensors (needs TRITON_INTERPRET=1)
@@ -847,10 +852,16 @@ def _draw_seed(p: float):
     return _host_seed() if slots is None else slots.take()
 
 
-def _backward_follows() -> bool:
-    """Whether a forward here will be backpropagated: grad mode on (a checkpointed layer's first, no-grad pass is
-    not; its recompute is). Decides whether the dropout mask is kept as keep codes for the backward."""
-    return torch.is_grad_enabled() and KEEP_CODES
+def _keep_codes_here() -> bool:
+    """Whether a fused LoRA forward here keeps its dropout mask as keep codes (see KEEP_CODES): only a forward that
+    will be backpropagated (grad mode on: a checkpointed layer's first, no-grad pass is not; its recompute is)."""
+    if not torch.is_grad_enabled() or KEEP_CODES == "never":
+        return False
+    if KEEP_CODES == "always":
+        return True
+    if KEEP_CODES != "recompute":
+        raise ValueError(f"llama.fast_path.KEEP_CODES is {KEEP_CODES!r}: expected 'recompute', 'always' or 'never'")
+    return _RECOMPUTING[0] > 0
 
 
 def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -864,7 +875,7 @@ def _fast_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     seed = _draw_seed(p)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x2, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling, p, seed,
-                               _backward_follows())
+                               _keep_codes_here())
     return y.view(*shape[:-1], y.shape[-1]).to(x.dtype if not torch.is_autocast_enabled(x.device.type) else c)
 
 
@@ -988,7 +999,7 @@ def _mlp_tail(mlp: nn.Module, g: torch.Tensor, u: torch.Tensor, output_needed: b
     seed = _draw_seed(p)                                                      # as down_proj's forward would
     with torch.autocast(g.device.type, enabled=False):
         y = SwiGLUDownFunction.apply(g2, u2, A, B, base, n_out, scaling, p, seed, output_needed,
-                                     not output_needed, _backward_follows())
+                                     not output_needed, _keep_codes_here())
     return y.view(*g.shape[:-1], n_out).to(out_dtype)
 
 
@@ -1080,11 +1091,16 @@ class OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                if hasattr(layer, "_recompute_forward"):
-                    outs = layer._recompute_forward(x, cos, sin, mask, offloader)   # out = sum(outs)
-                else:
-                    outs = (layer._plain_forward(x, cos, sin, mask),)
+            _RECOMPUTING[0] += 1
+            try:
+                with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1],
+                                                         enabled=ctx.autocast[0]):
+                    if hasattr(layer, "_recompute_forward"):
+                        outs = layer._recompute_forward(x, cos, sin, mask, offloader)   # out = sum(outs)
+                    else:
+                        outs = (layer._plain_forward(x, cos, sin, mask),)
+            finally:
+                _RECOMPUTING[0] -= 1
         torch.autograd.backward(outs, [dy] * len(outs))
         if offloader is not None:
             offloader.prefetch(i - 1)         # a no-op when the recompute's backward already started it

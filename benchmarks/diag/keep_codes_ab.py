@@ -1,6 +1,6 @@
 """Keep codes on and off in one process (diagnostic): benchmarks.e2e's training step of a setting's variant, run
-alternately with llama.fast_path.KEEP_CODES True (xa stores the dropout mask, dA and dx read it) and False (both
-regenerate it with Philox), so machine-to-machine variance does not hide a few percent.
+alternately with llama.fast_path.KEEP_CODES --mode (xa stores the dropout mask, dA and dx read it) and "never"
+(both regenerate it with Philox), so machine-to-machine variance does not hide a few percent.
 
     python benchmarks/diag/keep_codes_ab.py [--setting b] [--variant ours+ckpt-offload] [--rounds 2] [--out F]
 """
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--setting", default="b", choices=["a", "b"])
     ap.add_argument("--variant", default="ours+ckpt-offload")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mode", default="recompute", choices=["recompute", "always"], help="KEEP_CODES when on")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "tiny"])
     ap.add_argument("--device", default="cuda")
@@ -35,11 +36,11 @@ def main():
     runs = []
     for r in range(a.rounds):
         for on in (True, False):
-            fp.KEEP_CODES = on
+            fp.KEEP_CODES = a.mode if on else "never"
             res, _ = e2e.run_stack("ours", args, dev, a.setting, variant, a.steps, True)
             runs.append(dict(keep_codes=on, round=r, step_ms=round(res["step_s"] * 1e3, 2),
                              peak_gib=round(res["peak_gib"], 3), losses=res["losses"]))
-    fp.KEEP_CODES = True
+    fp.KEEP_CODES = "recompute"
     best = {on: min(x["step_ms"] for x in runs if x["keep_codes"] == on) for on in (True, False)}
     out = dict(gpu=e2e.gpu_name(dev), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                commit=e2e.git_commit("E2E_COMMIT"), setting=a.setting, variant=a.variant, runs=runs,

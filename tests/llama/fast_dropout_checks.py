@@ -260,20 +260,43 @@ def check_keep_codes_in_the_nodes():
 
 
 def check_model_keep_codes_same_grads():
-    """Tiny Llama, dropout 0.3, fast path with and without checkpointing: KEEP_CODES on and off give the same loss
-    and LoRA grads bit for bit."""
+    """Tiny Llama, dropout 0.3, fast path with and without checkpointing: KEEP_CODES "never", "recompute" and
+    "always" give the same loss and LoRA grads bit for bit; the codes are made exactly where the policy says."""
     from llama.fast_path import enable_fast_path
     ids = torch.randint(0, 256, (2, 12))
-    for ckpt in (False, True):
-        out = []
-        for on in (False, True):
-            fp.KEEP_CODES = on
-            model = enable_fast_path(_tiny(0.3), checkpointing=ckpt)
-            out.append(_loss_grads(model, ids))
-        fp.KEEP_CODES = True
-        assert torch.equal(out[0][0], out[1][0]), f"loss differs with keep codes (checkpointing={ckpt})"
-        for n in out[0][1]:
-            assert torch.equal(out[0][1][n], out[1][1][n]), f"grad {n} differs with keep codes (ckpt={ckpt})"
+    made = []
+    orig = fp.keep_codes
+
+    def spy(*a, **k):
+        made.append(fp._RECOMPUTING[0] > 0)
+        return orig(*a, **k)
+
+    fp.keep_codes = spy
+    try:
+        for ckpt in (False, True):
+            out = []
+            for mode in ("never", "recompute", "always"):
+                fp.KEEP_CODES = mode
+                made.clear()
+                model = enable_fast_path(_tiny(0.3), checkpointing=ckpt)
+                out.append(_loss_grads(model, ids))
+                want = {"never": 0, "recompute": 14 if ckpt else 0, "always": 14}[mode]
+                assert len(made) == want and all(f == ckpt for f in made), \
+                    f"{len(made)} keep-code buffers with {mode} (checkpointing={ckpt}), want {want}"
+            for o, mode in zip(out[1:], ("recompute", "always")):
+                assert torch.equal(out[0][0], o[0]), f"loss differs with keep codes {mode} (checkpointing={ckpt})"
+                for n in out[0][1]:
+                    assert torch.equal(out[0][1][n], o[1][n]), f"grad {n} differs with {mode} (ckpt={ckpt})"
+    finally:
+        fp.keep_codes, fp.KEEP_CODES = orig, "recompute"
+    fp.KEEP_CODES = "sometimes"
+    try:
+        enable_fast_path(_tiny(0.3), checkpointing=False)(ids, labels=ids).loss.backward()
+        raise AssertionError("an unknown KEEP_CODES was accepted")
+    except ValueError as e:
+        assert "KEEP_CODES" in str(e)
+    finally:
+        fp.KEEP_CODES = "recompute"
 
 
 def _tiny(dropout, seed=0):

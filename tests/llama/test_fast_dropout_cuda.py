@@ -1,6 +1,6 @@
 """The philox-family LoRA dropout kernels compiled on a CUDA GPU, bf16, at Llama-2-7B widths (r = 64): the keep
 codes that xa stores equal the numpy Philox mask, and dA / dx read from them equal the kernels that regenerate
-the mask; a fast-path model gives the same grads with keep codes on and off. (The CPU interpreter runs the same
+the mask; a checkpointed fast-path model gives the same grads with keep codes on and off. (The CPU interpreter runs the same
 checks at small shapes in fp16/fp32, bit for bit: tests/llama/fast_dropout_checks.py.)"""
 import pytest
 import torch
@@ -46,13 +46,13 @@ def test_model_keep_codes_same_grads_cuda():
     dev = torch.device("cuda")
     ids = torch.randint(0, 256, (2, 64), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
     grads = []
-    for on in (False, True):
+    for mode in ("never", "recompute"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(ModelArgs.from_name("tiny")).to(dev)
         inject_lora(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False,
                                       target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
         fp.enable_fast_path(model.train(), checkpointing=True)
-        fp.KEEP_CODES = on
+        fp.KEEP_CODES = mode
         fp._FORCE_PATH = "fused"       # the timed choice may differ with and without codes (another rounding)
         try:
             torch.manual_seed(5)
@@ -60,7 +60,7 @@ def test_model_keep_codes_same_grads_cuda():
                 loss = model(ids, labels=ids).loss
             loss.backward()
         finally:
-            fp.KEEP_CODES, fp._FORCE_PATH = True, None
+            fp.KEEP_CODES, fp._FORCE_PATH = "recompute", None
         grads.append((loss.detach(), {n: q.grad for n, q in model.named_parameters() if q.requires_grad}))
     assert torch.equal(grads[0][0], grads[1][0])          # the forward is deterministic: the same loss
     assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) == 2 * 4 * 2
