@@ -161,3 +161,37 @@ def test_offloaded_recompute_prefetches_after_the_mlp_backward():
     for i in reversed(range(n)):
         want += [("load", i)] + ([("prefetch", i - 1)] if i > 0 else [])
     assert bwd == [("prefetch", n - 1)] + want, bwd
+
+
+def test_path_choice_times_candidates_in_interleaved_rounds(monkeypatch):
+    """The first-use choice of a philox-family path (CUDA only; here with fake candidates, timer and correctness
+    check): every candidate is timed once in each of _PATH_ROUNDS interleaved rounds and keeps its best, so one
+    slow round (contention) does not decide; split wins only when under 0.9x the best fused time."""
+    class Ref:
+        is_cuda, dtype, device = True, torch.bfloat16, torch.device("cpu")
+
+    def run(times):                      # times: {name: [ms of round 1, 2, 3]}
+        called, left = [], {n: iter(t) for n, t in times.items()}
+        cands = {n: (lambda *a, n=n: called.append(n)) for n in times}
+
+        def timer(fn, reps=5):
+            fn()
+            return next(left[called[-1]])
+        monkeypatch.setattr(fp, "_candidates", lambda op: cands)
+        monkeypatch.setattr(fp, "_time_ms", timer)
+        monkeypatch.setattr(fp, "_fused_ok_names", lambda *a, **k: ["fused0", "fused1"])
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        fp._PATHS.clear()
+        try:
+            return fp._path("xa", 8192, 4096, 64, Ref(), (None, None, 0.1, 1, 0, None)), called
+        finally:
+            fp._PATHS.clear()
+
+    assert fp._PATH_ROUNDS == 3
+    # fused0 hit by a burst in round 1 only: still the fastest
+    name, called = run({"fused0": [9.0, 1.0, 1.0], "fused1": [1.2, 1.2, 1.3], "split": [1.05, 1.05, 1.1]})
+    assert called == ["fused0", "fused1", "split"] * 3 and name == "fused0"
+    # split under 0.9x the best fused: chosen
+    assert run({"fused0": [1.0] * 3, "fused1": [1.2] * 3, "split": [0.8, 0.85, 0.8]})[0] == "split"
+    # split faster, but not by 10%: fused (the split path also holds an (N, K) temporary)
+    assert run({"fused0": [1.0] * 3, "fused1": [1.2] * 3, "split": [0.95] * 3})[0] == "fused0"
