@@ -15,8 +15,9 @@ unchanged; `disable_fast_path` swaps every class back):
 | MLP | `down(F.silu(g) * u)` | `SwiGLUDownFunction`: SwiGLU (Triton) + down projection (+ LoRA) in one |
 | | | node that saves g and u but not their product; backward in row chunks |
 | LoRALinear | base(x) + s * B(A(dropout(x.float()))) | `LoRAFunction`: base + LoRA in one autograd node; the dropout mask is |
-| | | regenerated from a seed (never stored) inside the Triton kernels of |
-| | | dropout(x) @ A^T, dA and dx (x read once per use; no dropped copy exists) |
+| | | generated from a seed inside the Triton kernels of dropout(x) @ A^T, dA |
+| | | and dx (x read once per use; no dropped copy exists); a checkpointed |
+| | | layer's recompute keeps it as keep codes (N * in / 4 bytes) for dA, dx |
 | LlamaForCausalLM | logits (B, T, V) then fp32 cross entropy | `kernels.chunked_cross_entropy` on the hidden states |
 | DecoderLayer | optional torch checkpoint | `OffloadedCheckpoint`: keeps only the layer input, optionally in |
 | | | pinned host memory (copied on a side stream, prefetched one layer ahead); |
@@ -141,6 +142,9 @@ def _fused_lora_output(proj: nn.Module) -> bool:
 #         _lora_da_kernel  dA  = dxa^T @ dropout(x)             (backward; fp32, per row split, summed)
 #         _lora_dx_kernel  dx += dropout(dxa @ A)               (backward; into the base's grad_x, in place)
 #     `_dropout4_kernel` is the same mask as a plain elementwise pass ("split" path: dropout, then cuBLAS).
+#     Keep codes (KC, see keep_codes / KEEP_CODES): a forward may also store the four flags of each (m, j) as
+#     one byte (bit q = quarter q), and the backward's kernels then read them instead of running Philox: the
+#     mask's 10 rounds, not the bytes of x, bound these kernels on an H200.
 #     On first use per (op, K, r, dtype, size) the fused kernels are checked against the split path on a small
 #     problem and the fastest correct candidate is kept (`lora_kernel_paths()` lists the choices).
 # "torch" (CPU, or no Triton): keep = bernoulli(1 - p) from a torch.Generator seeded with the seed.
