@@ -479,8 +479,9 @@ def _xa_fused(x2, Ac, p, seed, row0, kc_out, cfg):
     t31, scale = _drop_consts(p)
     cfg = dict(cfg)
     BM, BQ = cfg.pop("BM"), cfg["BQ"]
+    per_sm = cfg.pop("PER_SM", 2)                                           # programs per SM to aim for
     n_m, n_j = triton.cdiv(N, BM), triton.cdiv(Q, BQ)
-    split = max(1, min(n_j, triton.cdiv(2 * _sm_count(x2.device), n_m)))     # split K when rows are few
+    split = max(1, min(n_j, triton.cdiv(per_sm * _sm_count(x2.device), n_m)))   # split K when rows are few
     j_per = triton.cdiv(n_j, split) * BQ
     split = triton.cdiv(Q, j_per)
     out = torch.empty((split, N, R) if split > 1 else (N, R), device=x2.device,

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--rounds", type=lambda v: [int(r) for r in v.split(",")], default=[10],
                     help="Philox rounds to time, comma-separated (10 is the library's; 0 shows the mask's cost)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of block configs per op (10 rounds) instead")
+    ap.add_argument("--per-sm", type=lambda v: [int(m) for m in v.split(",")], default=None,
+                    help="with --sweep: xa only, its kept configs at these programs-per-SM targets (e.g. 2,4,8,16)")
     a = ap.parse_args()
     if a.sweep:
         return sweep(a)
@@ -96,6 +98,8 @@ def sweep(a):
     res = dict(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                rows=N, r=R, p=p, sweep={})
     grid = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)))
+    if a.per_sm:                 # xa only: programs per SM (its split-K count), on the kept configs
+        grid = [(c["BM"], c["BQ"], c["num_warps"], c["num_stages"], m) for c in fp._XA_CONFIGS for m in a.per_sm]
     for K in (4096, 11008):
         x = torch.randn(N, K, device=dev, dtype=dt)
         A = (torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5)
@@ -104,20 +108,22 @@ def sweep(a):
         for op in ("xa", "da", "dx"):
             fused = fp._OPS[op][0]
             t = {}
-            for BM, BQ, w, st in grid:
+            if a.per_sm and op != "xa":
+                continue
+            for BM, BQ, w, st, *m in grid:
                 if BM * BQ > 8192 or (op == "xa" and BM == 32 and BQ == 32):
                     continue
-                cfg = dict(BM=BM, BQ=BQ, num_warps=w, num_stages=st)
+                cfg = dict(BM=BM, BQ=BQ, num_warps=w, num_stages=st, **({"PER_SM": m[0]} if m else {}))
                 fn = {"xa": lambda: fused(x, A, p, seed, 0, None, cfg),
                       "da": lambda: fused(d, x, p, seed, 0, None, cfg),
                       "dx": lambda: fused(dx, d, A, p, seed, 0, None, cfg)}[op]
                 try:
-                    t[f"{BM},{BQ},{w},{st}"] = us(fn)
+                    t[",".join(map(str, (BM, BQ, w, st, *m)))] = us(fn)
                 except Exception as e:  # noqa: BLE001
-                    t[f"{BM},{BQ},{w},{st}"] = repr(e)[:80]
+                    t[",".join(map(str, (BM, BQ, w, st, *m)))] = repr(e)[:80]
             best = sorted((v, k) for k, v in t.items() if isinstance(v, float))[:6]
             res["sweep"][f"{op} K={K}"] = dict(best=best, all=t)
-            print(op, K, "best (us, BM,BQ,warps,stages):", best, flush=True)
+            print(op, K, "best (us, BM,BQ,warps,stages[,per SM]):", best, flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -119,6 +119,29 @@ def check_fused_kernels_match_torch():
     fp._FORCE_PATH = None
 
 
+def check_xa_programs_per_sm():
+    """_xa_fused's PER_SM (programs per SM to aim for, i.e. its split-K count) changes the grid, not the result."""
+    torch.manual_seed(6)
+    N, K, R, p, seed = 40, 1024, 16, 0.25, 99
+    x, A = torch.randn(N, K), torch.randn(R, K) / K ** 0.5
+    keep = philox_keep(N, K, p, seed).float()
+    want = (x * keep / (1 - p)) @ A.t()
+    real, grids = fp._lora_xa_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+    fp._lora_xa_kernel = Spy()
+    try:
+        for per_sm in (1, 2, 8):
+            got = fp._xa_fused(x, A, p, seed, 0, None, dict(fp._INTERP_CONFIG, PER_SM=per_sm))
+            close(got, want, 1e-5, 1e-5 * want.abs().max(), f"xa with PER_SM={per_sm}")
+    finally:
+        fp._lora_xa_kernel = real
+    assert [g[1] for g in grids] == [2, 3, 8], grids      # 3 row blocks of 16 on 4 "SMs" (the CPU's count)
+
+
 def check_swiglu_down_chunked_same_mask():
     """SwiGLUDownFunction in the philox family with row chunks (recompute mode: xa by chunks, in-place dg/du)
     vs autograd over down(silu(g) * u) + LoRA with the numpy Philox mask of the whole tensor."""
