@@ -550,6 +550,14 @@ _OPS = {  # op -> (fused launcher, its configs, split launcher)
 }
 
 
+def op_args(op, x, A, d, dx, p, seed, row0, kc):
+    """The positional arguments of op's candidates (each fused launcher also takes its config after them):
+    x (N, K) the LoRA input, A (r, K), d = dxa (N, r), dx (N, K) the gradient that dx accumulates into, kc the
+    keep codes that xa writes and dA / dx read (or None)."""
+    return {"xa": (x, A, p, seed, row0, kc), "da": (d, x, p, seed, row0, kc),
+            "dx": (dx, d, A, p, seed, row0, kc)}[op]
+
+
 _CANDS: dict = {}
 
 
@@ -590,21 +598,17 @@ def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False):
         _dropout_triton(x, p, seed, row0=row0, kc_out=codes)
 
     def call(name):
-        if op == "xa":
-            if not kc:
-                return cands[name](x, A, p, seed, row0, None)
-            mine = torch.zeros_like(codes)
-            got = cands[name](x, A, p, seed, row0, mine)
-            return got if torch.equal(mine[row0:], codes[row0:]) else torch.full_like(got, float("nan"))
-        if op == "da":
-            return cands[name](d, x, p, seed, row0, codes)
-        return cands[name](x.clone(), d, A, p, seed, row0, codes)
+        """The candidate's output, or None when (xa, kc) the codes it wrote are not the mask's."""
+        mine = torch.zeros_like(codes) if kc and op == "xa" else codes
+        got = cands[name](*op_args(op, x, A, d, x.clone() if op == "dx" else None, p, seed, row0, mine))
+        return got if mine is codes or torch.equal(mine[row0:], codes[row0:]) else None
 
     want = call("split")
     ok = []
     for name in names:
         try:
-            if _close(call(name), want):
+            got = call(name)
+            if got is not None and _close(got, want):
                 ok.append(name)
         except Exception:  # noqa: BLE001  (a config that cannot compile or launch here is not used)
             pass

@@ -25,6 +25,12 @@ def us(fn):
     return round(triton.testing.do_bench(fn, warmup=10, rep=40) * 1e3, 1)
 
 
+def problem(N, K, R, dev, dt):
+    """x (N, K), A (R, K), dxa (N, R) and a gradient dx (N, K), random, on the device."""
+    return (torch.randn(N, K, device=dev, dtype=dt), torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5,
+            torch.randn(N, R, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -42,10 +48,7 @@ def main():
     res = dict(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                rows=N, r=R, p=p, results=[])
     for K in (4096, 11008):
-        x = torch.randn(N, K, device=dev, dtype=dt)
-        A = (torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5)
-        d = torch.randn(N, R, device=dev, dtype=dt)
-        dx = torch.randn(N, K, device=dev, dtype=dt)
+        x, A, d, dx = problem(N, K, R, dev, dt)
         ref = dict(copy_x=us(lambda: x.clone()), xAt_cublas=us(lambda: x @ A.t()),
                    dAt_cublas=us(lambda: d.t() @ x), dxA_cublas_add=us(lambda: dx.addmm_(d, A)),
                    torch_dropout=us(lambda: torch.nn.functional.dropout(x, p)))
@@ -59,19 +62,10 @@ def main():
                 t = {}
                 for codes in (None, kc):
                     tag = "" if codes is None else "+kc"       # xa writes the keep codes, dA / dx read them
+                    args = fp.op_args(op, x, A, d, dx, p, seed, 0, codes)
                     for i, cfg in enumerate(cfgs):
-                        if op == "xa":
-                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(x, A, p, seed, 0, k, c))
-                        elif op == "da":
-                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(d, x, p, seed, 0, k, c))
-                        else:
-                            t[f"fused{i}{tag}"] = us(lambda c=cfg, k=codes: fused(dx, d, A, p, seed, 0, k, c))
-                    if op == "xa":
-                        t["split" + tag] = us(lambda k=codes: split(x, A, p, seed, 0, k))
-                    elif op == "da":
-                        t["split" + tag] = us(lambda k=codes: split(d, x, p, seed, 0, k))
-                    else:
-                        t["split" + tag] = us(lambda k=codes: split(dx, d, A, p, seed, 0, k))
+                        t[f"fused{i}{tag}"] = us(lambda c=cfg: fused(*args, c))
+                    t["split" + tag] = us(lambda: split(*args))
                 t["dropout_pass"] = us(lambda: fp._dropout_triton(x, p, seed))
                 t["dropout_pass+kc_in"] = us(lambda: fp._dropout_triton(x, p, seed, kc_in=kc))
                 row["ops"][f"{op} rounds={rounds}"] = t
@@ -101,10 +95,7 @@ def sweep(a):
     if a.per_sm:                 # xa only: programs per SM (its split-K count), on the kept configs
         grid = [(c["BM"], c["BQ"], c["num_warps"], c["num_stages"], m) for c in fp._XA_CONFIGS for m in a.per_sm]
     for K in (4096, 11008):
-        x = torch.randn(N, K, device=dev, dtype=dt)
-        A = (torch.randn(R, K, device=dev, dtype=dt) / K ** 0.5)
-        d = torch.randn(N, R, device=dev, dtype=dt)
-        dx = torch.randn(N, K, device=dev, dtype=dt)
+        x, A, d, dx = problem(N, K, R, dev, dt)
         for op in ("xa", "da", "dx"):
             fused = fp._OPS[op][0]
             t = {}
@@ -114,9 +105,8 @@ def sweep(a):
                 if BM * BQ > 8192 or (op == "xa" and BM == 32 and BQ == 32):
                     continue
                 cfg = dict(BM=BM, BQ=BQ, num_warps=w, num_stages=st, **({"PER_SM": m[0]} if m else {}))
-                fn = {"xa": lambda: fused(x, A, p, seed, 0, None, cfg),
-                      "da": lambda: fused(d, x, p, seed, 0, None, cfg),
-                      "dx": lambda: fused(dx, d, A, p, seed, 0, None, cfg)}[op]
+                args = fp.op_args(op, x, A, d, dx, p, seed, 0, None)
+                fn = lambda: fused(*args, cfg)  # noqa: E731
                 try:
                     t[",".join(map(str, (BM, BQ, w, st, *m)))] = us(fn)
                 except Exception as e:  # noqa: BLE001

@@ -142,6 +142,35 @@ def check_xa_programs_per_sm():
     assert [g[1] for g in grids] == [2, 3, 8], grids      # 3 row blocks of 16 on 4 "SMs" (the CPU's count)
 
 
+def check_first_use_correctness_check():
+    """_fused_ok_names (the first-use check of the fused candidates against the split path) accepts the fused
+    configs for every op, with and without keep codes, and rejects a candidate that is wrong: off by a few
+    elements, or (xa with codes) writing the wrong codes."""
+    for op in ("xa", "da", "dx"):
+        for kc in (False, True):
+            got = fp._fused_ok_names(op, 37, 5, torch.float32, torch.device("cpu"), ["fused0", "fused1"], kc)
+            assert got == ["fused0", "fused1"], f"{op} kc={kc}: {got}"
+    real = fp._CANDS["xa"]
+    try:
+        def wrong_codes(x, A, p, seed, row0, kc):
+            out = real["fused0"](x, A, p, seed, row0, kc)
+            if kc is not None:
+                kc[row0] ^= 1
+            return out
+
+        def wrong_rows(*a):
+            out = real["fused0"](*a).clone()
+            out[:3] += 1.0
+            return out
+        fp._CANDS["xa"] = dict(real, bad_codes=wrong_codes, bad_rows=wrong_rows)
+        for kc, want in ((False, ["fused0", "bad_codes"]), (True, ["fused0"])):
+            got = fp._fused_ok_names("xa", 37, 5, torch.float32, torch.device("cpu"),
+                                     ["fused0", "bad_codes", "bad_rows"], kc)
+            assert got == want, f"kc={kc}: {got}"
+    finally:
+        fp._CANDS["xa"] = real
+
+
 def check_swiglu_down_chunked_same_mask():
     """SwiGLUDownFunction in the philox family with row chunks (recompute mode: xa by chunks, in-place dg/du)
     vs autograd over down(silu(g) * u) + LoRA with the numpy Philox mask of the whole tensor."""
