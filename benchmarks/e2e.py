@@ -655,12 +655,16 @@ def classify(prof, n_steps):
             continue                                             # CPU ops: their kernels are listed themselves
         if "#" in e.key or e.key.startswith(("ProfilerStep", "Optimizer.", "forward", "backward")):
             continue                                             # user annotations spanning many kernels
-        name = e.key.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other elementwise")
+        cls = kernel_class(e.key)
         totals[cls] = totals.get(cls, 0.0) + t / 1e3 / n_steps
         kernels.append((e.key[:120], t / 1e3 / n_steps))
     return totals, kernels
 
+
+
+def kernel_class(name: str) -> str:
+    name = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other elementwise")
 
 
 KERNEL_CLASSES = [
@@ -677,6 +681,22 @@ KERNEL_CLASSES = [
     ("dropout (LoRA input, regenerated mask)", ("dropout", "bernoulli", "philox", "distribution")),
     ("memcpy (offload, embeddings)", ("memcpy",)),
 ]
+
+
+def stream_gaps(prof, n_steps) -> dict:
+    """Idle time of the compute stream in a profile, by cause (benchmarks/gaps.py), or the error that stopped it."""
+    import tempfile
+
+    from benchmarks.gaps import analyze
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+        return analyze(trace, n_steps, classify_name=lambda n: kernel_class(n).split(" (")[0])
+    except Exception as e:  # noqa: BLE001  (a diagnostic: the breakdown stands without it)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=False):
@@ -708,6 +728,7 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=
             step(ids, phases)
         sync(device)
     totals, kernels = classify(prof, 2)
+    idle = stream_gaps(prof, 2)
     with profile(activities=acts) as prof_fwd:                   # forward passes only (backward outside)
         for _ in range(2):
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -726,7 +747,7 @@ def breakdown(args, device, double_quant, seq=2048, batch=4, setting="b", graph=
     return dict(setting=setting + ("+graph" if graph else ""), kernel_ms_per_step=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
                 kernel_sum_ms=round(sum(totals.values()), 2), step_ms=step_ms and round(step_ms, 2),
                 kernel_ms_by_phase=by_phase,
-                phase_ms=phase_ms, top_kernels_ms_per_step=[(k, round(v, 3)) for k, v in top],
+                phase_ms=phase_ms, top_kernels_ms_per_step=[(k, round(v, 3)) for k, v in top], gaps=idle,
                 note="backward includes the checkpoint recompute of each layer's forward; kernels overlap the "
                      "offload copies on a side stream, so the kernel sum can exceed the step time")
 
@@ -950,6 +971,15 @@ def main(argv=None):
             for k, v in bd["kernel_ms_by_phase"].items():
                 log(f"  {k:>50s}: fwd {v['forward']:7.1f}  bwd+recompute+opt {v['backward+recompute+optimizer']:7.1f} ms")
             log(f"  phases: {bd['phase_ms']}; kernel sum {bd['kernel_sum_ms']} ms of a {bd['step_ms']} ms step")
+            g = bd["gaps"]
+            if "error" in g:
+                log(f"  gaps: {g['error']}")
+            else:
+                log(f"  compute stream: busy {g['busy_ms']} of {g['span_ms']} ms per step, idle {g['idle_ms_by_cause']}")
+                for k, ms, n in g["host_bound_gaps"][:6] + g["waiting_gaps"][:4]:
+                    log(f"    gap {k}: {ms} ms ({n} per step)")
+                for k, ms, n in g["host_bound_by_cpu_op"][:6]:
+                    log(f"    host-bound inside {k}: {ms} ms ({n} per step)")
         except Exception as e:  # noqa: BLE001
             results[f"{key}_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
             log(f"  {key} FAILED: {e}")

@@ -328,7 +328,10 @@ except Exception:  # noqa: BLE001  (no triton: the torch mask family below is us
     _dropout4_kernel = _lora_xa_kernel = _lora_da_kernel = _lora_dx_kernel = None
 
 # block sizes: candidates per fused kernel (timed on first use); the interpreter uses small blocks
-_XA_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=2), dict(BM=32, BQ=64, num_warps=4, num_stages=3))
+# (xa's PER_SM: programs per SM it aims for through its split-K count; on an H200 at 8192 rows 4 and 8 beat 2 by
+# 11% at K = 4096 and 16% at K = 11008: benchmarks/results/diag/lora_kernels-per-sm-NVIDIA_H200-6951645.json)
+_XA_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=2, PER_SM=4), dict(BM=32, BQ=64, num_warps=4, num_stages=3),
+               dict(BM=64, BQ=64, num_warps=4, num_stages=2, PER_SM=8))
 _DA_CONFIGS = (dict(BM=64, BQ=64, num_warps=8, num_stages=3), dict(BM=64, BQ=32, num_warps=4, num_stages=3))
 _DX_CONFIGS = (dict(BM=64, BQ=64, num_warps=4, num_stages=1), dict(BM=128, BQ=64, num_warps=8, num_stages=1))
 _INTERP_CONFIG = dict(BM=16, BQ=16, num_warps=4, num_stages=1)

@@ -12,6 +12,20 @@ from .fast_dropout_checks import expected_codes, philox_keep, valid_bits
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 
 
+def same_kernel(path, op, N, K, got, want):
+    """got (mask from keep codes) equals want (mask from Philox) bit for bit when both ran the same candidate; the
+    timed choice (path None) may pick another candidate with codes than without (another block config or the split
+    path: another summation order), and then the two agree to bf16 rounding (relative Frobenius error <= 1e-2),
+    while a different mask (dropping 10% of other elements) moves it by >> 1e-2."""
+    if path is None:
+        key = (op, "N>=4096" if N >= 4096 else "N<4096", K, 64, "bfloat16")
+        if fp._PATHS[key] != fp._PATHS[key + ("keep codes",)]:
+            rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert rel <= 1e-2, (op, fp._PATHS[key], fp._PATHS[key + ("keep codes",)], rel)
+            return
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("path", ["fused", "split", None])
 @pytest.mark.parametrize("N,K,row0", [(512, 4096, 0), (300, 11008, 1000)])
 def test_keep_codes_cuda_bf16(path, N, K, row0):
@@ -31,10 +45,10 @@ def test_keep_codes_cuda_bf16(path, N, K, row0):
         assert ((xa.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()).item()
         da = fp._lora_da(d, x, p, seed, "philox", row0)
         da_kc = fp._lora_da(d, x, p, seed, "philox", row0, kc_in=kc)
-        assert torch.equal(da_kc, da)
+        same_kernel(path, "da", N, K, da_kc, da)
         dx = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0)
         dx_kc = fp._lora_dx_(dx0.clone(), d, A, p, seed, "philox", row0, kc_in=kc)
-        assert torch.equal(dx_kc, dx)
+        same_kernel(path, "dx", N, K, dx_kc, dx)
     finally:
         fp._FORCE_PATH = None
 
