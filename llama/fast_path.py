@@ -1207,14 +1207,66 @@ class FastLlamaForCausalLM(LlamaForCausalLM):
 
 
 class CPUEmbedding(nn.Embedding):
-    """A frozen embedding kept in (pinned) host memory: rows are gathered on the CPU and copied to `device`."""
+    """A frozen embedding kept in pinned host memory. CUDA ids: a kernel reads the rows it needs from the pinned
+    table over the host link (kernels.gather: no synchronization, no host work, capturable in a CUDA graph); its
+    first call is checked against the host gather, and a failure (a Triton build that refuses host pointers, a
+    wrong row) falls back to the host path for good. Host path: the rows are gathered on the CPU and copied to
+    `device` (the ids are copied to the host first: a synchronization).
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    Ids outside [0, V): the host path raises at once; the device gather writes zero rows and flags them in pinned
+    memory, and the next call (eager) raises IndexError naming the embedding's size."""
+
+    DEVICE_GATHER = True                   # class switch (benchmarks compare both paths)
+
+    def _gather_state(self):
+        st = self.__dict__.get("_gather")
+        if st is None:
+            bad = torch.zeros(1, dtype=torch.int32)
+            st = self.__dict__["_gather"] = {"ok": None, "why": None,
+                                             "bad": bad.pin_memory() if torch.cuda.is_available() else bad}
+        return st
+
+    def _host_rows(self, ids: torch.Tensor) -> torch.Tensor:
         ids_h = ids.reshape(-1).cpu()
         rows = torch.empty((ids_h.numel(), self.weight.shape[1]), dtype=self.weight.dtype,
                            pin_memory=self.weight.is_pinned())
         torch.index_select(self.weight, 0, ids_h, out=rows)                    # (B*T, C) on the host
-        return rows.to(self._device, non_blocking=True).view(*ids.shape, -1)   # (B, T, C)
+        return rows.to(self._device, non_blocking=True)
+
+    def device_gather_ok(self, ids: torch.Tensor) -> bool:
+        """Whether calls with ids like these gather on the device; the first such call (outside a graph capture)
+        checks the kernel against the host gather on these ids, once."""
+        from kernels.gather import device_gather_possible, gather_rows
+
+        st = self._gather_state()
+        if not (self.DEVICE_GATHER and st["ok"] is not False and ids.device == self._device and
+                device_gather_possible(self.weight, ids)):
+            return False
+        if st["ok"] is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return False
+            try:
+                got = gather_rows(self.weight, ids, check_range=True)
+            except IndexError:
+                raise
+            except Exception as e:  # noqa: BLE001  (the host path stays)
+                st["ok"], st["why"] = False, f"{type(e).__name__}: {e}"
+                return False
+            st["ok"] = bool(torch.equal(got, self._host_rows(ids)))
+            st["why"] = None if st["ok"] else "the device gather differed from the host gather"
+        return st["ok"]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from kernels.gather import gather_rows
+
+        st = self._gather_state()
+        if st["bad"][0].item():
+            st["bad"].zero_()
+            raise IndexError(f"embedding: an earlier call's input ids were outside [0, {self.weight.shape[0]}) "
+                             f"(the vocabulary size); its rows for them were zeros")
+        if self.device_gather_ok(ids):
+            return gather_rows(self.weight, ids, check_range=False, bad=st["bad"]).view(*ids.shape, -1)
+        return self._host_rows(ids).view(*ids.shape, -1)                         # (B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------- switch

@@ -15,9 +15,11 @@ loss_fn(model, **inputs) returns the loss tensor; gs backpropagates `loss * scal
 Per input signature (names, shapes, dtypes): `warmup` eager calls, then one capture, then replays. What the
 graph needs, and how it gets it:
 - static inputs: every call copies its tensors into buffers that the graph reads. An embedding on the device
-  runs inside the graph. One in host memory (llama.fast_path.CPUEmbedding, a frozen table) gathers this call's
-  rows on the CPU into a static pinned buffer, and the graph holds their host-to-device copy, into a tensor of
-  the graph's pool that is freed after the first layer (no device copy of the embedding output persists);
+  runs inside the graph. One in host memory (llama.fast_path.CPUEmbedding, a frozen pinned table) also runs
+  inside it where its kernel reads the rows over the host link (kernels.gather, checked on the first call);
+  otherwise it gathers this call's rows on the CPU into a static pinned buffer, and the graph holds their
+  host-to-device copy, into a tensor of the graph's pool that is freed after the first layer (no device copy of
+  the embedding output persists);
 - new dropout masks per replay: the LoRA dropout seeds live in device memory (llama.fast_path.SeedSlots), drawn
   from the CPU generator as the eager step draws them; the warm-up calls already run this way, so graphed,
   warm-up and eager steps draw the same masks from the same generator state;
@@ -145,6 +147,12 @@ class GraphedStep:
                     g.copy_(p.grad)
                 p.grad = g
 
+    def _device_gather(self, e: _Entry) -> bool:
+        """The host-resident embedding reads its rows from the static ids on the GPU (kernels.gather): then it runs
+        inside the graph like a device embedding, and no rows are gathered on the CPU."""
+        ok = getattr(self.host_emb, "device_gather_ok", None)
+        return bool(ok is not None and ok(e.static["input_ids"]))
+
     def _body(self, e: _Entry, loss_fn: Callable) -> torch.Tensor:
         from llama.fast_path import seed_slots
 
@@ -179,7 +187,7 @@ class GraphedStep:
         for k, v in inputs.items():
             e.static[k].copy_(v, non_blocking=True)
         e.scale.fill_(scale)
-        if self.host_emb is not None and "input_ids" in inputs:
+        if self.host_emb is not None and "input_ids" in inputs and not self._device_gather(e):
             ids = inputs["input_ids"].reshape(-1).cpu()
             w = self.host_emb.weight
             if e.rows is None:
