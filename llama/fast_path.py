@@ -202,14 +202,10 @@ try:
         _drop4_tile(x_row, o_row, 3 * Q + j, mm & (jm & (3 * Q + j < K))[None, :], k3, scale, ACCUMULATE)
 
     @triton.jit
-    def _xa_tile(acc, x_row, a_ptr, col, cm, mm, rr, rmask, stride_am, keep, scale, PREC: tl.constexpr,
-                 POST_SCALE: tl.constexpr):
-        # acc (BM, BR) += dropout(x[:, col]) @ A[:, col]^T  (POST_SCALE: the kept x unscaled, the caller scales acc)
+    def _xa_tile(acc, x_row, a_ptr, col, cm, mm, rr, rmask, stride_am, keep, scale, PREC: tl.constexpr):
+        # acc (BM, BR) += dropout(x[:, col]) @ A[:, col]^T
         x = tl.load(x_row + col[None, :], mask=mm[:, None] & cm[None, :], other=0.0)            # (BM, BQ)
-        if POST_SCALE:
-            xd = tl.where(keep, x, tl.zeros_like(x))
-        else:
-            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         at = tl.load(a_ptr + rr[None, :] * stride_am + col[:, None], mask=cm[:, None] & rmask[None, :],
                      other=0.0)                                                                   # (BQ, BR)
         return tl.dot(xd, at, acc, input_precision=PREC)
@@ -218,7 +214,7 @@ try:
     def _lora_xa_kernel(x_ptr, a_ptr, xa_ptr, kc_ptr, N, K, Q, R, stride_xm, stride_am, stride_om, j_per_split, t31,
                         scale, seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
                         PARTIAL: tl.constexpr, SEED_PTR: tl.constexpr, KC: tl.constexpr = 0,
-                        ROUNDS: tl.constexpr = 10, POST_SCALE: tl.constexpr = True):
+                        ROUNDS: tl.constexpr = 10):
         # xa (N, R) = dropout(x) @ A^T: x (N, K), A (R, K); program = (BM rows, a range of j_per_split columns
         # per quarter); PARTIAL: fp32 partial sums into xa_ptr[split] (S, N, R), summed by the launcher
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
@@ -236,15 +232,12 @@ try:
             j = j0 + tl.arange(0, BQ)
             jm = j < j_hi
             k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm[:, None] & jm[None, :], KC, ROUNDS)
-            acc = _xa_tile(acc, x_row, a_ptr, j, jm & (j < K), mm, rr, rmask, stride_am, k0, scale, PREC, POST_SCALE)
-            acc = _xa_tile(acc, x_row, a_ptr, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, k1, scale, PREC,
-                           POST_SCALE)
+            acc = _xa_tile(acc, x_row, a_ptr, j, jm & (j < K), mm, rr, rmask, stride_am, k0, scale, PREC)
+            acc = _xa_tile(acc, x_row, a_ptr, Q + j, jm & (Q + j < K), mm, rr, rmask, stride_am, k1, scale, PREC)
             acc = _xa_tile(acc, x_row, a_ptr, 2 * Q + j, jm & (2 * Q + j < K), mm, rr, rmask, stride_am, k2, scale,
-                           PREC, POST_SCALE)
+                           PREC)
             acc = _xa_tile(acc, x_row, a_ptr, 3 * Q + j, jm & (3 * Q + j < K), mm, rr, rmask, stride_am, k3, scale,
-                           PREC, POST_SCALE)
-        if POST_SCALE:
-            acc = acc * scale
+                           PREC)
         o = xa_ptr + split.to(tl.int64) * N * stride_om + rm.to(tl.int64)[:, None] * stride_om + rr[None, :]
         if PARTIAL:
             tl.store(o, acc, mask=mm[:, None] & rmask[None, :])
@@ -252,13 +245,10 @@ try:
             tl.store(o, acc.to(xa_ptr.dtype.element_ty), mask=mm[:, None] & rmask[None, :])
 
     @triton.jit
-    def _da_tile(acc, dT, x_row, col, cm, mm, keep, scale, PREC: tl.constexpr, POST_SCALE: tl.constexpr):
-        # acc (BR, BQ) += dxa^T (BR, BM) @ dropout(x[rows, col]) (BM, BQ)  (POST_SCALE: unscaled, as in _xa_tile)
+    def _da_tile(acc, dT, x_row, col, cm, mm, keep, scale, PREC: tl.constexpr):
+        # acc (BR, BQ) += dxa^T (BR, BM) @ dropout(x[rows, col]) (BM, BQ)
         x = tl.load(x_row + col[None, :], mask=mm[:, None] & cm[None, :], other=0.0)
-        if POST_SCALE:
-            xd = tl.where(keep, x, tl.zeros_like(x))
-        else:
-            xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         return tl.dot(dT, xd, acc, input_precision=PREC)
 
     @triton.jit
@@ -268,8 +258,7 @@ try:
     @triton.jit(do_not_specialize=["seed", "row0"])
     def _lora_da_kernel(dxa_ptr, x_ptr, part_ptr, kc_ptr, N, K, Q, R, stride_dm, stride_xm, rows_per_split, t31,
                         scale, seed, row0, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                        SEED_PTR: tl.constexpr, KC: tl.constexpr = 0, ROUNDS: tl.constexpr = 10,
-                        POST_SCALE: tl.constexpr = True):
+                        SEED_PTR: tl.constexpr, KC: tl.constexpr = 0, ROUNDS: tl.constexpr = 10):
         # part[s] (R, K) = dxa[rows of s]^T @ dropout(x[rows of s]); program = (BQ columns per quarter, split s)
         if SEED_PTR:                       # the seed in device memory (CUDA-graph replays draw new ones)
             seed = tl.load(seed)
@@ -291,12 +280,10 @@ try:
                          mask=rmask[:, None] & mm[None, :], other=0.0)                            # (BR, BM)
             k0, k1, k2, k3 = _keeps4(seed, rm + row0, j, Q, t31, kc_ptr, mm[:, None] & jm[None, :], KC, ROUNDS)
             x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-            acc0 = _da_tile(acc0, dT, x_row, j, jm & (j < K), mm, k0, scale, PREC, POST_SCALE)
-            acc1 = _da_tile(acc1, dT, x_row, Q + j, jm & (Q + j < K), mm, k1, scale, PREC, POST_SCALE)
-            acc2 = _da_tile(acc2, dT, x_row, 2 * Q + j, jm & (2 * Q + j < K), mm, k2, scale, PREC, POST_SCALE)
-            acc3 = _da_tile(acc3, dT, x_row, 3 * Q + j, jm & (3 * Q + j < K), mm, k3, scale, PREC, POST_SCALE)
-        if POST_SCALE:
-            acc0, acc1, acc2, acc3 = acc0 * scale, acc1 * scale, acc2 * scale, acc3 * scale
+            acc0 = _da_tile(acc0, dT, x_row, j, jm & (j < K), mm, k0, scale, PREC)
+            acc1 = _da_tile(acc1, dT, x_row, Q + j, jm & (Q + j < K), mm, k1, scale, PREC)
+            acc2 = _da_tile(acc2, dT, x_row, 2 * Q + j, jm & (2 * Q + j < K), mm, k2, scale, PREC)
+            acc3 = _da_tile(acc3, dT, x_row, 3 * Q + j, jm & (3 * Q + j < K), mm, k3, scale, PREC)
         part_row = part_ptr + split.to(tl.int64) * R * K + rr[:, None] * K
         _da_store(part_row, acc0, j, jm & (j < K), rmask)
         _da_store(part_row, acc1, Q + j, jm & (Q + j < K), rmask)

@@ -40,12 +40,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time a grid of block configs per op (10 rounds) instead")
     ap.add_argument("--per-sm", type=lambda v: [int(m) for m in v.split(",")], default=None,
                     help="with --sweep: xa only, its kept configs at these programs-per-SM targets (e.g. 2,4,8,16)")
-    ap.add_argument("--post-scale", action="store_true",
-                    help="xa and dA only, their kept configs with the dropout scale on the accumulator (POST_SCALE=1, "
-                         "the default) and on each element before the dot (0), alternating")
     a = ap.parse_args()
-    if a.post_scale:
-        return post_scale(a)
     if a.sweep:
         return sweep(a)
     dev, dt, R, p, seed = torch.device("cuda"), torch.bfloat16, 64, 0.1, 1234
@@ -119,34 +114,6 @@ def sweep(a):
             best = sorted((v, k) for k, v in t.items() if isinstance(v, float))[:6]
             res["sweep"][f"{op} K={K}"] = dict(best=best, all=t)
             print(op, K, "best (us, BM,BQ,warps,stages[,per SM]):", best, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-
-
-def post_scale(a):
-    """xa and dA at their kept configs, POST_SCALE 0 and 1 in alternating rounds (each one's best), with the
-    relative Frobenius error of each against the split path."""
-    dev, dt, R, p, seed, N = torch.device("cuda"), torch.bfloat16, 64, 0.1, 1234, a.rows
-    res = dict(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               rows=N, r=R, p=p, post_scale={})
-    for K in (4096, 11008):
-        x, A, d, dx = problem(N, K, R, dev, dt)
-        for op in ("xa", "da"):
-            fused, configs, split = fp._OPS[op]
-            args = fp.op_args(op, x, A, d, dx, p, seed, 0, None)
-            want = split(*args).float()
-            t, err = {}, {}
-            for _ in range(3):
-                for i, c in enumerate(configs):
-                    for ps in (0, 1):
-                        cfg = dict(c, POST_SCALE=bool(ps))
-                        k = f"fused{i} POST_SCALE={ps}"
-                        t[k] = min(t.get(k, float("inf")), us(lambda: fused(*args, cfg)))
-                        got = fused(*args, cfg).float()
-                        err[k] = round(((got - want).norm() / want.norm()).item(), 6)
-            res["post_scale"][f"{op} K={K}"] = dict(us=t, rel_err_vs_split=err)
-            print(op, K, {k: (v, err[k]) for k, v in sorted(t.items(), key=lambda kv: kv[1])}, flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
