@@ -43,7 +43,7 @@ def analyze(trace, steps: int = 1, classify_name=None, min_gap_us: float = 2.0, 
     ks = sorted((e for e in gpu if e.get("args", {}).get("stream", e.get("tid")) == stream), key=lambda e: e["ts"])
     launches = {}
     for e in ev:
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
             launches[e["args"]["correlation"]] = e
     cpu_ops = sorted((e for e in ev if e.get("cat") == "cpu_op" and not e["name"].startswith(_OUTER)),
                      key=lambda e: e["ts"])
@@ -96,7 +96,7 @@ def analyze(trace, steps: int = 1, classify_name=None, min_gap_us: float = 2.0, 
 
     syncs = defaultdict(float)
     for e in ev:
-        if e.get("cat") == "cuda_runtime" and "ynchronize" in e["name"]:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "ynchronize" in e["name"]:
             syncs[e["name"]] += e["dur"]
     return dict(
         stream=stream, span_ms=round(span / 1e3 / steps, 3), busy_ms=round(busy[stream] / 1e3 / steps, 3),

@@ -12,9 +12,9 @@ def kernel(name, ts, dur, corr, stream=7):
     return dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur, args={"stream": stream, "correlation": corr})
 
 
-def launch(ts, corr, tid=1):
-    return dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=ts, dur=1, tid=tid,
-                args={"correlation": corr})
+def launch(ts, corr, tid=1, cat="cuda_runtime"):
+    return dict(ph="X", cat=cat, name="cudaLaunchKernel" if cat == "cuda_runtime" else "cuLaunchKernelEx", ts=ts,
+                dur=1, tid=tid, args={"correlation": corr})
 
 
 def op(name, ts, dur, tid=1):
@@ -27,7 +27,7 @@ def trace():
         # gap 150..200: launched at 180 (host-bound 30 us inside aten::item, the rest 20 us waiting)
         kernel("gemm_b", 200, 50, 2), launch(180, 2), op("aten::linear", 170, 20), op("aten::item", 175, 10),
         # gap 250..400: launched at 20, long before: waiting 150 us
-        kernel("_rope_kernel", 400, 10, 3), launch(20, 3),
+        kernel("_rope_kernel", 400, 10, 3), launch(20, 3, cat="cuda_driver"),     # Triton: the driver API
         # gap 410..411 (< min_gap_us): ignored
         kernel("_rope_kernel", 411, 10, 4), launch(21, 4),
         # a copy on another stream overlapping the gap: not the compute stream
