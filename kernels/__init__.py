@@ -8,6 +8,7 @@
     rms_norm, apply_rope, swiglu           fused Llama ops, hand-written backward  (kernels/rms_norm.py, rope.py, swiglu.py)
     chunked_cross_entropy                  LM-head loss without full fp32 logits   (kernels/cross_entropy.py)
     adamw_step_, adamw_step_multi_         bitsandbytes' AdamW update              (kernels/adamw.py)
+    gather_rows                            embedding rows from a pinned host table (kernels/gather.py)
 
 Dispatch: CUDA tensors run Triton; CPU tensors run the pure-torch reference in nf4/. Tests run the Triton
 kernels on the CPU with TRITON_INTERPRET=1.
@@ -17,6 +18,7 @@ from .nf4_linear import NF4Linear, NF4LinearFunction, nf4_linear
 from .nf4_matmul import nf4_matmul, nf4_matmul_dequant, nf4_matmul_fused, nf4_matmul_t, nf4_matmul_t_fused
 from .adamw import adamw_step_, adamw_step_multi_, adamw_update_
 from .cross_entropy import chunked_cross_entropy
+from .gather import gather_rows
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
@@ -27,5 +29,5 @@ __all__ = [
     "double_quantize", "double_quantize_triton", "quantize_weight", "nf4_matmul", "nf4_matmul_t",
     "nf4_matmul_fused", "nf4_matmul_t_fused", "nf4_matmul_dequant", "nf4_linear", "NF4Linear",
     "NF4LinearFunction", "rms_norm", "apply_rope", "swiglu", "chunked_cross_entropy", "adamw_step_",
-    "adamw_step_multi_", "adamw_update_",
+    "adamw_step_multi_", "adamw_update_", "gather_rows",
 ]
