@@ -1208,9 +1208,9 @@ class CPUEmbedding(nn.Embedding):
     def _gather_state(self):
         st = self.__dict__.get("_gather")
         if st is None:
-            bad = torch.zeros(1, dtype=torch.int32)
-            st = self.__dict__["_gather"] = {"ok": None, "why": None,
-                                             "bad": bad.pin_memory() if torch.cuda.is_available() else bad}
+            st = self.__dict__["_gather"] = {"ok": None, "why": None, "bad": torch.zeros(1, dtype=torch.int32)}
+        if torch.cuda.is_available() and not st["bad"].is_pinned():     # new, or a copy (deepcopy does not pin)
+            st["bad"] = st["bad"].pin_memory()
         return st
 
     def _host_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -1226,8 +1226,9 @@ class CPUEmbedding(nn.Embedding):
         from kernels.gather import device_gather_possible, gather_rows
 
         st = self._gather_state()
-        if not (self.DEVICE_GATHER and st["ok"] is not False and ids.device == self._device and
-                device_gather_possible(self.weight, ids)):
+        dev = torch.device(self._device)
+        same = ids.device.type == dev.type and (dev.index is None or ids.device.index in (None, dev.index))
+        if not (self.DEVICE_GATHER and st["ok"] is not False and same and device_gather_possible(self.weight, ids)):
             return False
         if st["ok"] is None:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
