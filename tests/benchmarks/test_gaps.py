@@ -65,3 +65,16 @@ def test_gaps_needs_gpu_kernels(tmp_path):
     good = tmp_path / "g.json"
     good.write_text(json.dumps(trace()))
     gaps.main([str(good)])
+
+
+def test_e2e_breakdown_carries_the_gap_report_on_cpu():
+    """The e2e breakdown's plumbing on the CPU (tiny model): the profile runs, and the gap report says why it is
+    empty (no GPU kernels) instead of failing the breakdown."""
+    import torch
+
+    from benchmarks import e2e
+
+    bd = e2e.breakdown(e2e.model_args("tiny"), torch.device("cpu"), True, seq=32, batch=2, setting="b")
+    assert bd["setting"] == "b" and bd["kernel_sum_ms"] == 0          # no device kernels on the CPU
+    assert bd["step_ms"] is None and bd["phase_ms"] == {}              # phases are CUDA events
+    assert "no GPU kernels" in bd["gaps"]["error"]
