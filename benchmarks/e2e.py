@@ -365,12 +365,22 @@ def time_steps(step: Step, batch, seq, vocab, device, n_steps, seed=1):
         sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    window = times[3:8] if n_steps >= 8 else times[len(times) // 2:]
-    med = statistics.median(window)
+    med, spread = window_stats(times)
     ph = phases[3:8] if len(phases) >= 8 else phases[len(phases) // 2:]
     phase_ms = {k: statistics.median(p[k] for p in ph) for k in ph[0]} if ph else {}
     return dict(step_s=med, tokens_per_s=batch * seq / med, step_times_s=[round(t, 4) for t in times],
-                losses=[round(x, 4) for x in losses], phase_ms=phase_ms, peak_gib_steps_1_3=peak_warmup)
+                window_spread=round(spread, 4), losses=[round(x, 4) for x in losses], phase_ms=phase_ms,
+                peak_gib_steps_1_3=peak_warmup)
+
+
+UNSETTLED = 1.10   # a timing window whose slowest step is this much slower than its fastest is flagged
+
+
+def window_stats(times):
+    """(median, slowest / fastest) of the timing window: steps 4-8 (1-based) when there are 8 or more, else the
+    second half. The spread flags a run whose steps had not settled (the table marks it; the median stands)."""
+    window = times[3:8] if len(times) >= 8 else times[len(times) // 2:]
+    return statistics.median(window), max(window) / min(window)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -1018,6 +1028,8 @@ def print_table(results):
                 sp = v.get("speed_ratio", v.get("speed_ratio_vs_hf", float("nan")))
                 mem = v.get("memory_ratio", v.get("memory_ratio_vs_hf")) or float("nan")
                 vs = f"  vs unsloth {v['speed_ratio_vs_unsloth']:.3f}x" if "speed_ratio_vs_unsloth" in v else ""
+                spread = v.get("window_spread") or 1.0
+                vs += f"  unsettled: steps 4-8 spread {spread:.2f}x" if spread > UNSETTLED else ""
                 log(f"({s})      {k:>20s} {v['tokens_per_s']:9.0f} {v['step_s']*1e3:9.1f} {v['peak_gib']:9.2f} "
                     f"{sp:8.3f} {mem:7.3f}{vs}")
             elif isinstance(v, dict) and "error" in v:

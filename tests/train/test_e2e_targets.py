@@ -48,3 +48,14 @@ def test_results_name_the_host_cpu():
     """The host that launches the kernels is recorded (HF's host-bound (a) step varies with it between machines)."""
     h = e2e.host_info()
     assert set(h) == {"cpu", "cores"} and isinstance(h["cpu"], str) and h["cpu"] and h["cores"] >= 1
+
+
+def test_timing_window_median_and_spread():
+    from benchmarks.e2e import UNSETTLED, window_stats
+
+    # 8075066's (b) run: steps 4-8 still settling
+    med, spread = window_stats([8.6534, 0.921, 0.828, 0.837, 0.7483, 0.7398, 0.6856, 0.6983])
+    assert med == 0.7398 and round(spread, 3) == 1.221 and spread > UNSETTLED
+    med, spread = window_stats([7.4688, 0.7243, 0.7131, 0.7112, 0.7032, 0.7485, 0.698, 0.7078])
+    assert med == 0.7078 and spread < UNSETTLED               # 849cadd: one slower step, settled
+    assert window_stats([3.0, 1.0, 2.0, 2.0]) == (2.0, 1.0)          # fewer than 8: the second half
