@@ -585,10 +585,11 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
         err.max().item() <= 0.1 * want.abs().max().item() + 1e-6
 
 
-def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False):
+def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False, why: Optional[dict] = None):
     """The fused candidates that agree with the split path on a small problem of this op's K, r and dtype (the
     same mask, so only rounding differs; a wrong mask or a miscompiled kernel differs by whole elements). kc: the
-    keep-code variant (xa writes the codes, which must equal the split path's; dA and dx read them)."""
+    keep-code variant (xa writes the codes, which must equal the split path's; dA and dx read them). why: filled
+    with {rejected name: reason} (a compile or launch error, wrong codes, or results off the split path's)."""
     g = torch.Generator(device=device).manual_seed(1)
     N, p, seed, row0 = 256, 0.25, 12345, 77
     x = torch.randn(N, K, device=device, dtype=dtype, generator=g)
@@ -611,10 +612,15 @@ def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False):
     for name in names:
         try:
             got = call(name)
+        except Exception as e:  # noqa: BLE001  (a config that cannot compile or launch here is not used)
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        else:
             if got is not None and _close(got, want):
                 ok.append(name)
-        except Exception:  # noqa: BLE001  (a config that cannot compile or launch here is not used)
-            pass
+                continue
+            reason = "wrong keep codes" if got is None else "results off the split path's"
+        if why is not None:
+            why[name] = reason
     return ok
 
 
@@ -650,7 +656,11 @@ def _path(op, N, K, R, ref: torch.Tensor, args):
     if torch.cuda.is_current_stream_capturing():
         return "split"
     cands = _candidates(op)
-    names = _fused_ok_names(op, K, R, ref.dtype, ref.device, [n for n in cands if n != "split"], kc) + ["split"]
+    rejected: dict = {}
+    names = _fused_ok_names(op, K, R, ref.dtype, ref.device, [n for n in cands if n != "split"], kc,
+                            rejected) + ["split"]
+    if rejected:                      # visible in lora_kernel_paths(): a fused kernel that stopped compiling
+        _PATHS[key + ("rejected",)] = rejected
     scratch = args[0].clone() if op == "dx" else None          # dx accumulates in place: time on a copy
     times = dict.fromkeys(names, float("inf"))
     for _ in range(_PATH_ROUNDS):     # interleaved rounds, each candidate's best: a burst of contention slows one
@@ -682,8 +692,9 @@ def _run(op, name, args):
 
 
 def lora_kernel_paths() -> dict:
-    """{"op size-class K r dtype": chosen path} of the philox-family LoRA kernels so far (for benchmarks), and
-    the candidates' times in ms under the same key + " ms"."""
+    """{"op size-class K r dtype": chosen path} of the philox-family LoRA kernels so far (for benchmarks), the
+    candidates' times in ms under the same key + " ms", and the fused candidates the first-use check rejected,
+    with the reason, under key + " rejected"."""
     return {" ".join(str(k) for k in key): v for key, v in _PATHS.items()}
 
 

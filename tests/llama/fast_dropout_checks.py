@@ -162,11 +162,17 @@ def check_first_use_correctness_check():
             out = real["fused0"](*a).clone()
             out[:3] += 1.0
             return out
-        fp._CANDS["xa"] = dict(real, bad_codes=wrong_codes, bad_rows=wrong_rows)
+        def broken(*a):
+            raise RuntimeError("PassManager::run failed\n(the MLIR dump)")
+        fp._CANDS["xa"] = dict(real, bad_codes=wrong_codes, bad_rows=wrong_rows, broken=broken)
         for kc, want in ((False, ["fused0", "bad_codes"]), (True, ["fused0"])):
+            why = {}
             got = fp._fused_ok_names("xa", 37, 5, torch.float32, torch.device("cpu"),
-                                     ["fused0", "bad_codes", "bad_rows"], kc)
+                                     ["fused0", "bad_codes", "bad_rows", "broken"], kc, why)
             assert got == want, f"kc={kc}: {got}"
+            assert why == dict({"bad_codes": "wrong keep codes"} if kc else {},
+                               bad_rows="results off the split path's",
+                               broken="RuntimeError: PassManager::run failed"), why
     finally:
         fp._CANDS["xa"] = real
 

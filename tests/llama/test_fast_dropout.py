@@ -188,6 +188,23 @@ def test_path_choice_times_candidates_in_interleaved_rounds(monkeypatch):
             fp._PATHS.clear()
 
     assert fp._PATH_ROUNDS == 3
+    # a fused candidate that the first-use check rejected is listed with its reason
+    def check(op, K, R, dtype, device, names, kc, why):
+        why["fused1"] = "RuntimeError: PassManager::run failed"
+        return ["fused0"]
+    monkeypatch.setattr(fp, "_fused_ok_names", check)
+    monkeypatch.setattr(fp, "_candidates", lambda op: {"fused0": lambda *a: None, "fused1": None,
+                                                       "split": lambda *a: None})
+    monkeypatch.setattr(fp, "_time_ms", lambda fn, reps=5: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fp._PATHS.clear()
+    try:
+        assert fp._path("xa", 8192, 4096, 64, Ref(), (None, None, 0.1, 1, 0, None)) == "fused0"
+        assert fp.lora_kernel_paths()["xa N>=4096 4096 64 bfloat16 rejected"] == {
+            "fused1": "RuntimeError: PassManager::run failed"}
+    finally:
+        fp._PATHS.clear()
+        monkeypatch.undo()
     # fused0 hit by a burst in round 1 only: still the fastest
     name, called = run({"fused0": [9.0, 1.0, 1.0], "fused1": [1.2, 1.2, 1.3], "split": [1.05, 1.05, 1.1]})
     assert called == ["fused0", "fused1", "split"] * 3 and name == "fused0"
