@@ -1039,6 +1039,9 @@ def print_table(results):
     for stack, r in results.get("longest", {}).items():
         log(f"longest  {stack:>20s} fits {r.get('longest_fit')}  first OOM {r.get('first_oom')}  "
             f"capped: {r.get('capped')}  extrapolated {r.get('extrapolated_by_peak_memory')}")
+    for k, v in results.get("lora_kernel_paths", {}).items():
+        if k.endswith(" rejected"):                     # fused LoRA kernels that failed the first-use check
+            log(f"LoRA kernels {k}: {v}")
     for t in results.get("targets", []):
         ex = t.get("extrapolated_ratio_by_peak_memory")
         log(f"target: {t['name']}: {t['measured']}{f' (extrapolated {ex})' if ex is not None else ''} "
