@@ -1040,7 +1040,7 @@ def print_table(results):
         log(f"longest  {stack:>20s} fits {r.get('longest_fit')}  first OOM {r.get('first_oom')}  "
             f"capped: {r.get('capped')}  extrapolated {r.get('extrapolated_by_peak_memory')}")
     for k, v in results.get("lora_kernel_paths", {}).items():
-        if k.endswith(" rejected"):                     # fused LoRA kernels that failed the first-use check
+        if k.endswith(" rejected") or k.startswith("launch fallback"):   # fused LoRA kernels that failed
             log(f"LoRA kernels {k}: {v}")
     for t in results.get("targets", []):
         ex = t.get("extrapolated_ratio_by_peak_memory")

@@ -678,7 +678,8 @@ def _path(op, N, K, R, ref: torch.Tensor, args):
 
 
 def _run(op, name, args):
-    """Candidate `name` of op; a fused kernel that fails at launch falls back to the split path (same mask)."""
+    """Candidate `name` of op; a fused kernel that fails at launch falls back to the split path (same mask), and
+    the first such failure per (op, name) is kept in lora_kernel_paths() under "launch fallback <op> <name>"."""
     cands = _candidates(op)
     if name == "split" or name not in cands:
         return cands["split"](*args)
@@ -687,7 +688,9 @@ def _run(op, name, args):
         return fused(*args, _INTERP_CONFIG)
     try:
         return cands[name](*args)
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        _PATHS.setdefault(("launch fallback", op, name), f"{type(e).__name__}: {msg[0][:160] if msg else ''}")
         return cands["split"](*args)
 
 

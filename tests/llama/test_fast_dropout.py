@@ -212,3 +212,24 @@ def test_path_choice_times_candidates_in_interleaved_rounds(monkeypatch):
     assert run({"fused0": [1.0] * 3, "fused1": [1.2] * 3, "split": [0.8, 0.85, 0.8]})[0] == "split"
     # split faster, but not by 10%: fused (the split path also holds an (N, K) temporary)
     assert run({"fused0": [1.0] * 3, "fused1": [1.2] * 3, "split": [0.95] * 3})[0] == "fused0"
+
+
+def test_launch_fallback_is_recorded(monkeypatch):
+    """A chosen fused candidate that fails at launch runs the split path instead (same mask), and the failure is
+    listed in lora_kernel_paths() (once per op and candidate), not only printed by the compiler."""
+    calls = []
+
+    def broken(*a):
+        calls.append("fused0")
+        raise RuntimeError("PassManager::run failed\n(the MLIR dump)")
+
+    monkeypatch.setattr(fp, "_candidates", lambda op: {"fused0": broken, "split": lambda *a: calls.append("split")})
+    monkeypatch.setattr(fp, "_interpreting", lambda: False)
+    fp._PATHS.clear()
+    try:
+        fp._run("xa", "fused0", ())
+        fp._run("xa", "fused0", ())
+        assert calls == ["fused0", "split"] * 2
+        assert fp.lora_kernel_paths() == {"launch fallback xa fused0": "RuntimeError: PassManager::run failed"}
+    finally:
+        fp._PATHS.clear()
