@@ -15,6 +15,7 @@ when the late launch happened, so a report reads "host-bound 40 ms before cuBLAS
     python -m benchmarks.gaps trace.json [--steps 2]
 """
 import argparse
+import bisect
 import json
 import sys
 from collections import defaultdict
@@ -41,17 +42,19 @@ def analyze(trace, steps: int = 1, classify_name=None, min_gap_us: float = 2.0, 
         busy[e.get("args", {}).get("stream", e.get("tid"))] += e["dur"]
     stream = max(busy, key=busy.get)
     ks = sorted((e for e in gpu if e.get("args", {}).get("stream", e.get("tid")) == stream), key=lambda e: e["ts"])
-    launches = {}
+    launches, syncs = {}, defaultdict(float)          # host API calls: launches by correlation id, and syncs
     for e in ev:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
-            launches[e["args"]["correlation"]] = e
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            if "correlation" in e.get("args", {}):
+                launches[e["args"]["correlation"]] = e
+            if "ynchronize" in e["name"]:
+                syncs[e["name"]] += e["dur"]
     cpu_ops = sorted((e for e in ev if e.get("cat") == "cpu_op" and not e["name"].startswith(_OUTER)),
                      key=lambda e: e["ts"])
     starts = [e["ts"] for e in cpu_ops]
 
     def innermost_op(t, tid):
         """The innermost CPU op on host thread tid open at time t (None if none)."""
-        import bisect
         i = bisect.bisect_right(starts, t)
         best = None
         for e in reversed(cpu_ops[max(0, i - 400):i]):
@@ -94,10 +97,6 @@ def analyze(trace, steps: int = 1, classify_name=None, min_gap_us: float = 2.0, 
         rows = sorted(d.items(), key=lambda kv: -kv[1][0])[:top]
         return [[k, round(v[0] / 1e3 / steps, 3), round(v[1] / steps, 1)] for k, v in rows]
 
-    syncs = defaultdict(float)
-    for e in ev:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "ynchronize" in e["name"]:
-            syncs[e["name"]] += e["dur"]
     return dict(
         stream=stream, span_ms=round(span / 1e3 / steps, 3), busy_ms=round(busy[stream] / 1e3 / steps, 3),
         idle_ms=round((span - busy[stream]) / 1e3 / steps, 3),

@@ -585,6 +585,12 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
         err.max().item() <= 0.1 * want.abs().max().item() + 1e-6
 
 
+def _error_line(e: Exception) -> str:
+    """An exception as one short line (a compiler failure's message is followed by its MLIR dump)."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
+
+
 def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False, why: Optional[dict] = None):
     """The fused candidates that agree with the split path on a small problem of this op's K, r and dtype (the
     same mask, so only rounding differs; a wrong mask or a miscompiled kernel differs by whole elements). kc: the
@@ -613,7 +619,7 @@ def _fused_ok_names(op, K, R, dtype, device, names, kc: bool = False, why: Optio
         try:
             got = call(name)
         except Exception as e:  # noqa: BLE001  (a config that cannot compile or launch here is not used)
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            reason = _error_line(e)
         else:
             if got is not None and _close(got, want):
                 ok.append(name)
@@ -689,8 +695,7 @@ def _run(op, name, args):
     try:
         return cands[name](*args)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()
-        _PATHS.setdefault(("launch fallback", op, name), f"{type(e).__name__}: {msg[0][:160] if msg else ''}")
+        _PATHS.setdefault(("launch fallback", op, name), _error_line(e))
         return cands["split"](*args)
 
 
