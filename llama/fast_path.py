@@ -1041,44 +1041,71 @@ class ActivationOffloader:
     """Pinned host buffers for the checkpointed layer inputs, copied on a side stream.
 
     `save(i, x)` starts the device-to-host copy of layer i's input; `load(i)` returns it on the device,
-    waiting for a prefetch started by `prefetch(i)` (the backward of layer i prefetches layer i-1's input)."""
+    waiting for a prefetch started by `prefetch(i)` (the backward of layer i prefetches layer i-1's input).
+
+    Lifetimes by events, not `record_stream`: every device tensor here is allocated on the compute stream and
+    freed there only after the compute stream has waited for the side stream's copy (a saved input at the next
+    save or the first load, a prefetched one when loaded). A block marked with `record_stream` cannot be reused
+    before the capture ends while a CUDA graph is being captured (the allocator cannot query events then), so
+    a captured step held every layer's input and prefetch at once: +3.2 GiB at batch 4 x 2048 on an H200."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.host: dict[int, torch.Tensor] = {}
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.saving: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # sources of device-to-host copies
+
+    def _copy_done(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def _release_saved(self) -> None:
+        """The compute stream waits for the pending device-to-host copies; then their sources may be freed."""
+        cur = torch.cuda.current_stream(self.device)
+        for _, ev in self.saving:
+            cur.wait_event(ev)
+        self.saving.clear()
 
     def save(self, i: int, x: torch.Tensor) -> None:
-        self.fetched.pop(i, None)               # a prefetch left over from an interrupted backward
+        self._drop_fetched(i)                   # a prefetch left over from an interrupted backward
+        self._release_saved()                   # the previous layer's copy ran beside this layer's compute
         buf = self.host.get(i)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self.host[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             buf.copy_(x, non_blocking=True)
-        x.record_stream(self.stream)            # the allocator keeps x until the copy is done
+        self.saving.append((x, self._copy_done()))   # x stays referenced until the compute stream waited
 
     def prefetch(self, i: int) -> None:
+        self._release_saved()
         if i < 0 or i not in self.host or i in self.fetched:
             return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        src = self.host[i]
+        t = torch.empty(src.shape, dtype=src.dtype, device=self.device)     # on the compute stream
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))     # t's earlier users are done
         with torch.cuda.stream(self.stream):
-            t = self.host[i].to(self.device, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self.fetched[i] = (t, ev)
+            t.copy_(src, non_blocking=True)
+        self.fetched[i] = (t, self._copy_done())
 
     def load(self, i: int) -> torch.Tensor:
         self.prefetch(i)
         t, ev = self.fetched.pop(i)
         torch.cuda.current_stream(self.device).wait_event(ev)
-        t.record_stream(torch.cuda.current_stream(self.device))
         return t
 
+    def _drop_fetched(self, i: int) -> None:
+        got = self.fetched.pop(i, None)
+        if got is not None:                     # free it only after its copy (the compute stream waits)
+            torch.cuda.current_stream(self.device).wait_event(got[1])
+
     def free(self) -> None:
+        for i in list(self.fetched):
+            self._drop_fetched(i)
+        self._release_saved()
         self.host.clear()
-        self.fetched.clear()
 
 
 class OffloadedCheckpoint(torch.autograd.Function):

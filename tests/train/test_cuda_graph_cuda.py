@@ -15,14 +15,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(dropout=0.1, checkpointing=1, seed=0, offload_embeddings=False):
+def _model(dropout=0.1, checkpointing=1, seed=0, offload_embeddings=False, offload=False, **arch):
     from kernels import NF4Linear
     from llama import LlamaForCausalLM, ModelArgs
     from llama.fast_path import enable_fast_path
     from lora import LoraConfig, inject_lora
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(ModelArgs.from_name("tiny")).cuda()
+    model = LlamaForCausalLM(ModelArgs.from_name("tiny", **arch)).cuda()
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name != "lm_head":
             parent, _, child = name.rpartition(".")
@@ -30,7 +30,8 @@ def _model(dropout=0.1, checkpointing=1, seed=0, offload_embeddings=False):
     model.requires_grad_(False)
     inject_lora(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=ALL7,
                                   init_lora_weights=False))
-    return enable_fast_path(model.cuda().train(), checkpointing=checkpointing, offload_embeddings=offload_embeddings)
+    return enable_fast_path(model.cuda().train(), checkpointing=checkpointing, offload=offload,
+                            offload_embeddings=offload_embeddings)
 
 
 def _loss(model, input_ids, labels):
@@ -75,18 +76,20 @@ def _graphed_matches_eager(eager_m, graph_m, steps, loss_fn, scale, seed):
     return gs, [g for _, g in eager]
 
 
-@pytest.mark.parametrize("checkpointing,offload_embeddings", [(0, False), (1, False), (1, True)])
-def test_graphed_step_matches_eager(checkpointing, offload_embeddings):
+@pytest.mark.parametrize("checkpointing,offload_embeddings,offload", [(0, False, False), (1, False, False),
+                                                                     (1, True, False), (2, False, True)])
+def test_graphed_step_matches_eager(checkpointing, offload_embeddings, offload):
     """Five steps (2 warm-up, capture + replay, 2 replays) on the same batches as five eager steps from the same
     CPU generator state: the same losses and LoRA gradients (the same dropout masks), and the masks change from
     step to step. Gradients accumulate over two micro-batches with the loss scale as the Trainer sets it.
-    offload_embeddings: the embedding table in pinned host memory (its rows copied to the device in the graph)."""
-    eager_m = _model(checkpointing=checkpointing)
+    offload_embeddings: the embedding table in pinned host memory (its rows copied to the device in the graph);
+    offload: the checkpointed layers' inputs in pinned host memory (copies on the offloader's side stream)."""
+    eager_m = _model(checkpointing=checkpointing, offload=offload)
     graph_m = copy.deepcopy(eager_m)
     if offload_embeddings:
         from llama.fast_path import enable_fast_path
         for m in (eager_m, graph_m):
-            enable_fast_path(m, checkpointing=checkpointing, offload_embeddings=True)
+            enable_fast_path(m, checkpointing=checkpointing, offload=offload, offload_embeddings=True)
         assert graph_m.model.embed_tokens.weight.device.type == "cpu"
     gen = torch.Generator().manual_seed(1)
     batches = [[torch.randint(0, 256, (2, 40), generator=gen).cuda() for _ in range(2)] for _ in range(5)]
@@ -137,3 +140,34 @@ def test_graphed_step_with_left_padding_mask():
     steps = [[{"input_ids": i, "labels": y, "attention_mask": mask}] for i, y in zip(ids, labels)]
     gs, _ = _graphed_matches_eager(eager_m, graph_m, steps, loss_fn, scale=0.01, seed=12)
     assert gs.captures == 1
+
+
+def test_offloaded_capture_peak_is_the_eager_peak():
+    """With every layer checkpointed and its input offloaded, capturing the step takes no more memory than the
+    eager step it records: the offloader orders its side-stream copies by events, so every block is reusable
+    during the capture as it is eagerly (blocks marked with record_stream are not, until the capture ends: the
+    capture then held every layer's input and prefetched copy at once, 2 x n_layers x B x T x C x 2 bytes)."""
+    from train.cuda_graph import GraphedStep
+
+    n_layers, B, T, C = 8, 4, 256, 256
+    model = _model(checkpointing=True, offload=True, num_hidden_layers=n_layers, hidden_size=C,
+                   intermediate_size=4 * C, num_attention_heads=4, num_key_value_heads=4, head_dim=C // 4,
+                   max_position_embeddings=T)
+    assert model.model.layers[0]._offloader is not None
+    gs = GraphedStep(model, [p for p in model.parameters() if p.requires_grad], warmup=2)
+    ids = torch.randint(0, 256, (B, T), device="cuda")
+    peaks = []
+    for _ in range(4):                                   # 2 eager warm-ups, the capture (+ first replay), a replay
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gs(_loss, {"input_ids": ids, "labels": ids}, scale=1e-3)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+        for p in model.parameters():
+            p.grad = None
+    assert gs.captures == 1
+    layer_input = B * T * C * 2
+    eager, capture = peaks[1], peaks[2]
+    assert capture - eager < n_layers * layer_input // 2, \
+        f"capture peak {capture / 2**20:.1f} MiB vs eager {eager / 2**20:.1f} MiB (one layer input: " \
+        f"{layer_input / 2**20:.2f} MiB)"
