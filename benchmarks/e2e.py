@@ -53,7 +53,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from llama import LlamaForCausalLM, ModelArgs  # noqa: E402
+from benchmarks.peers import shield_transformers  # noqa: E402
 from llama.fast_path import enable_fast_path, lora_kernel_paths  # noqa: E402
+
+shield_transformers()      # (transformers >= 5.25 would import kernels/ as Hugging Face's hub kernels)
 
 QV = ["q_proj", "v_proj"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

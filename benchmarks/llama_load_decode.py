@@ -41,8 +41,10 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.peers import shield_transformers  # noqa: E402
 from llama import LlamaForCausalLM, ModelArgs  # noqa: E402
 
+shield_transformers()      # (transformers >= 5.25 would import kernels/ as Hugging Face's hub kernels)
 GIB = 2**30
 PROMPT_LEN, NEW_TOKENS = 64, 128
 

@@ -1199,13 +1199,68 @@ class FastDecoderLayer(DecoderLayer):
         return h, m
 
     def forward(self, x, cos, sin, mask, cache=None):
-        ckpt = getattr(self, "_fast_checkpoint", False)
-        if ckpt and self.training and cache is None and torch.is_grad_enabled():
+        training = self.training and cache is None and torch.is_grad_enabled()
+        if training and getattr(self, "_fast_checkpoint", False):
             anchor = self._grad_anchor
             if anchor.device != x.device:
                 anchor = self._grad_anchor = torch.zeros((), device=x.device, requires_grad=True)
             return OffloadedCheckpoint.apply(self, getattr(self, "_offloader", None), x, cos, sin, mask, anchor)
+        if training and RECOMPUTE_NORM_OUTPUTS:
+            n = self.input_layernorm(x)
+            with _saved_as_recomputed(n, self.input_layernorm, x):
+                h = x + self.self_attn(n, cos, sin, mask)
+            n = self.post_attention_layernorm(h)
+            with _saved_as_recomputed(n, self.post_attention_layernorm, h):
+                return h + self.mlp(n)
         return DecoderLayer.forward(self, x, cos, sin, mask, cache)
+
+
+# A layer that keeps its activations (not checkpointed) saves its norms' outputs only for the LoRA A-sides that
+# read them (dA needs the input): q/k/v read input_layernorm(x), gate/up post_attention_layernorm(h). The norms
+# keep x and h for their own backward anyway, so these saved outputs are recomputed from them when the backward
+# unpacks them (one norm kernel each, bit-identical: the same deterministic kernel on the same input) instead of
+# being held from forward to backward: (B, T, C) per norm and layer (1 of about 12.4 (B, T, C)-sized activations
+# per layer with LoRA on q, v).
+RECOMPUTE_NORM_OUTPUTS = True
+
+
+class _NormRecipe:
+    """norm(inp), recomputed once when a saved view of it is first unpacked (kept until the recipe dies)."""
+
+    __slots__ = ("norm", "inp", "autocast", "value")
+
+    def __init__(self, norm, inp):
+        self.norm, self.inp, self.value = norm, inp, None
+        dt = inp.device.type
+        self.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            dt, on, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(dt, dtype=dtype, enabled=on):
+                self.value = self.norm(self.inp)
+        return self.value
+
+
+def _saved_as_recomputed(out: torch.Tensor, norm: nn.Module, inp: torch.Tensor):
+    """Within the block, autograd saves any view of `out` (= norm(inp)) as a recipe to recompute it."""
+    if out.storage_offset() != 0 or not out.is_contiguous():
+        return contextlib.nullcontext()
+    recipe = _NormRecipe(norm, inp)
+    ptr, dev, dtype = out.untyped_storage().data_ptr(), out.device, out.dtype     # (not `out`: freed after)
+
+    def pack(t):
+        if t.device == dev and t.untyped_storage().data_ptr() == ptr and t.dtype == dtype:
+            return recipe, tuple(t.shape), t.stride(), t.storage_offset()
+        return t
+
+    def unpack(saved):
+        if isinstance(saved, tuple):
+            r, shape, stride, offset = saved
+            return r.get().as_strided(shape, stride, offset)
+        return saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 # ----------------------------------------------------------------------------------------------- loss

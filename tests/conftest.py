@@ -5,6 +5,8 @@
   `kernels` on AVX512-BF16 CPUs), so it is set first (tests/kernels/conftest.py repeats it for runs of that
   directory alone).
 - bitsandbytes, an oracle only, computes on every CPU as on CUDA (see below).
+- transformers, an oracle only, does not take kernels/ for Hugging Face's hub-kernels package
+  (benchmarks/peers.py).
 """
 import os
 
@@ -12,6 +14,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+from benchmarks.peers import shield_transformers  # noqa: E402
+
+shield_transformers()      # transformers >= 5.25 would import this repository's kernels/ as Hugging Face's
 
 try:
     import bitsandbytes.nn.modules as _bnb_modules

@@ -243,3 +243,33 @@ def test_seed_slots_bookkeeping():
     assert slots.buf[:2].tolist() == want
     with pytest.raises(RuntimeError, match="philox mask family"):
         _keep_mask((4, 4), 0.1, slots.buf[0:1], torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("targets", [ALL7, ["q_proj", "v_proj"]])
+def test_norm_outputs_recomputed_same_grads_and_freed(targets, monkeypatch):
+    """A layer that keeps its activations saves its norms' outputs (the LoRA A-sides' input) as recipes recomputed
+    in backward (llama.fast_path.RECOMPUTE_NORM_OUTPUTS): the same loss and gradients, bit for bit, as saving
+    them; and after the forward the norm outputs are freed (held by autograd when saved as tensors)."""
+    import weakref
+
+    import llama.fast_path as fp
+
+    ids, labels = batch()
+    res, alive = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(fp, "RECOMPUTE_NORM_OUTPUTS", on)
+        model = enable_fast_path(tiny_lora_model(dropout=0.2, targets=targets, nf4=True))
+        refs = []
+        hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+                 for layer in model.model.layers]
+        torch.manual_seed(5)
+        loss = model(ids, labels=labels).loss
+        for h in hooks:
+            h.remove()
+        alive[on] = sum(r() is not None for r in refs)
+        loss.backward()
+        res[on] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert alive[False] == len(refs) and alive[True] == 0, alive
+    assert torch.equal(res[True][0], res[False][0])
+    for name, g in res[False][1].items():
+        assert torch.equal(res[True][1][name], g), name
