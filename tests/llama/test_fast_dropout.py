@@ -125,6 +125,9 @@ class _HostOffloader:
         self.calls.append(("save", i))
         self.store[i] = x.detach().clone()
 
+    def release_saved(self):
+        self.calls.append(("release", None))
+
     def prefetch(self, i):
         if i < 0 or i not in self.store or i in self.fetched:
             return
@@ -156,7 +159,9 @@ def test_offloaded_recompute_prefetches_after_the_mlp_backward():
     for name in grads_p:
         _close(grads_o[name], grads_p[name], 1e-6, 1e-9, f"grad {name}")
     n = len(off.model.layers)
-    bwd = [c for c in stub.calls if c[0] != "save"]
+    fwd = [c for c in stub.calls if c[0] in ("save", "release")]
+    assert fwd == [c for i in range(n) for c in (("save", i), ("release", None))], fwd   # each copy let go
+    bwd = [c for c in stub.calls if c[0] not in ("save", "release")]
     want = []
     for i in reversed(range(n)):
         want += [("load", i)] + ([("prefetch", i - 1)] if i > 0 else [])
