@@ -4,12 +4,15 @@ This repository's Triton package is named `kernels` (the layout of shared/DESIGN
 hub-kernels distribution, which transformers >= 5.25 installs as a dependency. With that distribution's
 metadata present, transformers finds "kernels" importable at a supported version and imports names from it
 (transformers/integrations/hub_kernels.py: `from kernels import CUDAProperties, ...`); the import reaches this
-repository's kernels/ and fails, and with it every transformers model class. `shield_transformers()` tells
-transformers that hub kernels are unavailable (the peers never use them here) before it first looks.
+repository's kernels/ and fails, and with it every transformers model class; and `from_pretrained` defaults
+to `use_kernels=True`, which raises where they are unavailable. `shield_transformers()` tells transformers
+that hub kernels are unavailable and disabled (USE_HUB_KERNELS=0; the peers never use them here) before it
+first looks.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import os
 
 
 def hub_kernels_installed() -> bool:
@@ -23,8 +26,9 @@ def hub_kernels_installed() -> bool:
 
 def shield_transformers() -> bool:
     """Make transformers' is_kernels_available() false where the hub-kernels distribution is installed; returns
-    whether it did. Call before transformers imports its integrations (any model class); a no-op without
-    transformers or without that distribution."""
+    whether it did. Call before transformers imports its integrations (any model class). USE_HUB_KERNELS=0 is
+    set in any case (unless the environment sets it): from_pretrained then does not ask for hub kernels."""
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     if not hub_kernels_installed():
         return False
     try:

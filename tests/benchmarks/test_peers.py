@@ -8,6 +8,8 @@ def test_transformers_model_classes_import_beside_kernels():
     """tests/conftest.py shields transformers first. Where the hub-kernels distribution is installed (a dependency
     of transformers >= 5.25), transformers reports hub kernels unavailable and its integration module (which
     would import names from kernels/) imports; the repository's kernels/ is what `import kernels` finds."""
+    import os
+
     import kernels
     import transformers.utils as tu
 
@@ -17,6 +19,7 @@ def test_transformers_model_classes_import_beside_kernels():
         assert tu.is_kernels_available() is False
     else:
         assert shield_transformers() is False
+    assert os.environ.get("USE_HUB_KERNELS") is not None        # from_pretrained must not ask for hub kernels
     importlib.import_module("transformers.integrations.hub_kernels")
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
