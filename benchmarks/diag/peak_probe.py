@@ -58,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--setting", default="a", choices=["a", "b"])
     ap.add_argument("--checkpointing", type=int, default=0, help="0: none, 32: every layer, k: the first k")
     ap.add_argument("--offload", type=int, default=1)
+    ap.add_argument("--graph", type=int, default=0, help="1: the step through e2e.GraphStep; step 3 is the capture")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None):
     ck = False if a.checkpointing == 0 else (True if a.checkpointing >= args.num_hidden_layers else a.checkpointing)
     enable_fast_path(model, checkpointing=ck, offload=bool(a.offload and ck), offload_embeddings=True)
     opt = e2e.our_optimizer([p for p in model.parameters() if p.requires_grad], dev)
-    step = e2e.Step(model, e2e.our_loss, opt, dev)
+    step = (e2e.GraphStep if a.graph else e2e.Step)(model, e2e.our_loss, opt, dev)
     ids = [e2e.random_ids(s["batch"], s["seq"], args.vocab_size, dev, i) for i in range(3)]
     for i in range(2):
         step(ids[i])
@@ -95,12 +96,12 @@ def main(argv=None):
         rows.append(dict(site=site, mib=round(b / 2**20, 1), blocks=n,
                          kib_per_token=round(b / 1024 / tokens, 2),
                          common_sizes_mib=[(round(sz / 2**20, 2), c) for sz, c in sizes.most_common(3)]))
-    res = dict(gpu=torch.cuda.get_device_name(), setting=a.setting, checkpointing=a.checkpointing,
+    res = dict(gpu=torch.cuda.get_device_name(), setting=a.setting, checkpointing=a.checkpointing, graph=a.graph,
                offload=a.offload, commit=e2e.git_commit(), tokens=tokens,
                allocated_before_step_gib=round(base / 2**30, 3), peak_gib=round(peak_torch / 2**30, 3),
                peak_from_history_gib=round((base + peak_delta) / 2**30, 3),
                step_allocations_live_at_peak_gib=round(peak_delta / 2**30, 3), sites=rows)
-    print(f"{res['gpu']} setting {a.setting} checkpointing {a.checkpointing}: before step "
+    print(f"{res['gpu']} setting {a.setting} checkpointing {a.checkpointing} graph {a.graph}: before step "
           f"{res['allocated_before_step_gib']} GiB, peak {res['peak_gib']} GiB (history: "
           f"{res['peak_from_history_gib']}); live step allocations at the peak {res['step_allocations_live_at_peak_gib']} GiB")
     for r in rows[:a.top]:
