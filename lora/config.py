@@ -6,8 +6,9 @@ read by `peft.PeftModel.from_pretrained` and a config written by peft is read he
     LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM")  # the tutorial's
 
 `to_dict()` / `save()` write every field peft writes (41 keys, sorted, indent 2). `from_dict()` / `load()`
-accept any file peft writes, including older ones that lack newer optional fields, and raise `ValueError`
-naming the fields when a required field is missing (`REQUIRED_FIELDS`) or a field is unknown, and naming
+accept any file peft writes, including older ones that lack newer optional fields and newer ones whose added
+fields are null, false or empty (peft 0.22's `astra_config`: kept and written back), and raise `ValueError`
+naming the fields when a required field is missing (`REQUIRED_FIELDS`) or an unknown field is set, and naming
 the option when a file asks for a peft feature this package does not implement (DoRA, LoftQ, ...).
 
 Fields that matter here:
@@ -150,6 +151,7 @@ class LoraConfig:
     def to_dict(self) -> dict:
         """Every field peft writes, with the values peft writes at save time (inference_mode=True)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(getattr(self, "_extra", {}))    # a newer peft's null fields read from a file, written back
         d["inference_mode"] = True
         d["peft_version"] = self.peft_version or PEFT_FORMAT_VERSION
         if isinstance(d["target_modules"], (set, tuple)):
@@ -161,12 +163,17 @@ class LoraConfig:
         """Build from a dict as found in an adapter_config.json; `source` names it in errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"runtime_config"})
+        # a newer peft's fields at an "off" value (None, False, empty) select nothing: kept and written back;
+        # any other value asks for something this package does not know
+        extra = {k: d[k] for k in unknown if d[k] is None or d[k] is False or d[k] in ({}, [], "")}
+        unknown = [k for k in unknown if k not in extra]
         missing = [k for k in REQUIRED_FIELDS if k not in d]
         problems = []
         if missing:
             problems.append(f"missing required field(s) {missing}")
         if unknown:
-            problems.append(f"unknown field(s) {unknown}")
+            problems.append(f"unknown field(s) {unknown} (set to {[d[k] for k in unknown]}; a newer peft's "
+                            f"fields are accepted only when null, false or empty)")
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems)
                              + f" (a peft {PEFT_FORMAT_VERSION} LoRA adapter_config has fields {sorted(names)})")
@@ -179,9 +186,11 @@ class LoraConfig:
             if kwargs.get(k) is None:
                 kwargs[k] = {}
         try:
-            return cls(**kwargs)
+            cfg = cls(**kwargs)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+        cfg._extra = extra
+        return cfg
 
     def save(self, directory: str) -> str:
         """Write `directory/adapter_config.json` atomically (temp file + rename); returns its path."""

@@ -2,18 +2,39 @@
 import dataclasses
 import json
 
+import pytest
+
 from lora import LoraConfig
 from .lora_testlib import peft
 
 
 def test_fields_and_defaults_are_peft_s():
+    """Every field of ours is peft's with peft's default; a field peft has beyond ours (a newer peft's, e.g.
+    0.22's astra_config) is off by default (None, False or empty), so peft's own files read here (below)."""
     ours = {f.name: f for f in dataclasses.fields(LoraConfig)}
     theirs = {f.name: f for f in dataclasses.fields(peft.LoraConfig) if f.name != "runtime_config"}
-    assert sorted(ours) == sorted(theirs)
+    assert set(ours) <= set(theirs), sorted(set(ours) - set(theirs))
     mine, ref = LoraConfig().to_dict(), peft.LoraConfig().to_dict()
     for k in ref:
-        if k not in ("inference_mode", "peft_version", "peft_type", "target_modules"):
+        if k not in ours:
+            assert ref[k] is None or ref[k] is False or ref[k] in ({}, [], ""), (k, ref[k])
+        elif k not in ("inference_mode", "peft_version", "peft_type", "target_modules"):
             assert mine[k] == ref[k], k
+
+
+def test_newer_null_fields_are_kept_and_set_ones_rejected(tmp_path):
+    """A field this package does not know is read and written back when null / false / empty (a newer peft's
+    default), and rejected, named with its value, when set."""
+    d = LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
+    d.update(future_config=None, future_flag=False)
+    cfg = LoraConfig.from_dict(d, source="x.json")
+    back = cfg.to_dict()
+    assert back["future_config"] is None and back["future_flag"] is False and back["r"] == 4
+    cfg.save(str(tmp_path))
+    assert LoraConfig.load(str(tmp_path)).to_dict() == back
+    d["future_config"] = {"rank": 3}
+    with pytest.raises(ValueError, match=r"x.json: unknown field\(s\) \['future_config'\] \(set to \[\{'rank': 3\}\]"):
+        LoraConfig.from_dict(d, source="x.json")
 
 
 def test_written_config_reads_in_peft_and_back(tmp_path):

@@ -59,3 +59,22 @@ def test_timing_window_median_and_spread():
     med, spread = window_stats([7.4688, 0.7243, 0.7131, 0.7112, 0.7032, 0.7485, 0.698, 0.7078])
     assert med == 0.7078 and spread < UNSETTLED               # 849cadd: one slower step, settled
     assert window_stats([3.0, 1.0, 2.0, 2.0]) == (2.0, 1.0)          # fewer than 8: the second half
+
+
+def test_partial_variant_over_the_goal_gets_one_more_layer():
+    """A partial variant whose measured peak is over 0.6x HF's is rerun with one more checkpointed layer (the
+    graphed one's overhead grows with its offloaded layers); one at or under the goal, a non-partial variant, or
+    one that would checkpoint every layer is not."""
+    v = dict(name="ours+graph+ckpt-9of32", checkpointing=9, offload=True, graph=True, predicted_peak_gib=8.56)
+    entry = {"hf": {"peak_gib": 14.45}, v["name"]: {"peak_gib": 8.69}}
+    more = e2e.one_more_checkpointed(entry, v, 32)
+    assert more["name"] == "ours+graph+ckpt-10of32" and more["checkpointing"] == 10 and more["graph"]
+    assert more["retry_of"] == v["name"]
+    entry[v["name"]]["peak_gib"] = 8.67                              # 0.59999x: holds
+    assert e2e.one_more_checkpointed(entry, v, 32) is None
+    full = dict(name="ours+ckpt-offload", checkpointing=True, offload=True)
+    entry[full["name"]] = {"peak_gib": 9.0}
+    assert e2e.one_more_checkpointed(entry, full, 32) is None        # not a partial variant
+    last = dict(v, name="ours+graph+ckpt-31of32", checkpointing=31)
+    entry[last["name"]] = {"peak_gib": 9.5}
+    assert e2e.one_more_checkpointed(entry, last, 32) is None        # the next would be the full variant
