@@ -1057,6 +1057,12 @@ class ActivationOffloader:
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.saving: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # sources of device-to-host copies
 
+    def __deepcopy__(self, memo):
+        """A copied model gets an offloader of its own: a new side stream, no buffers, nothing in flight (CUDA
+        events cannot be copied, and sharing the pinned buffers would let the two models overwrite each other)."""
+        new = memo[id(self)] = type(self)(self.device)
+        return new
+
     def _copy_done(self) -> torch.cuda.Event:
         ev = torch.cuda.Event()
         ev.record(self.stream)

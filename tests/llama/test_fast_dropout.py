@@ -238,3 +238,30 @@ def test_launch_fallback_is_recorded(monkeypatch):
         assert fp.lora_kernel_paths() == {"launch fallback xa fused0": "RuntimeError: PassManager::run failed"}
     finally:
         fp._PATHS.clear()
+
+
+def test_offloader_deepcopy_gives_the_copy_its_own(monkeypatch):
+    """A deep copy of a model whose layers share one ActivationOffloader shares one new offloader among its own
+    layers: a new side stream and no host buffers (the original's stay its own). torch.cuda.Stream is replaced
+    by a stand-in: the offloader is CUDA-only."""
+    import copy
+
+    class FakeStream:
+        made = 0
+
+        def __init__(self, device):
+            FakeStream.made += 1
+
+    from tests.llama.test_fast_path import tiny_lora_model
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    model = fp.enable_fast_path(tiny_lora_model(), checkpointing=True)
+    off = fp.ActivationOffloader(torch.device("cpu"))
+    off.host[0] = torch.ones(3)
+    for layer in model.model.layers:
+        layer._offloader = off
+    twin = copy.deepcopy(model)
+    offs = {id(layer._offloader) for layer in twin.model.layers}
+    new = twin.model.layers[0]._offloader
+    assert len(offs) == 1 and new is not off and new.stream is not off.stream and FakeStream.made == 2
+    assert new.host == {} and off.host[0].sum() == 3
