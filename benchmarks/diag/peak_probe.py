@@ -34,7 +34,7 @@ def site_of(frames) -> str:
     for f in frames:
         fn = f.get("filename", "")
         if fn.endswith(".py"):
-            return f"{fn.rsplit('/', 2)[-1]}:{f.get('line')} {f.get('name')}"
+            return f"{'/'.join(fn.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
     return "?"
 
 
