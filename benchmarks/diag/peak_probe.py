@@ -26,15 +26,21 @@ from llama.fast_path import enable_fast_path  # noqa: E402
 
 
 def site_of(frames) -> str:
-    """The innermost frame in this repository (file:line function), else the innermost frame."""
-    for f in frames:
-        fn = f.get("filename", "")
-        if fn.startswith(ROOT) and "/benchmarks/" not in fn:
-            return f"{os.path.relpath(fn, ROOT)}:{f.get('line')} {f.get('name')}"
+    """The innermost frame in this repository outside benchmarks/ (file:line function), else the innermost in
+    benchmarks/ (the harness allocated it), else the innermost Python frame (its folder and file)."""
+    def name(f, path):
+        return f"{path}:{f.get('line')} {f.get('name')}"
+
+    ours = [f for f in frames if f.get("filename", "").startswith(ROOT + os.sep)]
+    for f in ours:
+        if not os.path.relpath(f["filename"], ROOT).startswith("benchmarks" + os.sep):
+            return name(f, os.path.relpath(f["filename"], ROOT))
+    if ours:
+        return name(ours[0], os.path.relpath(ours[0]["filename"], ROOT))
     for f in frames:
         fn = f.get("filename", "")
         if fn.endswith(".py"):
-            return f"{'/'.join(fn.split('/')[-2:])}:{f.get('line')} {f.get('name')}"
+            return name(f, "/".join(fn.split("/")[-2:]))
     return "?"
 
 

@@ -28,5 +28,6 @@ def test_site_is_the_innermost_repository_frame():
     assert peak_probe.site_of(frames) == "kernels/rope.py:92 rope_forward"
     assert peak_probe.site_of(frames[:1]) == "torch/functional.py:5 f"
     assert peak_probe.site_of([]) == "?"
-    bench = [dict(filename=os.path.join(ROOT, "benchmarks", "e2e.py"), line=1, name="x")] + frames[:1]
-    assert peak_probe.site_of(bench) == "torch/functional.py:5 f"   # the harness is not a site
+    bench = [dict(filename=os.path.join(ROOT, "benchmarks", "e2e.py"), line=1, name="x")]
+    assert peak_probe.site_of(bench + frames) == "kernels/rope.py:92 rope_forward"   # the library's frame first
+    assert peak_probe.site_of(frames[:1] + bench) == "benchmarks/e2e.py:1 x"          # else the harness's
