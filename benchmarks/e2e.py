@@ -336,7 +336,7 @@ class GraphStep(Step):
 
         super().__init__(model, loss_fn, opt, device)
         self.gs = GraphedStep(model, self.params)
-        self.calls, self.capture_peak_gib = 0, 0.0
+        self.calls, self.capture_peak_gib, self.capture_retained_gib = 0, 0.0, 0.0
 
     @staticmethod
     def _loss(model, input_ids):
@@ -350,12 +350,16 @@ class GraphStep(Step):
         if capture:
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            before = alloc_gib(self.device)
         ev[0].record()
         loss = self.gs(self._loss, {"input_ids": ids}, scale=1.0)
         ev[1].record()
         if capture:
             sync(self.device)
             self.capture_peak_gib = peak_gib(self.device)
+            # what the capture left allocated (the graph's pool keeps blocks still referenced, and blocks whose
+            # free the capture deferred): an eager step leaves only the gradients
+            self.capture_retained_gib = alloc_gib(self.device) - before
         self._update()
         ev[2].record()
         if phases is not None:
@@ -431,6 +435,7 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
                name=variant["name"] if variant else "hf")
     if graphed:
         res.update(peak_gib_replays=res["peak_gib"], capture_peak_gib=round(step.capture_peak_gib, 3),
+                   capture_retained_gib=round(step.capture_retained_gib, 3),
                    peak_gib=max(res["peak_gib"], step.capture_peak_gib),
                    reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 3))
     log(f"  {res['name']:>20s} ({setting}): {res['tokens_per_s']:9.0f} tok/s  step {res['step_s']*1e3:8.1f} ms  "
