@@ -4,8 +4,8 @@ caching allocator's history and replayed to the moment of the step's largest all
     python benchmarks/diag/peak_probe.py --setting a --checkpointing 0 --out peak.json
 
 For each live block at the peak: its size and the innermost frames of its allocation in this repository; the
-blocks are grouped by that frame (the "site") and summed, largest first, with a per-layer and per-token figure
-for sites that allocate once per decoder layer. Steps 1-2 warm up (kernel choices, optimizer states); the
+blocks are grouped by that frame (the "site") and summed, largest first, with their size per token and
+their most common block sizes. Steps 1-2 warm up (kernel choices, optimizer states); the
 history covers step 3 only. CUDA only.
 """
 from __future__ import annotations
@@ -45,18 +45,26 @@ def site_of(frames) -> str:
 
 
 def live_at_peak(trace):
-    """Replay alloc / free events: (peak bytes, {addr: (size, frames)} live at the peak)."""
-    live, total, peak, at_peak = {}, 0, -1, {}
-    for ev in trace:
-        act = ev["action"]
-        if act == "alloc":
-            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
-            total += ev["size"]
-            if total > peak:
-                peak, at_peak = total, dict(live)
-        elif act == "free_requested" and ev["addr"] in live:
-            total -= live.pop(ev["addr"])[0]
-    return peak, at_peak
+    """Replay alloc / free events: (peak bytes, {addr: (size, frames)} live at the peak). One pass finds where
+    the running total peaks, a second rebuilds the live set up to there (no copy of it at every new peak)."""
+    def replay(events):
+        live, total = {}, 0
+        for ev in events:
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+                total += ev["size"]
+            elif ev["action"] == "free_requested" and ev["addr"] in live:
+                total -= live.pop(ev["addr"])[0]
+            yield live, total
+
+    peak, at = -1, 0
+    for i, (_, total) in enumerate(replay(trace)):
+        if total > peak:
+            peak, at = total, i
+    live = {}
+    for live, _ in replay(trace[:at + 1]):
+        pass
+    return peak, dict(live)
 
 
 def main(argv=None):
