@@ -38,6 +38,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -112,6 +113,26 @@ def partial_variant(entry, n_layers, graph=False):
         full["peak_gib"] + keep * per_layer, 2))
 
 
+def saved_offload_variant(entry, n_layers, graph=False):
+    """The variant that keeps every layer's activations but offloads what the first k layers save for their
+    backward to pinned host memory (enable_fast_path offload_saved=k; no recompute): k from the peak without
+    checkpointing (graphed or eager) and the per-layer activation size of the two extremes, for a predicted peak
+    of 0.6x HF's (None when not useful: no layer need go, or all of them would)."""
+    hf, full, none = entry.get("hf"), entry.get("ours+ckpt-offload"), entry.get("ours+graph" if graph else "ours")
+    if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none)):
+        return None
+    per_layer = (entry["ours"]["peak_gib"] - full["peak_gib"]) / n_layers if "peak_gib" in entry.get("ours", {}) \
+        else 0.0
+    goal = 0.6 * hf["peak_gib"]
+    if not per_layer > 0 or none["peak_gib"] <= goal:
+        return None
+    k = math.ceil((none["peak_gib"] - goal) / per_layer)
+    if k >= n_layers:
+        return None
+    return dict(name=f"ours{'+graph' if graph else ''}+offload-{k}of{n_layers}", checkpointing=False, offload=False,
+                offload_saved=k, graph=graph, predicted_peak_gib=round(none["peak_gib"] - k * per_layer, 2))
+
+
 def one_more_checkpointed(entry, variant, n_layers):
     """For a partial-checkpointing variant (one with predicted_peak_gib) whose measured peak is over 0.6x HF's:
     the same variant with one more layer checkpointed (None otherwise). The prediction interpolates the two
@@ -122,8 +143,16 @@ def one_more_checkpointed(entry, variant, n_layers):
     if not (variant and "predicted_peak_gib" in variant and isinstance(hf, dict) and isinstance(res, dict)
             and "peak_gib" in hf and "peak_gib" in res):
         return None
+    if res["peak_gib"] <= 0.6 * hf["peak_gib"]:
+        return None
+    if variant.get("offload_saved"):                # an offloading variant: one more layer offloaded
+        k = variant["offload_saved"]
+        if k + 1 >= n_layers:
+            return None
+        name = variant["name"].replace(f"offload-{k}of{n_layers}", f"offload-{k + 1}of{n_layers}")
+        return dict(variant, name=name, offload_saved=k + 1, predicted_peak_gib=None, retry_of=variant["name"])
     k = variant["checkpointing"]
-    if res["peak_gib"] <= 0.6 * hf["peak_gib"] or k + 1 >= n_layers:
+    if k + 1 >= n_layers:
         return None
     name = variant["name"].replace(f"ckpt-{k}of{n_layers}", f"ckpt-{k + 1}of{n_layers}")
     return dict(variant, name=name, checkpointing=k + 1, predicted_peak_gib=None, retry_of=variant["name"])
@@ -419,7 +448,7 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     else:
         model = build_ours(args, device, s["targets"], double_quant)
         enable_fast_path(model, checkpointing=variant["checkpointing"], offload=variant["offload"],
-                         offload_embeddings=True)
+                         offload_embeddings=True, offload_saved=variant.get("offload_saved", 0))
         opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
         memsave = dict(model._fast_path, double_quant=double_quant)
     build_s = time.perf_counter() - t0
@@ -955,11 +984,19 @@ def main(argv=None):
                ([("ours", v) for v in OUR_VARIANTS[setting]] if "ours" in stacks else [])
         if "ours" in stacks:
             runs += [("ours", "partial")] + ([("ours", "partial-graph")] if setting == "a" else [])
+            if device.type == "cuda" and setting == "a":     # offloading what layers save: pinned host memory
+                runs += [("ours", "saved"), ("ours", "saved-graph")]
         if device.type != "cuda":                            # CUDA graphs need CUDA
-            runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph")) and v != "partial-graph"]
+            runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph"))
+                    and v not in ("partial-graph", "saved-graph")]
         queue = list(runs)
         while queue:
             stack, variant = queue.pop(0)
+            if variant in ("saved", "saved-graph"):
+                variant = saved_offload_variant(entry, args.num_hidden_layers, graph=variant == "saved-graph")
+                if variant is None:
+                    continue
+                log(f"  offloading saved activations: {variant}")
             if variant in ("partial", "partial-graph"):
                 variant = partial_variant(entry, args.num_hidden_layers, graph=variant == "partial-graph")
                 if variant is None:

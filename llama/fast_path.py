@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Attention, CausalLMOutput, DecoderLayer, LlamaForCausalLM, MLP, RMSNorm
+from .offload import PrefetchOnBackward, SavedActivationOffloader, active_hooks
 
 
 # ----------------------------------------------------------------------------------------------- fused ops
@@ -1211,6 +1212,18 @@ class FastDecoderLayer(DecoderLayer):
 
     def forward(self, x, cos, sin, mask, cache=None):
         training = self.training and cache is None and torch.is_grad_enabled()
+        saved_off = getattr(self, "_saved_offloader", None) if training else None
+        if saved_off is None:
+            return self._training_forward(x, cos, sin, mask, cache, training)
+        i = self.self_attn.layer_idx
+        saved_off.before_layer(i)                  # device copies of earlier offloaded layers whose time has come
+        with saved_off.layer(i, self, (cos, sin, mask)):
+            out = self._training_forward(x, cos, sin, mask, cache, training)
+        if i == saved_off.n_layers - 1:
+            saved_off.before_layer(i + 1)          # the end of the forward: every offloaded layer is off the device
+        return PrefetchOnBackward.apply(out, saved_off, i)
+
+    def _training_forward(self, x, cos, sin, mask, cache, training):
         if training and getattr(self, "_fast_checkpoint", False):
             anchor = self._grad_anchor
             if anchor.device != x.device:
@@ -1236,40 +1249,45 @@ RECOMPUTE_NORM_OUTPUTS = True
 
 
 class _NormRecipe:
-    """norm(inp), recomputed once when a saved view of it is first unpacked (kept until the recipe dies)."""
+    """norm(inp), recomputed once when a saved view of it is first unpacked (kept until the recipe dies). Inside
+    a layer whose saved activations are offloaded (llama/offload.py), inp is kept as the offloader keeps it."""
 
-    __slots__ = ("norm", "inp", "autocast", "value")
+    __slots__ = ("norm", "inp", "autocast", "value", "unpack")
 
-    def __init__(self, norm, inp):
-        self.norm, self.inp, self.value = norm, inp, None
+    def __init__(self, norm, inp, outer=None):
+        self.norm, self.value = norm, None
+        self.inp, self.unpack = (outer[0](inp), outer[1]) if outer is not None else (inp, None)
         dt = inp.device.type
         self.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
 
     def get(self) -> torch.Tensor:
         if self.value is None:
             dt, on, dtype = self.autocast
+            inp = self.unpack(self.inp) if self.unpack is not None else self.inp
             with torch.no_grad(), torch.autocast(dt, dtype=dtype, enabled=on):
-                self.value = self.norm(self.inp)
+                self.value = self.norm(inp)
         return self.value
 
 
 def _saved_as_recomputed(out: torch.Tensor, norm: nn.Module, inp: torch.Tensor):
-    """Within the block, autograd saves any view of `out` (= norm(inp)) as a recipe to recompute it."""
+    """Within the block, autograd saves any view of `out` (= norm(inp)) as a recipe to recompute it; other saved
+    tensors go to the enclosing offloading block's hooks, if any (saved_tensors_hooks do not nest)."""
     if out.storage_offset() != 0 or not out.is_contiguous():
         return contextlib.nullcontext()
-    recipe = _NormRecipe(norm, inp)
+    outer = active_hooks()
+    recipe = _NormRecipe(norm, inp, outer)
     ptr, dev, dtype = out.untyped_storage().data_ptr(), out.device, out.dtype     # (not `out`: freed after)
 
     def pack(t):
         if t.device == dev and t.untyped_storage().data_ptr() == ptr and t.dtype == dtype:
             return recipe, tuple(t.shape), t.stride(), t.storage_offset()
-        return t
+        return outer[0](t) if outer is not None else t
 
     def unpack(saved):
-        if isinstance(saved, tuple):
+        if isinstance(saved, tuple) and isinstance(saved[0], _NormRecipe):
             r, shape, stride, offset = saved
             return r.get().as_strided(shape, stride, offset)
-        return saved
+        return outer[1](saved) if outer is not None else saved
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
@@ -1375,7 +1393,8 @@ _SWAPS = ((RMSNorm, FastRMSNorm), (Attention, FastAttention), (MLP, FastMLP), (D
 
 
 def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False, offload: bool = False,
-                     fused_lora: bool = True, offload_embeddings: bool = False) -> LlamaForCausalLM:
+                     fused_lora: bool = True, offload_embeddings: bool = False,
+                     offload_saved: int = 0) -> LlamaForCausalLM:
     """Swap the fused modules into `model` in place (and return it).
 
     checkpointing: recompute each decoder layer in backward, keeping only its input (B, T, C); an int k
@@ -1383,6 +1402,9 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False,
     offload: keep those inputs in pinned host memory (CUDA only; copies overlap compute on a side stream).
     fused_lora: LoRALinear layers use `LoRAFunction` (dropout fused, mask regenerated, no fp32 input copy).
     offload_embeddings: a frozen input embedding moves to pinned host memory (CUDA only; exact, saves V*C*2 bytes).
+    offload_saved: the first k layers that are not checkpointed keep what their backward needs in pinned host
+    memory instead (llama/offload.py: no recompute; the host link's bandwidth bounds how many pay). On CPU
+    tensors the same bookkeeping runs with copies in host memory (tests).
     """
     device = model.device
     for m in model.modules():
@@ -1396,9 +1418,14 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False,
     n_ckpt = n_layers if checkpointing is True else 0 if checkpointing is False else max(0, min(int(checkpointing),
                                                                                               n_layers))
     offloader = ActivationOffloader(device) if (n_ckpt and offload and device.type == "cuda") else None
+    if not isinstance(offload_saved, int) or isinstance(offload_saved, bool) or offload_saved < 0:
+        raise ValueError(f"enable_fast_path offload_saved: expected a number of layers >= 0, got {offload_saved!r}")
+    n_saved = min(offload_saved, n_layers - n_ckpt)
+    saved_off = SavedActivationOffloader(device, range(n_ckpt, n_ckpt + n_saved), n_layers) if n_saved else None
     for i, layer in enumerate(model.model.layers):
         layer._fast_checkpoint = i < n_ckpt
         layer._offloader = offloader
+        layer._saved_offloader = saved_off
         layer._grad_anchor = torch.zeros((), device=device, requires_grad=True)
     emb = model.model.embed_tokens
     if offload_embeddings and device.type == "cuda" and not emb.weight.requires_grad and \
@@ -1407,6 +1434,7 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False,
         emb.__class__ = CPUEmbedding
         emb._device = device
     model._fast_path = dict(checkpointed_layers=f"{n_ckpt} of {n_layers}", offload=offloader is not None,
+                            offloaded_saved_layers=f"{n_saved} of {n_layers}",
                             fused_lora=fused_lora,
                             offload_embeddings=type(emb) is CPUEmbedding)
     return model
@@ -1425,7 +1453,7 @@ def disable_fast_path(model: LlamaForCausalLM) -> LlamaForCausalLM:
         if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) is _fast_lora_forward:
             del m.forward
     for layer in model.model.layers:
-        for k in ("_fast_checkpoint", "_offloader", "_grad_anchor"):
+        for k in ("_fast_checkpoint", "_offloader", "_saved_offloader", "_grad_anchor"):
             layer.__dict__.pop(k, None)
     model.__dict__.pop("_fast_path", None)
     return model

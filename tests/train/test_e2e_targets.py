@@ -78,3 +78,26 @@ def test_partial_variant_over_the_goal_gets_one_more_layer():
     last = dict(v, name="ours+graph+ckpt-31of32", checkpointing=31)
     entry[last["name"]] = {"peak_gib": 9.5}
     assert e2e.one_more_checkpointed(entry, last, 32) is None        # the next would be the full variant
+
+
+def test_saved_offload_variant_from_the_measured_peaks():
+    """The offloading variant offloads as many layers' saved activations as bring the peak without checkpointing
+    (graphed or eager) down to 0.6x HF's, at the per-layer size between the measured extremes; over the goal
+    once measured, it is rerun with one more layer offloaded."""
+    entry = {"hf": {"peak_gib": 14.45}, "ours+ckpt-offload": {"peak_gib": 4.03}, "ours": {"peak_gib": 10.03},
+             "ours+graph": {"peak_gib": 10.25}}
+    per_layer = (10.03 - 4.03) / 32
+    graph = e2e.saved_offload_variant(entry, 32, graph=True)
+    assert graph["name"] == "ours+graph+offload-9of32" and graph["offload_saved"] == 9 and graph["graph"]
+    assert graph["checkpointing"] is False and graph["predicted_peak_gib"] <= 0.6 * 14.45
+    assert 10.25 - 8 * per_layer > 0.6 * 14.45                       # one layer fewer would not do
+    eager = e2e.saved_offload_variant(entry, 32)
+    assert eager["name"] == "ours+offload-8of32" and not eager["graph"]
+    entry[graph["name"]] = {"peak_gib": 8.8}
+    more = e2e.one_more_checkpointed(entry, graph, 32)
+    assert more["name"] == "ours+graph+offload-10of32" and more["offload_saved"] == 10
+    assert more["checkpointing"] is False and more["retry_of"] == graph["name"]
+    entry["ours"]["peak_gib"] = 8.0                                  # already under the goal: nothing to offload
+    assert e2e.saved_offload_variant(entry, 32) is None
+    del entry["ours+graph"]
+    assert e2e.saved_offload_variant(entry, 32, graph=True) is None

@@ -1,0 +1,171 @@
+"""llama/offload.py: the saved activations of chosen layers kept in host memory between forward and backward
+(enable_fast_path offload_saved). On CPU tensors the offloader runs its bookkeeping with synchronous copies into
+ordinary host memory, which is what these tests check: the same loss and gradients bit for bit, the device
+tensors let go by the end of the forward, host buffers reused from step to step and never while an earlier
+forward still needs them. The CUDA side (side stream, events, CUDA graphs, the memory it saves) is checked in
+tests/llama/test_offload_cuda.py."""
+import copy
+import gc
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from llama.fast_path import disable_fast_path, enable_fast_path
+from llama.offload import SavedActivationOffloader
+from tests.llama.test_fast_path import batch, loss_and_grads, tiny_lora_model
+
+
+def _offloading(model, k, min_bytes=0):
+    m = enable_fast_path(copy.deepcopy(model), offload_saved=k)
+    off = m.model.layers[0]._saved_offloader
+    off.min_bytes = min_bytes            # the tiny model's activations are far below the default 1 MiB
+    return m, off
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_offload_saved_same_loss_and_grads(k):
+    """Two steps with the first k layers offloaded: loss and every LoRA gradient equal the fast path's without
+    offloading, bit for bit; the second step reuses the first step's host buffers."""
+    base = tiny_lora_model()
+    ref = enable_fast_path(copy.deepcopy(base))
+    m, off = _offloading(base, k)
+    assert m.model.layers[0]._saved_offloader is off and off.layers == list(range(k))
+    assert m._fast_path["offloaded_saved_layers"] == f"{k} of 2"
+    ids, labels = batch()
+    buffers = None
+    for step in range(2):
+        loss0, g0 = loss_and_grads(ref, ids, labels)
+        loss1, g1 = loss_and_grads(m, ids, labels)
+        assert torch.equal(loss0, loss1), f"step {step}: loss {loss1} vs {loss0}"
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            assert torch.equal(g0[name], g1[name]), f"step {step}: grad {name} differs"
+        assert off.stats["tensors"] > 0
+        now = {key: [id(b) for b in bufs] for key, bufs in off.pool.items()}
+        if buffers is not None:
+            assert now == buffers, "the second step allocated new host buffers"
+        buffers = now
+    assert not any(b.busy for bufs in off.pool.values() for b in bufs), "a buffer stayed busy after backward"
+
+
+def test_offload_saved_with_checkpointing_offloads_the_layers_after():
+    """checkpointing=1 with offload_saved=5 on 2 layers: layer 0 is checkpointed, layer 1 offloaded (the count is
+    capped at the layers that keep their activations); same loss and gradients as without offloading."""
+    base = tiny_lora_model()
+    ref = enable_fast_path(copy.deepcopy(base), checkpointing=1)
+    m = enable_fast_path(copy.deepcopy(base), checkpointing=1, offload_saved=5)
+    off = m.model.layers[1]._saved_offloader
+    off.min_bytes = 0
+    assert off.layers == [1]
+    ids, labels = batch()
+    loss0, g0 = loss_and_grads(ref, ids, labels)
+    loss1, g1 = loss_and_grads(m, ids, labels)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert off.stats["tensors"] > 0
+
+
+def _record_offloaded(off):
+    """Wrap off._offload to keep a weak reference to every storage it copies."""
+    refs = []
+    orig = off._offload
+
+    def spy(i, slot, t, st, nbytes):
+        refs.append(StorageWeakRef(st))
+        return orig(i, slot, t, st, nbytes)
+
+    off._offload = spy
+    return refs
+
+
+def test_offloaded_storages_are_freed_by_the_end_of_the_forward():
+    """After the forward (before backward) no storage that was offloaded is alive any more: autograd holds only
+    the handles. With the release points disabled (the positive control) they are still alive then."""
+    base = tiny_lora_model()
+    ids, labels = batch()
+    for release in (True, False):
+        m, off = _offloading(base, 2)
+        refs = _record_offloaded(off)
+        if not release:
+            off.before_layer = lambda j: None
+        loss = m(ids, labels=labels).loss
+        gc.collect()
+        alive = sum(not r.expired() for r in refs)
+        assert refs, "nothing was offloaded"
+        if release:
+            assert alive == 0, f"{alive} of {len(refs)} offloaded storages still alive after the forward"
+        else:
+            assert alive > len(refs) // 2, "the positive control freed its storages anyway"
+        loss.backward()
+
+
+def test_two_forwards_then_backward_keep_their_own_buffers():
+    """Two forwards of the same layers before their backwards (gradient accumulation with retained graphs): the
+    second forward takes new host buffers instead of overwriting those the first one's backward still needs."""
+    base = tiny_lora_model()
+    ref = enable_fast_path(copy.deepcopy(base))
+    m, off = _offloading(base, 2)
+    ids, labels = batch()
+    ids2 = ids.flip(1)
+    torch.manual_seed(3)
+    ref.zero_grad(set_to_none=True)
+    (ref(ids, labels=labels).loss + ref(ids2, labels=labels).loss).backward()
+    want = {n: p.grad.clone() for n, p in ref.named_parameters() if p.requires_grad}
+    torch.manual_seed(3)
+    m.zero_grad(set_to_none=True)
+    la = m(ids, labels=labels).loss
+    n_first = sum(len(b) for b in off.pool.values())
+    lb = m(ids2, labels=labels).loss
+    assert sum(len(b) for b in off.pool.values()) == 2 * n_first, "the second forward reused busy buffers"
+    (la + lb).backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, want[n]), f"grad {n} differs"
+
+
+def test_offload_saved_bad_values_and_disable():
+    base = tiny_lora_model()
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="offload_saved"):
+            enable_fast_path(copy.deepcopy(base), offload_saved=bad)
+    with pytest.raises(ValueError, match="layers must be"):
+        SavedActivationOffloader(torch.device("cpu"), [], 2)
+    with pytest.raises(ValueError, match="layers must be"):
+        SavedActivationOffloader(torch.device("cpu"), [2], 2)
+    m = enable_fast_path(copy.deepcopy(base), offload_saved=2)
+    disable_fast_path(m)
+    assert not any("_saved_offloader" in layer.__dict__ for layer in m.model.layers)
+
+
+def test_release_points_spread_over_the_forward():
+    """Layer i of k offloaded ones is let go at the start of layer n - k + rank's forward (never before i + 1,
+    and n = after the last layer): the copies get the rest of the forward, and none outlives it."""
+    off = SavedActivationOffloader(torch.device("cpu"), range(0, 10), 32)
+    assert off.release_at == {i: 22 + i for i in range(10)}
+    off = SavedActivationOffloader(torch.device("cpu"), range(4, 8), 8)
+    assert off.release_at == {4: 5, 5: 6, 6: 7, 7: 8}
+
+
+def test_prefetch_order_and_reach():
+    """prefetch(L) fetches the handles of the offloaded layers L-ahead..L, once."""
+    off = SavedActivationOffloader(torch.device("cpu"), range(0, 6), 8, ahead=2, min_bytes=0)
+    fetched = []
+    off._fetch = lambda h: fetched.append(h.layer) or setattr(h, "device_copy", torch.empty(0))
+
+    class H:
+        def __init__(self, layer):
+            self.layer, self.device_copy = layer, None
+
+    keep = {i: H(i) for i in range(6)}
+    import weakref
+    for i, h in keep.items():
+        off.handles[i] = [weakref.ref(h)]
+    off.prefetch(7)
+    assert fetched == [5]
+    off.prefetch(5)
+    assert fetched == [5, 4, 3]
+    off.prefetch(5)
+    assert fetched == [5, 4, 3]
+    off.prefetch(2)
+    assert fetched == [5, 4, 3, 2, 1, 0]
