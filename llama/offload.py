@@ -84,15 +84,18 @@ def _static_storages(module: nn.Module) -> set:
         if isinstance(t, torch.Tensor) and t.numel():
             ptrs.add(t.untyped_storage().data_ptr())
 
+    def walk(obj, depth, seen):
+        for v in vars(obj).values():
+            if isinstance(v, torch.Tensor):
+                add(v)
+            elif depth and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)) and id(v) not in seen:
+                seen.add(id(v))
+                walk(v, depth - 1, seen)
+
     for m in module.modules():
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
             add(t)
-        for v in m.__dict__.values():
-            if isinstance(v, torch.Tensor):
-                add(v)
-            elif hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)):
-                for w in vars(v).values():
-                    add(w)
+        walk(m, 2, set())
     return ptrs
 
 

@@ -69,6 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     fast_path: bool = _f(False, "fused training kernels (llama/fast_path.py): Triton RMSNorm, RoPE, SwiGLU + down projection, LoRA with fused dropout, chunked cross entropy, checkpointing that keeps only each layer's input; numerics equal to the plain path's up to rounding order (dropout masks come from another generator). Single process or DDP")
     offload_activations: bool = _f(False, "with --fast_path and gradient_checkpointing on CUDA: keep the checkpointed layer inputs (and the frozen input embedding) in pinned host memory")
+    offload_saved_layers: int = _f(0, "with --fast_path, gradient_checkpointing off, on CUDA: the first N layers keep what their backward needs in pinned host memory instead of GPU memory (no recompute: copies on a side stream over the host link, whose bandwidth bounds how many layers pay; llama/offload.py)")
     cuda_graph: bool = _f(False, "with --fast_path on one CUDA GPU: capture each micro-batch's forward, loss and backward in a CUDA graph (per batch shape, after 2 eager warm-up calls) and replay it, so the host no longer launches every kernel; same masks and numerics as without. Micro-batches are right-padded to a multiple of 64 tokens (padding no loss counts); up to 8 lengths get a graph, others run eagerly. Pays where the host is slower than the GPU (short sequences, small batches)")
     max_grad_norm: float = _f(0.3, "clip the global gradient L2 norm to this (0 = no clipping)")
     learning_rate: float = _f(2e-4, "peak learning rate (AdamW)")
@@ -149,6 +150,11 @@ class TrainConfig:
         if self.offload_activations and not (self.fast_path and self.gradient_checkpointing):
             raise ConfigError("config field 'offload_activations' needs fast_path and gradient_checkpointing (it "
                               "offloads the checkpointed layer inputs of the fast path)")
+        if self.offload_saved_layers < 0:
+            bad("offload_saved_layers", "an integer >= 0")
+        if self.offload_saved_layers and not self.fast_path:
+            raise ConfigError("config field 'offload_saved_layers' needs fast_path (it offloads what the fast "
+                              "path's layers save for backward)")
         if self.cuda_graph and not self.fast_path:
             raise ConfigError("config field 'cuda_graph' needs fast_path (the plain path reads the label count on "
                               "the host and draws dropout masks from the CUDA generator)")

@@ -346,9 +346,13 @@ def _run(cfg: TrainConfig, logger: RunLogger, log, t_start: float, ctx=None) -> 
         from llama.fast_path import enable_fast_path, fast_path_memory_note
 
         off = cfg.offload_activations and device.type == "cuda"
-        enable_fast_path(model, checkpointing=cfg.gradient_checkpointing, offload=off, offload_embeddings=off)
+        saved = cfg.offload_saved_layers if device.type == "cuda" else 0
+        enable_fast_path(model, checkpointing=cfg.gradient_checkpointing, offload=off, offload_embeddings=off,
+                         offload_saved=saved)
         log(f"fast path (llama/fast_path.py): {fast_path_memory_note(model)}"
-            + ("; --offload_activations needs CUDA: not offloading" if cfg.offload_activations and not off else ""))
+            + ("; --offload_activations needs CUDA: not offloading" if cfg.offload_activations and not off else "")
+            + ("; --offload_saved_layers needs CUDA: not offloading" if cfg.offload_saved_layers and not saved
+               else ""))
     hint = speed_hint(cfg, device, ctx.active)
     if hint and ctx.is_main:
         log(hint)
