@@ -439,6 +439,7 @@ def window_stats(times):
 # ------------------------------------------------------------------------------------------------ settings
 def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     free(device)
+    left_over = alloc_gib(device)       # what earlier runs left allocated (peaks are absolute: a leak shows here)
     t0 = time.perf_counter()
     s = setting_shape(setting, args)
     if stack == "hf":
@@ -461,7 +462,7 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     step = (GraphStep if graphed else Step)(model, loss_fn, opt, device)
     res = time_steps(step, s["batch"], s["seq"], args.vocab_size, device, n_steps)
     res.update(peak_gib=peak_gib(device), build_s=round(build_s, 2), memory_saving=memsave,
-               name=variant["name"] if variant else "hf")
+               name=variant["name"] if variant else "hf", allocated_before_build_gib=round(left_over, 3))
     if graphed:
         res.update(peak_gib_replays=res["peak_gib"], capture_peak_gib=round(step.capture_peak_gib, 3),
                    capture_retained_gib=round(step.capture_retained_gib, 3),
