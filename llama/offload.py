@@ -151,13 +151,15 @@ class SavedActivationOffloader:
             if ev is not None:
                 torch.cuda.current_stream(self.device).wait_event(ev)
 
+    def _host_empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
     def _buffer(self, i: int, slot: int, nbytes: int) -> _Buffer:
         bufs = self.pool.setdefault((i, slot), [])
         for b in bufs:
             if not b.busy and b.host.numel() >= nbytes:
                 return b
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-        b = _Buffer(host)
+        b = _Buffer(self._host_empty(nbytes))
         bufs.append(b)
         return b
 

@@ -169,3 +169,93 @@ def test_prefetch_order_and_reach():
     assert fetched == [5, 4, 3]
     off.prefetch(2)
     assert fetched == [5, 4, 3, 2, 1, 0]
+
+
+class _FakeCuda:
+    """Stand-ins for torch.cuda's streams and events that keep the order of what the offloader enqueues: a side
+    stream position per event, and how far the compute stream has waited. (The copies themselves run at once on
+    CPU tensors.) Lets the CUDA branch of the offloader run on a CPU and its event discipline be checked."""
+
+    def __init__(self):
+        self.side_pos = 0            # operations enqueued on the side stream
+        self.compute_waited = 0      # the side stream position the compute stream has waited for
+        fake = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                pass
+
+            def wait_event(self, ev):
+                assert ev.pos is not None, "waited for an event never recorded"
+                if self.name == "compute":
+                    fake.compute_waited = max(fake.compute_waited, ev.pos)
+
+        class Event:
+            def __init__(self, *a, **k):
+                self.pos = None
+
+            def record(self, stream=None):
+                assert stream is not None and stream.name == "side", "copy events belong to the side stream"
+                self.pos = fake.side_pos
+
+        self.Stream, self.Event = Stream, Event
+        self.compute, self.side = Stream("compute"), Stream("side")
+        self.in_side = False
+
+    def stream_ctx(self, s):
+        fake = self
+
+        class Ctx:
+            def __enter__(self):
+                assert s is fake.side
+                fake.in_side = True
+                fake.side_pos += 1            # the copy enqueued inside
+
+            def __exit__(self, *exc):
+                fake.in_side = False
+
+        return Ctx()
+
+
+def test_cuda_branch_event_discipline(monkeypatch):
+    """The offloader's CUDA branch on CPU tensors with recording stand-ins for streams and events: the same
+    gradients bit for bit, every device tensor let go only after the compute stream waited for its copy to the
+    host, every fetched copy waited for before autograd reads it, and pinned buffers asked for once per slot."""
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.compute)
+    monkeypatch.setattr(torch.cuda, "stream", fake.stream_ctx)
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    base = tiny_lora_model()
+    ref = enable_fast_path(copy.deepcopy(base))
+    m, off = _offloading(base, 2)
+    off.cuda, off.stream = True, fake.side
+    asked = []
+    off._host_empty = lambda n: asked.append(n) or torch.empty(n, dtype=torch.uint8)
+    release, fetch_storage = off._release, None
+
+    def checked_release(i):
+        evs = [ev for _, ev in off.pending.get(i, ())]
+        release(i)
+        for ev in evs:
+            assert fake.compute_waited >= ev.pos, f"layer {i}: a device tensor let go before its copy was waited for"
+
+    off._release = checked_release
+    import llama.offload as lo
+    orig_storage = lo._Saved.storage
+
+    def checked_storage(h):
+        st = orig_storage(h)
+        assert h.event is not None and fake.compute_waited >= h.event.pos, "read before its fetch was waited for"
+        return st
+
+    monkeypatch.setattr(lo._Saved, "storage", checked_storage)
+    ids, labels = batch()
+    for step in range(2):
+        loss0, g0 = loss_and_grads(ref, ids, labels)
+        loss1, g1 = loss_and_grads(m, ids, labels)
+        assert torch.equal(loss0, loss1) and all(torch.equal(g0[n], g1[n]) for n in g0), f"step {step}"
+        assert not off.pending or not any(off.pending.values()), "device tensors still pending after the step"
+    assert len(asked) == sum(len(b) for b in off.pool.values()) == off.stats["tensors"] // 2
