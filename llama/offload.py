@@ -37,10 +37,10 @@ from torch import nn
 class _Buffer:
     """A host buffer (uint8) and whether a live handle still needs its contents."""
 
-    __slots__ = ("host", "busy")
+    __slots__ = ("host", "busy", "graphed")
 
     def __init__(self, host: torch.Tensor):
-        self.host, self.busy = host, False
+        self.host, self.busy, self.graphed = host, False, False    # graphed: a captured CUDA graph copies into it
 
 
 class _Saved:
@@ -155,10 +155,16 @@ class SavedActivationOffloader:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
 
     def _buffer(self, i: int, slot: int, nbytes: int) -> _Buffer:
+        """A free host buffer of at least nbytes for (layer i, slot). A smaller free one is replaced (sequence
+        lengths vary from batch to batch), unless a captured CUDA graph copies into it: that one stays."""
         bufs = self.pool.setdefault((i, slot), [])
         for b in bufs:
             if not b.busy and b.host.numel() >= nbytes:
                 return b
+        for k, b in enumerate(bufs):
+            if not b.busy and not b.graphed:
+                bufs[k] = _Buffer(self._host_empty(nbytes))
+                return bufs[k]
         b = _Buffer(self._host_empty(nbytes))
         bufs.append(b)
         return b
@@ -202,6 +208,8 @@ class SavedActivationOffloader:
     def _offload(self, i: int, slot: int, t: torch.Tensor, st: torch.UntypedStorage, nbytes: int) -> _Saved:
         buf = self._buffer(i, slot, nbytes)
         buf.busy = True
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            buf.graphed = True
         src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
         dst = buf.host[:nbytes]
         if self.cuda:

@@ -228,6 +228,7 @@ def test_cuda_branch_event_discipline(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.compute)
     monkeypatch.setattr(torch.cuda, "stream", fake.stream_ctx)
     monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     base = tiny_lora_model()
     ref = enable_fast_path(copy.deepcopy(base))
     m, off = _offloading(base, 2)
@@ -259,3 +260,22 @@ def test_cuda_branch_event_discipline(monkeypatch):
         assert torch.equal(loss0, loss1) and all(torch.equal(g0[n], g1[n]) for n in g0), f"step {step}"
         assert not off.pending or not any(off.pending.values()), "device tensors still pending after the step"
     assert len(asked) == sum(len(b) for b in off.pool.values()) == off.stats["tensors"] // 2
+
+
+def test_host_buffers_follow_the_sequence_length():
+    """A longer batch replaces a slot's smaller free buffer instead of adding one beside it (varying lengths do not
+    pile up pinned memory); a buffer a CUDA graph copies into is never replaced."""
+    base = tiny_lora_model()
+    m, off = _offloading(base, 2)
+    ids, labels = batch()
+    for T in (8, 16, 12):
+        loss_and_grads(m, ids[:, :T], labels[:, :T])
+    n = {key: len(bufs) for key, bufs in off.pool.items()}
+    assert set(n.values()) == {1}, n
+    big = {key: bufs[0].host.numel() for key, bufs in off.pool.items()}
+    for bufs in off.pool.values():
+        bufs[0].graphed = True
+    loss_and_grads(m, ids[:, :20], labels[:, :20])                     # longer again: graphed buffers stay
+    for key, bufs in off.pool.items():
+        assert bufs[0].host.numel() == big[key] and bufs[0].graphed
+        assert len(bufs) == 2 and bufs[1].host.numel() > big[key]
