@@ -1059,6 +1059,10 @@ class ActivationOffloader:
         self.host: dict[int, torch.Tensor] = {}
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.saving: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # sources of device-to-host copies
+        # host buffers that a captured CUDA graph copies into: kept alive when a batch of another shape replaces
+        # them in `host` (a freed pinned block could be handed to another pinned tensor, which a replay of that
+        # graph would then overwrite)
+        self.graph_held: list[torch.Tensor] = []
 
     def __deepcopy__(self, memo):
         """A copied model gets an offloader of its own: a new side stream, no buffers, nothing in flight (CUDA
@@ -1070,6 +1074,10 @@ class ActivationOffloader:
         ev = torch.cuda.Event()
         ev.record(self.stream)
         return ev
+
+    @staticmethod
+    def _host_empty(shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def release_saved(self) -> None:
         """The compute stream waits for the pending device-to-host copies; then their sources may be freed."""
@@ -1083,7 +1091,9 @@ class ActivationOffloader:
         self.release_saved()                   # the previous layer's copy ran beside this layer's compute
         buf = self.host.get(i)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-            buf = self.host[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            buf = self.host[i] = self._host_empty(x.shape, x.dtype)
+        if torch.cuda.is_current_stream_capturing() and not any(b is buf for b in self.graph_held):
+            self.graph_held.append(buf)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             buf.copy_(x, non_blocking=True)
@@ -1116,6 +1126,7 @@ class ActivationOffloader:
             self._drop_fetched(i)
         self.release_saved()
         self.host.clear()
+        self.graph_held.clear()
 
 
 class OffloadedCheckpoint(torch.autograd.Function):

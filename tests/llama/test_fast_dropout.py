@@ -1,6 +1,7 @@
 """The fast path's LoRA dropout and MLP tail: the philox-family Triton kernels (mask, fused A-side matmuls) in
 Triton's CPU interpreter, and on CPU tensors the `SwiGLUDownFunction` node and the recompute that skips the
 MLP's output."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -265,3 +266,50 @@ def test_offloader_deepcopy_gives_the_copy_its_own(monkeypatch):
     new = twin.model.layers[0]._offloader
     assert len(offs) == 1 and new is not off and new.stream is not off.stream and FakeStream.made == 2
     assert new.host == {} and off.host[0].sum() == 3
+
+
+def test_offloader_keeps_host_buffers_a_graph_captured(monkeypatch):
+    """A layer input saved while a CUDA graph is being captured pins its host buffer: a batch of another shape
+    that replaces the buffer in `host` leaves the captured one alive (freed, the pinned block could be handed
+    to another tensor that the graph's replays would then overwrite); a buffer no capture used is let go."""
+    import weakref
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def wait_event(self, ev):
+            pass
+
+    class FakeEvent:
+        def record(self, stream=None):
+            pass
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    off = fp.ActivationOffloader(torch.device("cpu"))
+    off._host_empty = lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    off.save(0, torch.ones(2, 3))
+    off.release_saved()
+    eager_buf = weakref.ref(off.host[0])
+    off.save(0, torch.ones(4, 3))                      # another shape, no capture: the old buffer goes
+    off.release_saved()
+    assert eager_buf() is None and off.host[0].shape == (4, 3)
+    capturing[0] = True
+    off.save(0, torch.full((4, 3), 2.0))               # captured: this buffer is held
+    off.release_saved()
+    capturing[0] = False
+    held = weakref.ref(off.host[0])
+    off.save(0, torch.ones(5, 3))
+    off.release_saved()
+    assert held() is not None and held() is off.graph_held[0] and off.host[0].shape == (5, 3)
+    assert torch.equal(off.load(0), torch.ones(5, 3))
+    off.free()
+    assert held() is None and off.host == {}
