@@ -1190,21 +1190,6 @@ class OffloadedCheckpoint(torch.autograd.Function):
         return None, None, x.grad, None, None, None, None
 
 
-class _PrefetchOnBackward(torch.autograd.Function):
-    """Identity on a recomputed layer's residual h = x + attn(x); its backward (run once the MLP half of the
-    layer's backward is done, past its memory peak) starts the host-to-device copy of the layer input below."""
-
-    @staticmethod
-    def forward(ctx, h, offloader, i):
-        ctx.offloader, ctx.i = offloader, i
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, dh):
-        ctx.offloader.prefetch(ctx.i)
-        return dh, None, None
-
-
 class FastDecoderLayer(DecoderLayer):
     """DecoderLayer whose training forward goes through `OffloadedCheckpoint` when checkpointing is on."""
 
@@ -1216,7 +1201,8 @@ class FastDecoderLayer(DecoderLayer):
         the down projection's matmul is not run). With an offloader, h's backward prefetches the layer below."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         if offloader is not None:
-            h = _PrefetchOnBackward.apply(h, offloader, self.self_attn.layer_idx - 1)
+            # h's backward runs once the MLP half of the layer's backward is done, past its memory peak
+            h = PrefetchOnBackward.apply(h, offloader, self.self_attn.layer_idx - 1)
         n = self.post_attention_layernorm(h)
         m = self.mlp(n, output_needed=False) if isinstance(self.mlp, FastMLP) else self.mlp(n)
         return h, m

@@ -280,8 +280,9 @@ def active_hooks():
 
 
 class PrefetchOnBackward(torch.autograd.Function):
-    """Identity on layer L's output; its backward (the start of layer L's backward) starts the copies back of
-    the offloaded layers L-ahead..L."""
+    """Identity whose backward calls offloader.prefetch(L): on layer L's output, the start of layer L's backward
+    starts the copies back of the offloaded layers L-ahead..L (SavedActivationOffloader); on a recomputed layer's
+    residual h, the copy of the layer input below (fast_path.ActivationOffloader)."""
 
     @staticmethod
     def forward(ctx, x, offloader, L):
