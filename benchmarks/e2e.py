@@ -74,7 +74,9 @@ SETTINGS = {
 # Both extremes are measured, then "ours+ckpt-k" checkpoints the first k layers, k chosen from the two peaks so
 # that the predicted peak is 0.6x HF's (or, when even full checkpointing misses that, 0.95x HF's).
 # "+graph": the same with forward + loss + backward replayed from a CUDA graph (CUDA only), the partial
-# checkpointing variant included.
+# checkpointing variant included. In (a), on CUDA, "ours(+graph)+offload-k" keep every layer's activations but
+# hold what the first k layers save for backward in pinned host memory instead (enable_fast_path offload_saved,
+# llama/offload.py), and "ours+graph+ckpt-j+offload-k" checkpoints the j layers the host link cannot carry.
 OUR_VARIANTS = {
     "a": [dict(name="ours+ckpt-offload", checkpointing=True, offload=True),
           dict(name="ours", checkpointing=False, offload=False),
@@ -133,6 +135,32 @@ def saved_offload_variant(entry, n_layers, graph=False):
                 offload_saved=k, graph=graph, predicted_peak_gib=round(none["peak_gib"] - k * per_layer, 2))
 
 
+LINK_GB_S = 50.0          # pinned host link, each way, measured beside matmuls (diag/offload_bw-*: 50.6 GB/s)
+FORWARD_SHARE = 0.3       # the forward's share of a step that keeps its activations (forward 1, backward ~2)
+
+
+def mixed_offload_variant(entry, n_layers):
+    """Graphed: the layers the memory goal needs off the device, offloaded (offload_saved) as far as the host link
+    can carry their saved tensors during the forward, and checkpointed beyond that (the first j layers
+    checkpointed, the next k offloaded). None where the link carries them all (the pure offloading variant
+    covers that) or an input is missing."""
+    hf, full, none, g = (entry.get(k) for k in ("hf", "ours+ckpt-offload", "ours", "ours+graph"))
+    if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none, g)) or "step_s" not in g:
+        return None
+    per_layer = (none["peak_gib"] - full["peak_gib"]) / n_layers
+    goal = 0.6 * hf["peak_gib"]
+    if not per_layer > 0 or g["peak_gib"] <= goal:
+        return None
+    need = math.ceil((g["peak_gib"] - goal) / per_layer)
+    link = int(g["step_s"] * FORWARD_SHARE * LINK_GB_S * 1e9 / (per_layer * GIB))   # layers a forward carries
+    k = min(need, link - 1)                 # one layer of margin: the copies also slow the matmuls beside them
+    j = need - k
+    if k <= 0 or j <= 0 or j + k >= n_layers:
+        return None
+    return dict(name=f"ours+graph+ckpt-{j}of{n_layers}+offload-{k}of{n_layers}", checkpointing=j, offload=True,
+                offload_saved=k, graph=True, predicted_peak_gib=round(g["peak_gib"] - need * per_layer, 2))
+
+
 def one_more_checkpointed(entry, variant, n_layers):
     """For a partial-checkpointing variant (one with predicted_peak_gib) whose measured peak is over 0.6x HF's:
     the same variant with one more layer checkpointed (None otherwise). The prediction interpolates the two
@@ -145,7 +173,7 @@ def one_more_checkpointed(entry, variant, n_layers):
         return None
     if res["peak_gib"] <= 0.6 * hf["peak_gib"]:
         return None
-    if variant.get("offload_saved"):                # an offloading variant: one more layer offloaded
+    if variant.get("offload_saved") and not variant.get("checkpointing"):   # offloading only: one more layer
         k = variant["offload_saved"]
         if k + 1 >= n_layers:
             return None
@@ -986,13 +1014,18 @@ def main(argv=None):
         if "ours" in stacks:
             runs += [("ours", "partial")] + ([("ours", "partial-graph")] if setting == "a" else [])
             if device.type == "cuda" and setting == "a":     # offloading what layers save: pinned host memory
-                runs += [("ours", "saved"), ("ours", "saved-graph")]
+                runs += [("ours", "saved"), ("ours", "saved-graph"), ("ours", "mixed-graph")]
         if device.type != "cuda":                            # CUDA graphs need CUDA
             runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph"))
-                    and v not in ("partial-graph", "saved-graph")]
+                    and v not in ("partial-graph", "saved-graph", "mixed-graph")]
         queue = list(runs)
         while queue:
             stack, variant = queue.pop(0)
+            if variant == "mixed-graph":
+                variant = mixed_offload_variant(entry, args.num_hidden_layers)
+                if variant is None:
+                    continue
+                log(f"  checkpointing + offloading saved activations: {variant}")
             if variant in ("saved", "saved-graph"):
                 variant = saved_offload_variant(entry, args.num_hidden_layers, graph=variant == "saved-graph")
                 if variant is None:

@@ -101,3 +101,21 @@ def test_saved_offload_variant_from_the_measured_peaks():
     assert e2e.saved_offload_variant(entry, 32) is None
     del entry["ours+graph"]
     assert e2e.saved_offload_variant(entry, 32, graph=True) is None
+
+
+def test_mixed_variant_offloads_what_the_link_carries_and_checkpoints_the_rest():
+    """H100 49700e7's (a) numbers: 9 layers must go; a 116.7 ms graphed step's forward carries about 8 layers'
+    saved tensors over a 50 GB/s link, so 7 are offloaded (one of margin) and 2 checkpointed; over the goal once
+    measured, one more layer is checkpointed. Where the link carries them all there is no mixed variant."""
+    entry = {"hf": {"peak_gib": 14.45}, "ours+ckpt-offload": {"peak_gib": 4.03}, "ours": {"peak_gib": 10.03},
+             "ours+graph": {"peak_gib": 10.25, "step_s": 0.1167}}
+    v = e2e.mixed_offload_variant(entry, 32)
+    assert v["name"] == "ours+graph+ckpt-2of32+offload-7of32"
+    assert (v["checkpointing"], v["offload_saved"], v["offload"], v["graph"]) == (2, 7, True, True)
+    assert v["predicted_peak_gib"] <= 0.6 * 14.45
+    entry[v["name"]] = {"peak_gib": 8.8}
+    more = e2e.one_more_checkpointed(entry, v, 32)
+    assert more["name"] == "ours+graph+ckpt-3of32+offload-7of32" and more["checkpointing"] == 3
+    assert more["offload_saved"] == 7
+    entry["ours+graph"]["step_s"] = 1.0                              # a slow step: the link carries every layer
+    assert e2e.mixed_offload_variant(entry, 32) is None
