@@ -14,14 +14,17 @@ N_LAYERS, B, T, C = 6, 2, 256, 256
 
 
 def _model(offload_saved=0, checkpointing=False):
+    """The graph tests' NF4 + LoRA model at N_LAYERS x C; checkpointed layers (the first `checkpointing`) offload
+    their inputs, the next `offload_saved` layers what they save."""
     from tests.train.test_cuda_graph_cuda import _model as graph_test_model
 
-    m = graph_test_model(checkpointing=checkpointing, num_hidden_layers=N_LAYERS, hidden_size=C,
+    offload = bool(checkpointing)
+    m = graph_test_model(checkpointing=checkpointing, offload=offload, num_hidden_layers=N_LAYERS, hidden_size=C,
                          intermediate_size=4 * C, num_attention_heads=4, num_key_value_heads=4, head_dim=C // 4,
                          max_position_embeddings=T)
     if offload_saved:
         from llama.fast_path import enable_fast_path
-        enable_fast_path(m, checkpointing=checkpointing, offload_saved=offload_saved)
+        enable_fast_path(m, checkpointing=checkpointing, offload=offload, offload_saved=offload_saved)
         m.model.layers[0]._saved_offloader.min_bytes = 0     # these activations are below the default 1 MiB
     return m
 
@@ -86,12 +89,15 @@ def test_offload_saved_lowers_the_peak():
         f"offloading saved {(peaks['keep'] - peaks['offload']) / 2**20:.1f} MiB of {kept / 2**20:.1f} MiB: {peaks}"
 
 
-def test_graphed_step_with_offloaded_saved_activations():
-    """A CUDA-graph capture of a step whose first layers offload their saved activations replays with the same
-    losses and gradients as the eager offloading step, and the masks change from step to step."""
+@pytest.mark.parametrize("checkpointing", [0, 2])
+def test_graphed_step_with_offloaded_saved_activations(checkpointing):
+    """A CUDA-graph capture of a step whose first layers offload their saved activations (after `checkpointing`
+    checkpointed ones, as e2e's mixed variant) replays with the same losses and gradients as the eager step, and
+    the masks change from step to step."""
     from tests.train.test_cuda_graph_cuda import _graphed_matches_eager, _loss
 
-    eager_m = _model(offload_saved=3)
+    eager_m = _model(offload_saved=3, checkpointing=checkpointing)
+    assert eager_m.model.layers[0]._saved_offloader.layers == list(range(checkpointing, checkpointing + 3))
     graph_m = copy.deepcopy(eager_m)
     assert graph_m.model.layers[0]._saved_offloader is not eager_m.model.layers[0]._saved_offloader
     gen = torch.Generator().manual_seed(1)
