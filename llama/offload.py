@@ -103,7 +103,10 @@ class SavedActivationOffloader:
     """Offloads the saved activations of decoder layers `layers` (indices, ascending) of an `n_layers` model.
 
     ahead: how many layers ahead of the backward the host-to-device copies start (they take longer than a
-    layer's backward: 16 MiB per (B, T, C) tensor at ~50 GB/s on an H100's host link).
+    layer's backward: 16 MiB per (B, T, C) tensor at ~50 GB/s on an H100's host link). The price is memory:
+    up to ahead + 1 offloaded layers' tensors are back on the device at once during the backward, which is
+    below the peak when the offloaded layers are the first of many (they come back after the layers above
+    them have freed theirs), but not when nearly every layer is offloaded.
     min_bytes: smaller saved tensors stay on the device (statistics, seeds, keep codes of small layers)."""
 
     def __init__(self, device: torch.device, layers, n_layers: int, ahead: int = 8, min_bytes: int = 1 << 20):
