@@ -127,7 +127,7 @@ class SavedActivationOffloader:
         self.pending: dict[int, list] = {}                         # layer -> [(device tensor, event)]
         self.handles: dict[int, list] = {}                         # layer -> weakrefs to its handles, for prefetch
         self.static: dict[int, tuple] = {}                         # id(layer module) -> (first ptr, ptrs)
-        self.stats = dict(offloaded_bytes=0, tensors=0, kept_small=0)
+        self.stats = dict(offloaded_bytes=0, tensors=0, kept_on_device=0)
 
     def __deepcopy__(self, memo):
         """A copied model gets its own offloader: no buffers, nothing in flight (events cannot be copied)."""
@@ -193,7 +193,7 @@ class SavedActivationOffloader:
             st = t.untyped_storage()
             ptr, nbytes = st.data_ptr(), st.nbytes()
             if ptr in static or nbytes < self.min_bytes or nbytes > 2 * t.numel() * t.element_size() + (1 << 20):
-                self.stats["kept_small"] += 1
+                self.stats["kept_on_device"] += 1
                 return t
             h = seen.get(ptr)
             if h is None:
