@@ -155,6 +155,9 @@ class TrainConfig:
         if self.offload_saved_layers and not self.fast_path:
             raise ConfigError("config field 'offload_saved_layers' needs fast_path (it offloads what the fast "
                               "path's layers save for backward)")
+        if self.offload_saved_layers and self.gradient_checkpointing:
+            raise ConfigError("config field 'offload_saved_layers' needs gradient_checkpointing false: with it "
+                              "every layer is recomputed and keeps nothing to offload")
         if self.cuda_graph and not self.fast_path:
             raise ConfigError("config field 'cuda_graph' needs fast_path (the plain path reads the label count on "
                               "the host and draws dropout masks from the CUDA generator)")

@@ -48,8 +48,10 @@ def test_help_lists_every_field_with_default(capsys):
     (["--no_such_field", "1"], "unknown argument"),
     (["--max_steps", "0"], "'max_steps' = 0"),
     (["--lr_scheduler_type", "step"], "'lr_scheduler_type'"),
-    (["--offload_saved_layers", "-2", "--fast_path"], "'offload_saved_layers' = -2: expected an integer >= 0"),
+    (["--offload_saved_layers", "-2", "--fast_path", "--gradient_checkpointing", "false"],
+     "'offload_saved_layers' = -2: expected an integer >= 0"),
     (["--offload_saved_layers", "4"], "'offload_saved_layers' needs fast_path"),
+    (["--offload_saved_layers", "4", "--fast_path"], "needs gradient_checkpointing false"),
 ])
 def test_bad_values_give_clear_errors(argv, msg):
     with pytest.raises((ConfigError, SystemExit)) as e:

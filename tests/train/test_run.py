@@ -145,6 +145,11 @@ def test_fast_path_run(tiny_model_dir, jsonl, tmp_path, capsys):
     assert main(_args(tiny_model_dir, jsonl, tmp_path / "o", "--fast_path", "--cuda_graph", "--device", "cpu")) == 1
     assert "--cuda_graph: CUDA graphs need one CUDA GPU in one process; this run has device cpu" in \
         capsys.readouterr().out
+    rc = main(_args(tiny_model_dir, jsonl, tmp_path / "s", "--fast_path", "--gradient_checkpointing", "false",
+                    "--offload_saved_layers", "1", "--max_steps", "1", "--eval_fraction", "0"))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "'offloaded_saved_layers': '0 of 2'" in text and "--offload_saved_layers needs CUDA: not offloading" in text
 
 
 def test_speed_hint_names_what_is_off():
