@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -76,8 +78,17 @@ def main():
     print("worst relative difference over", len(reps), "repeat(s):", worst)
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), repeats=len(reps), worst=worst,
+            json.dump(dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                           commit=_commit(), repeats=len(reps), worst=worst,
                            results=reps[0] if len(reps) == 1 else reps), fh, indent=1)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or os.environ.get("E2E_COMMIT", "unknown")
+    except Exception:  # noqa: BLE001
+        return os.environ.get("E2E_COMMIT", "unknown")
 
 
 def probe(checkpointing):
