@@ -21,7 +21,9 @@ unchanged; `disable_fast_path` swaps every class back):
 | LlamaForCausalLM | logits (B, T, V) then fp32 cross entropy | `kernels.chunked_cross_entropy` on the hidden states |
 | DecoderLayer | optional torch checkpoint | `OffloadedCheckpoint`: keeps only the layer input, optionally in |
 | | | pinned host memory (copied on a side stream, prefetched one layer ahead); |
-| | | the recompute skips the down projection's matmul (its output is never read) |
+| | | the recompute skips the down projection's matmul (its output is never read); |
+| | | or (`offload_saved`) no recompute, what the layer saves held in pinned host |
+| | | memory (llama/offload.py) |
 
 Numerics are the plain path's up to rounding order (see tests/llama/test_fast_path.py for the tolerances).
 On CPU tensors every kernel call dispatches to its pure-torch reference, so the fast path runs anywhere.
@@ -1191,7 +1193,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 class FastDecoderLayer(DecoderLayer):
-    """DecoderLayer whose training forward goes through `OffloadedCheckpoint` when checkpointing is on."""
+    """DecoderLayer whose training forward goes through `OffloadedCheckpoint` when checkpointing is on, and keeps
+    what it saves for backward in pinned host memory when it is one of the `offload_saved` layers
+    (llama/offload.py)."""
 
     _plain_forward = DecoderLayer.forward
 
