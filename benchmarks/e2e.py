@@ -87,14 +87,27 @@ OUR_VARIANTS = {
 }
 
 
+def _measured_peaks(entry, *names):
+    """The measured runs `names` of a setting (None unless each has a peak)."""
+    runs = [entry.get(n) for n in names]
+    return runs if all(isinstance(v, dict) and "peak_gib" in v for v in runs) else None
+
+
+def _per_layer_gib(entry, n_layers) -> float:
+    """What one layer's activations add to the peak: the two extremes' difference over the layers (0 if unknown)."""
+    got = _measured_peaks(entry, "ours", "ours+ckpt-offload")
+    return (got[0]["peak_gib"] - got[1]["peak_gib"]) / n_layers if got else 0.0
+
+
 def partial_variant(entry, n_layers, graph=False):
     """The k-layer checkpointing variant interpolated from the measured extremes (None when not useful).
     graph: for the CUDA-graph variant, whose peak is the eager one plus the overhead measured without
     checkpointing ("ours+graph" - "ours")."""
-    hf, full, none = entry.get("hf"), entry.get("ours+ckpt-offload"), entry.get("ours")
-    if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none)):
+    got = _measured_peaks(entry, "hf", "ours+ckpt-offload", "ours")
+    if got is None:
         return None
-    per_layer = (none["peak_gib"] - full["peak_gib"]) / n_layers
+    hf, full, none = got
+    per_layer = _per_layer_gib(entry, n_layers)
     if not per_layer > 0:
         return None
     overhead = 0.0
@@ -120,11 +133,11 @@ def saved_offload_variant(entry, n_layers, graph=False):
     backward to pinned host memory (enable_fast_path offload_saved=k; no recompute): k from the peak without
     checkpointing (graphed or eager) and the per-layer activation size of the two extremes, for a predicted peak
     of 0.6x HF's (None when not useful: no layer need go, or all of them would)."""
-    hf, full, none = entry.get("hf"), entry.get("ours+ckpt-offload"), entry.get("ours+graph" if graph else "ours")
-    if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none)):
+    got = _measured_peaks(entry, "hf", "ours+graph" if graph else "ours")
+    if got is None:
         return None
-    per_layer = (entry["ours"]["peak_gib"] - full["peak_gib"]) / n_layers if "peak_gib" in entry.get("ours", {}) \
-        else 0.0
+    hf, none = got
+    per_layer = _per_layer_gib(entry, n_layers)
     goal = 0.6 * hf["peak_gib"]
     if not per_layer > 0 or none["peak_gib"] <= goal:
         return None
@@ -144,10 +157,11 @@ def mixed_offload_variant(entry, n_layers):
     can carry their saved tensors during the forward, and checkpointed beyond that (the first j layers
     checkpointed, the next k offloaded). None where the link carries them all (the pure offloading variant
     covers that) or an input is missing."""
-    hf, full, none, g = (entry.get(k) for k in ("hf", "ours+ckpt-offload", "ours", "ours+graph"))
-    if not all(isinstance(v, dict) and "peak_gib" in v for v in (hf, full, none, g)) or "step_s" not in g:
+    got = _measured_peaks(entry, "hf", "ours+graph")
+    if got is None or "step_s" not in got[1]:
         return None
-    per_layer = (none["peak_gib"] - full["peak_gib"]) / n_layers
+    hf, g = got
+    per_layer = _per_layer_gib(entry, n_layers)
     goal = 0.6 * hf["peak_gib"]
     if not per_layer > 0 or g["peak_gib"] <= goal:
         return None

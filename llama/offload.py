@@ -178,8 +178,8 @@ class SavedActivationOffloader:
         if i not in self.release_at:
             yield
             return
-        static = self._static_of(layer) | {a.untyped_storage().data_ptr() for a in args
-                                          if isinstance(a, torch.Tensor)}
+        static = self._static_of(layer)
+        arg_ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         seen: dict[int, _Saved] = {}
         slot = [0]
         self._release(i)                 # left over from a forward that stopped early
@@ -192,7 +192,7 @@ class SavedActivationOffloader:
                 return t
             st = t.untyped_storage()
             ptr, nbytes = st.data_ptr(), st.nbytes()
-            if ptr in static or nbytes < self.min_bytes or nbytes > 2 * t.numel() * t.element_size() + (1 << 20):
+            if ptr in static or ptr in arg_ptrs or nbytes < self.min_bytes or nbytes > 2 * t.numel() * t.element_size() + (1 << 20):
                 self.stats["kept_on_device"] += 1
                 return t
             h = seen.get(ptr)
