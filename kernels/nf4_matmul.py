@@ -1152,21 +1152,49 @@ def nf4_matmul(x, qw, bias=None, backend=None):
     return y.reshape(*x.shape[:-1], qw.shape[0])
 
 
-def nf4_matmul_t(g, qw, backend=None):
-    """grad_x = g @ W: g (..., N), W [N, K] -> (..., K) in g.dtype. Same dispatch as nf4_matmul."""
+def _accumulate_out(out, g2, K, what):
+    """out as the (M, K) matrix that g2 @ W is added into (checked: shape, dtype, device, contiguity)."""
+    if out.shape[-1] != K or out.numel() != g2.shape[0] * K or out.dtype != g2.dtype or out.device != g2.device:
+        raise ValueError(f"{what}: out must be ({g2.shape[0]}, {K}) {g2.dtype} on {g2.device} (rows may be split "
+                         f"over leading dims), got {tuple(out.shape)} {out.dtype} on {out.device}")
+    o2 = out.view(-1, K) if out.is_contiguous() else None
+    if o2 is None:
+        raise ValueError(f"{what}: out must be contiguous (it is accumulated into in place)")
+    return o2
+
+
+def nf4_matmul_t(g, qw, backend=None, out=None):
+    """grad_x = g @ W: g (..., N), W [N, K] -> (..., K) in g.dtype. Same dispatch as nf4_matmul.
+
+    out: a contiguous tensor of grad_x's shape and dtype to accumulate into, ``out += g @ W``, returned. Where
+    W is dequantized for cuBLAS (large M, and the CPU reference) the sum is the GEMM's epilogue (beta = 1: one
+    rounding, no separate pass over out); the fused kernels add their result. The backward of sibling
+    projections that read one input (q, k, v; gate, up) sums their grad_x this way (llama/fast_path.py)."""
     backend = backend or ("triton" if g.is_cuda else "torch")
     lead = g.shape[:-1]
     g2 = g.reshape(-1, g.shape[-1])
+    K = qw.shape[1]
+    o2 = None if out is None else _accumulate_out(out, g2, K, "nf4_matmul_t")
     if backend == "torch" or not _triton_ok(g, qw):
-        gx = g2 @ dequantize_weight(qw, g.dtype)
+        w = dequantize_weight(qw, g.dtype)
+        if o2 is not None:
+            o2.addmm_(g2, w)
+            return out
+        gx = g2 @ w
     else:
         key = ("bwd", _m_bucket(g2.shape[0]), tuple(qw.shape), qw.double_quant, qw.blocksize, g.dtype)
         eager = _eager_call(g)
         name = _path_cache.get(_cache_key(key, eager)) or _pick(key, {"fused": lambda: nf4_matmul_t_fused(g2, qw),
                                                                       "dequant": lambda: nf4_matmul_t_dequant(g2, qw)},
                                                                 eager)
+        if o2 is not None:
+            if name == "fused":
+                o2.add_(nf4_matmul_t_fused(g2, qw))
+            else:
+                o2.addmm_(g2, _dequantized(qw, g.dtype))
+            return out
         gx = nf4_matmul_t_fused(g2, qw) if name == "fused" else nf4_matmul_t_dequant(g2, qw)
-    return gx.reshape(*lead, qw.shape[1])
+    return gx.reshape(*lead, K)
 
 
 def chosen_paths():

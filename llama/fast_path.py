@@ -10,7 +10,14 @@ unchanged; `disable_fast_path` swaps every class back):
 
 | module | plain path | fast path |
 |---|---|---|
-| RMSNorm | torch ops, fp32 statistics | `kernels.rms_norm` (Triton forward + hand-written backward) |
+| RMSNorm | torch ops, fp32 statistics | `kernels.rms_norm` (Triton forward + hand-written backward); in a |
+| | | training layer each norm and its residual add are one node |
+| | | (`ResidualRMSNormFunction`): the attention's residual add runs in the |
+| | | post-attention norm's pass, and each norm's backward adds the |
+| | | residual branch's gradient in its kernel (`FUSE_RESIDUAL_NORMS`) |
+| q, k, v; gate, up | one node each, autograd sums their input | `SiblingsFunction`: one node per group, the same forward kernels; |
+| | gradients | the input's gradient accumulated in place (`dx += dy_i @ W_i` in the |
+| | | GEMM's epilogue), three fewer (N, C) passes a layer (`GROUP_SIBLINGS`) |
 | Attention | rotate-half RoPE in torch, SDPA | `kernels.apply_rope` in place on the q/k projection views, SDPA (flash) |
 | MLP | `down(F.silu(g) * u)` | `SwiGLUDownFunction`: SwiGLU (Triton) + down projection (+ LoRA) in one |
 | | | node that saves g and u but not their product; backward in row chunks |
@@ -63,14 +70,16 @@ class FastAttention(Attention):
         if cache is not None:                       # decoding keeps the plain path (KV cache bookkeeping)
             return super().forward(x, cos, sin, mask, cache)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        qkv = run_siblings(x, (self.q_proj, self.k_proj, self.v_proj))       # one node: grad x summed in place
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, H_kv, T, D)
         if x.is_cuda or (_PHILOX_ON_CPU and _interpreting()):   # (the second: tests, Triton's interpreter)
-            # in place only into our fused LoRA outputs (a view made inside a custom Function can't be)
+            # in place only into fresh outputs of our Functions (a view made inside a custom Function can't be)
             RoPE = _kernels()[1].RoPEFunction
-            q = RoPE.apply(q, cos, sin, _fused_lora_output(self.q_proj))
-            k = RoPE.apply(k, cos, sin, _fused_lora_output(self.k_proj))
+            q = RoPE.apply(q, cos, sin, qkv is not None or _fused_lora_output(self.q_proj))
+            k = RoPE.apply(k, cos, sin, qkv is not None or _fused_lora_output(self.k_proj))
         else:
             q, k = _kernels()[1].apply_rope(q, k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -85,7 +94,8 @@ class FastMLP(MLP):
     layer's recompute, where the MLP's output value is never read (only its backward runs)."""
 
     def forward(self, x: torch.Tensor, output_needed: bool = True) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
+        gu = run_siblings(x, (self.gate_proj, self.up_proj))                 # one node: grad x summed in place
+        g, u = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
         y = _mlp_tail(self, g, u, output_needed)
         return self.down_proj(_kernels()[2].swiglu(g, u)) if y is None else y
 
@@ -103,13 +113,15 @@ def _base_forward(base: nn.Module, x2: torch.Tensor) -> torch.Tensor:
     return F.linear(x2, base.weight.to(x2.dtype), bias)
 
 
-def _base_backward(base: nn.Module, dy: torch.Tensor) -> torch.Tensor:
-    """grad_x = dy @ W for the frozen base: dy (N, out) -> (N, in)."""
+def _base_backward(base: nn.Module, dy: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """grad_x = dy @ W for the frozen base: dy (N, out) -> (N, in); with `out` (N, in), out += dy @ W in place
+    (the GEMM's epilogue where cuBLAS runs it) and out is returned."""
     qweight = getattr(base, "qweight", None)
     if qweight is not None:
         from kernels import nf4_matmul_t
-        return nf4_matmul_t(dy, qweight)
-    return dy @ base.weight.to(dy.dtype)
+        return nf4_matmul_t(dy, qweight, out=out)
+    w = base.weight.to(dy.dtype)
+    return dy @ w if out is None else out.addmm_(dy, w)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -793,6 +805,140 @@ class LoRAFunction(torch.autograd.Function):
             None, None, None, None, None
 
 
+class SiblingsFunction(torch.autograd.Function):
+    """The projections that read one input, q, k, v or gate, up, as one autograd node: y_i = proj_i(x).
+
+    Each member is a fused LoRA linear (as `LoRAFunction`: y = base(x) + s * (dropout(x) @ A^T) @ B^T) or a frozen
+    base linear alone. The forward is the members' own forwards, in order (the same kernels, bit-identical
+    outputs, the dropout seeds drawn in the same order). What changes is the backward of x: each member's
+    contribution is added into one (N, in) buffer as it is made, the base's through the GEMM's epilogue
+    (``dx += dy_i @ W_i``, cuBLAS beta = 1 where the weight is dequantized) and the LoRA's dropout part through
+    the dx kernel's in-place add, instead of autograd summing three (two) separately written gradients: per
+    layer and step that removes three elementwise passes of 3 x (N, in) bytes each. x is saved once.
+
+    members: tuple of (base, scaling, p, seed, has_lora, codes); ab: A, B of each LoRA member, in order (fp32
+    master weights, used in x's dtype). Outputs are fresh tensors (RoPE may write into them in place)."""
+
+    @staticmethod
+    def forward(ctx, x2, members, *ab):
+        ctx.set_materialize_grads(False)
+        c = x2.dtype
+        ys, saved, j = [], [x2], 0
+        ctx.fams = []
+        for base, scaling, p, seed, has_lora, codes in members:
+            if has_lora:
+                A, B = ab[j], ab[j + 1]
+                j += 2
+                fam = _family(x2, p)
+                kc = keep_codes(x2.shape[0], x2.shape[1], x2.device) if codes and fam == "philox" else None
+                xa = _lora_xa(x2, A.to(c), p, seed, fam, kc_out=kc)                  # (N, r)
+                y = _own(_base_forward(base, x2))
+                y.addmm_(xa, B.to(c).t(), alpha=scaling)
+                saved += [xa, A, B, kc]
+                ctx.fams.append(fam)
+            else:
+                y = _own(_base_forward(base, x2))
+                ctx.fams.append(None)
+            ys.append(y)
+        ctx.save_for_backward(*saved)
+        ctx.members = members
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, *rest = ctx.saved_tensors
+        c = x2.dtype
+        need_x = ctx.needs_input_grad[0]
+        grads, dx, j = [], None, 0
+        for (base, s, p, seed, has_lora, _), fam, dy in zip(ctx.members, ctx.fams, dys):
+            if has_lora:
+                xa, A, B, kc = rest[j * 4:j * 4 + 4]
+                ia = 2 + 2 * j
+                j += 1
+                if dy is None:
+                    grads += [None, None]
+                    continue
+                dy = dy.to(c)
+                Ac, Bc = A.to(c), B.to(c)
+                dB = (dy.t() @ xa).float().mul_(s).to(B.dtype) if ctx.needs_input_grad[ia + 1] else None
+                dxa = (dy @ Bc).mul_(s)                                                 # (N, r)
+                dA = _lora_da(dxa, x2, p, seed, fam, kc_in=kc) if ctx.needs_input_grad[ia] else None
+                grads += [dA.to(A.dtype) if dA is not None else None, dB]
+                if need_x:
+                    dx = _base_backward(base, dy, out=dx)
+                    dx = _lora_dx_(dx, dxa, Ac, p, seed, fam, kc_in=kc)
+            elif dy is not None and need_x:
+                dx = _base_backward(base, dy.to(c), out=dx)
+        return (dx, None, *grads)
+
+
+# Sibling projections (q, k, v; gate, up) run as one SiblingsFunction node where every member qualifies (False:
+# each projection is its own node, autograd sums their input gradients).
+GROUP_SIBLINGS = True
+
+
+def _sibling_member(proj: nn.Module, x: torch.Tensor, lora_cls):
+    """(base, scaling, p, has_lora, A, B) for a projection SiblingsFunction can run bit-identically to its own
+    forward, in compute dtype x.dtype (the caller has checked autocast); None otherwise (a merged, disabled or
+    biased adapter, a trainable base, another compute dtype, an unknown module). Kept cheap: it runs for every
+    group on every forward, and an eager step is bound by the host."""
+    d = proj.__dict__
+    if type(proj) is lora_cls:
+        f = d.get("forward")
+        if getattr(f, "__func__", None) is not _fast_lora_forward or proj.merged or proj.disable_adapter:
+            return None
+        mods = d["_modules"]
+        if mods["lora_B"].bias is not None:
+            return None
+        base = mods["base_layer"]
+        drop = mods["lora_dropout"]
+        p = float(drop.p) if type(drop) is nn.Dropout and proj.training else 0.0
+        lora = (proj.scaling, p, True, mods["lora_A"].weight, mods["lora_B"].weight)
+    else:
+        base, lora = proj, (1.0, 0.0, False, None, None)
+    bd = base.__dict__
+    if bd["_modules"] or any(t is not None and t.requires_grad for t in bd["_parameters"].values()):
+        return None
+    if "qweight" in bd:
+        if type(base).forward is not _NF4_FORWARD[0] or (bd["compute_dtype"] or x.dtype) != x.dtype:
+            return None
+    elif type(base) is not nn.Linear or (bd["_parameters"]["weight"].dtype != x.dtype and not
+                                         torch.is_autocast_enabled(x.device.type)):
+        return None
+    return (base,) + lora
+
+
+_NF4_FORWARD = [None]           # kernels.NF4Linear.forward (set on first use: llama imports kernels lazily)
+
+
+def run_siblings(x: torch.Tensor, projs) -> Optional[tuple]:
+    """The outputs of `projs` on x (..., in) as one SiblingsFunction node, or None where a member does not qualify
+    (the caller then runs each projection itself)."""
+    if not GROUP_SIBLINGS or not (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    dt = x.device.type
+    if torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) != x.dtype:   # each would cast x itself
+        return None
+    if _NF4_FORWARD[0] is None:
+        from kernels import NF4Linear
+        _NF4_FORWARD[0] = NF4Linear.forward
+    lora_cls = _lora_class()
+    got = [_sibling_member(p, x, lora_cls) for p in projs]
+    if any(m is None for m in got):
+        return None
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    codes = _keep_codes_here()
+    members, ab = [], []
+    for base, scaling, p, has_lora, A, B in got:          # seeds drawn in call order, as the members' own forwards
+        members.append((base, scaling, p, _draw_seed(p) if has_lora else 0, has_lora, codes))
+        if has_lora:
+            ab += [A, B]
+    with torch.autocast(x.device.type, enabled=False):
+        ys = SiblingsFunction.apply(x2, tuple(members), *ab)
+    return tuple(y.view(*shape[:-1], y.shape[-1]) for y in ys)
+
+
 def _lora_class():
     from lora import LoRALinear
     return LoRALinear
@@ -1152,7 +1298,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if offloader is not None:
             offloader.save(layer.self_attn.layer_idx, x)    # the copy runs beside this layer's compute
         with torch.no_grad():
-            y = layer._plain_forward(x, cos, sin, mask)
+            y = (layer._nograd_forward if hasattr(layer, "_nograd_forward") else layer._plain_forward)(x, cos, sin, mask)
         if offloader is not None:
             offloader.release_saved()       # the compute stream waits for the copy (done by now); x may go
             ctx.save_for_backward(cos, sin, mask)
@@ -1203,13 +1349,20 @@ class FastDecoderLayer(DecoderLayer):
         """DecoderLayer.forward for OffloadedCheckpoint's backward, as (h, m) with out = h + m: the sum is never
         formed (only its gradient matters, dy for both terms) and the MLP skips its output (output_needed=False:
         the down projection's matmul is not run). With an offloader, h's backward prefetches the layer below."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        xr, n = _residual_norm(self.input_layernorm, x, None)
+        h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
         if offloader is not None:
-            # h's backward runs once the MLP half of the layer's backward is done, past its memory peak
-            h = PrefetchOnBackward.apply(h, offloader, self.self_attn.layer_idx - 1)
-        n = self.post_attention_layernorm(h)
+            # n's backward runs once the MLP half of the layer's backward is done, past its memory peak
+            n = PrefetchOnBackward.apply(n, offloader, self.self_attn.layer_idx - 1)
         m = self.mlp(n, output_needed=False) if isinstance(self.mlp, FastMLP) else self.mlp(n)
         return h, m
+
+    def _nograd_forward(self, x, cos, sin, mask):
+        """DecoderLayer.forward for a checkpointed layer's first pass (no graph): the attention's residual add
+        done in the post-attention norm's pass, as in the recompute."""
+        xr, n = _residual_norm(self.input_layernorm, x, None)
+        h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
+        return h + self.mlp(n)
 
     def forward(self, x, cos, sin, mask, cache=None):
         training = self.training and cache is None and torch.is_grad_enabled()
@@ -1231,13 +1384,34 @@ class FastDecoderLayer(DecoderLayer):
                 anchor = self._grad_anchor = torch.zeros((), device=x.device, requires_grad=True)
             return OffloadedCheckpoint.apply(self, getattr(self, "_offloader", None), x, cos, sin, mask, anchor)
         if training and RECOMPUTE_NORM_OUTPUTS:
-            n = self.input_layernorm(x)
+            xr, n = _residual_norm(self.input_layernorm, x, None)
             with _saved_as_recomputed(n, self.input_layernorm, x):
-                h = x + self.self_attn(n, cos, sin, mask)
-            n = self.post_attention_layernorm(h)
+                a = self.self_attn(n, cos, sin, mask)
+            h, n = _residual_norm(self.post_attention_layernorm, xr, a)
             with _saved_as_recomputed(n, self.post_attention_layernorm, h):
                 return h + self.mlp(n)
+        if training:
+            xr, n = _residual_norm(self.input_layernorm, x, None)
+            h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
+            return h + self.mlp(n)
         return DecoderLayer.forward(self, x, cos, sin, mask, cache)
+
+
+# The residual adds of a layer meet its norms in one node each (kernels.rms_norm.ResidualRMSNormFunction): the
+# attention's residual add is done in the post-attention norm's pass, and the backward of each norm adds the
+# gradient that reached its input by the residual branch in its own kernel, instead of autograd summing the two
+# (False: the separate add and norm).
+FUSE_RESIDUAL_NORMS = True
+
+
+def _residual_norm(norm: nn.Module, x: torch.Tensor, a: Optional[torch.Tensor]):
+    """(h, norm(h)) with h = x + a (a None: h = x): one ResidualRMSNormFunction node for our norm on CUDA (and in
+    the interpreter tests), else the separate ops. Values equal the separate ops' (the same kernels)."""
+    on = x.is_cuda or (_PHILOX_ON_CPU and _interpreting())
+    if FUSE_RESIDUAL_NORMS and on and type(norm) is FastRMSNorm:
+        return _kernels()[0].residual_rms_norm(x, a, norm.weight, norm.eps, triton_on_cpu=not x.is_cuda)
+    h = x if a is None else x + a
+    return h, norm(h)
 
 
 # A layer that keeps its activations (not checkpointed) saves its norms' outputs only for the LoRA A-sides that

@@ -1,5 +1,6 @@
 """Compile the fast path's LoRA dropout kernels for an H100/H200 (sm_90) on any machine, no GPU needed (diagnostic
-and a CI check): every shipped block config of xa, dA, dx and the dropout pass, with and without keep codes, with
+and a CI check): every shipped block config of xa, dA, dx and the dropout pass, with and without keep codes, and
+the RMSNorm kernels with and without their residual add (at hidden 4096), with
 the divisibility that the runtime specializes at Llama widths (16-byte aligned pointers, K, Q and row strides
 multiples of 16). Reports shared memory, registers and spilled bytes (cuobjdump, bundled with Triton) or the
 compiler's failure.
@@ -15,6 +16,7 @@ pip install --no-deps --target /tmp/tri36 triton==3.6.0). Must run with TRITON_I
 refuses otherwise: the interpreter replaces the compiled kernels).
 """
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -35,9 +37,15 @@ import llama.fast_path as fp  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"x_ptr": "*bf16", "a_ptr": "*bf16", "dxa_ptr": "*bf16", "dx_ptr": "*bf16", "out_ptr": "*bf16",
-            "part_ptr": "*fp32", "kc_ptr": "*u8"}
+            "part_ptr": "*fp32", "kc_ptr": "*u8",
+            # RMSNorm (kernels/rms_norm.py)
+            "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "res_ptr": "*bf16", "h_ptr": "*bf16",
+            "dy_ptr": "*bf16", "dw_partial_ptr": "*fp32", "dres_ptr": "*bf16"}
+FLOATS = {"scale", "eps"}
 DIVISIBLE = {"x_ptr", "a_ptr", "dxa_ptr", "dx_ptr", "out_ptr", "part_ptr", "xa_ptr", "kc_ptr", "K", "Q",
-             "stride_xm", "stride_om", "stride_gm", "stride_am", "j_per_split", "rows_per_split"}
+             "stride_xm", "stride_om", "stride_gm", "stride_am", "j_per_split", "rows_per_split",
+             "w_ptr", "y_ptr", "res_ptr", "h_ptr", "dy_ptr", "dres_ptr", "H", "stride_x", "stride_y", "stride_dy",
+             "stride_dx"}
 
 
 def signature(kernel, consts):
@@ -53,7 +61,7 @@ def signature(kernel, consts):
             sig[n] = "*fp32" if consts.get("PARTIAL") else "*bf16"
         elif n == "seed":
             sig[n] = "*i64" if consts.get("SEED_PTR") else "i32"
-        elif n == "scale":
+        elif n in FLOATS:
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
@@ -92,6 +100,14 @@ def cases():
     for kc in (0, 1, 2):
         yield (f"dropout KC={kc}", fp._dropout4_kernel, dict(SEED_PTR=False, ROUNDS=fp.PHILOX_ROUNDS, BM=16, BQ=128,
                                                            KC=kc, ACCUMULATE=False), 4, 3)
+    rn = importlib.import_module("kernels.rms_norm")     # the residual norm's forward (HAS_RES) and backward (HAS_DRES), Llama width
+    for res in (False, True):
+        yield (f"rmsnorm fwd HAS_RES={int(res)}", rn._rms_norm_fwd_kernel, dict(BLOCK_H=4096, HAS_RES=res),
+               rn._num_warps(4096), 3)
+    for dres in (False, True):
+        for dw in (False, True):
+            yield (f"rmsnorm bwd HAS_DRES={int(dres)} DW={int(dw)}", rn._rms_norm_bwd_kernel,
+                   dict(BLOCK_H=4096, COMPUTE_DW=dw, HAS_DRES=dres), rn._num_warps(4096), 3)
 
 
 def with_defaults(kernel, consts) -> dict:

@@ -104,6 +104,58 @@ def test_rms_norm_frozen_weight_skips_dw(dtype):
     assert w.grad is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_a", [True, False])
+def test_residual_rms_norm(dtype, with_a):
+    """(h, y) = (x + a, rms_norm(x + a)) as one node: h bit-equal to torch's add and y to the plain kernel on that h
+    (the forward adds in the norm's pass); the gradients of x (and a) are the norm's dx plus h's own gradient,
+    summed inside the backward kernel, against float64 autograd of the separate ops. With a = None, h is x."""
+    from kernels.rms_norm import ResidualRMSNormFunction, residual_rms_norm, rms_norm_forward
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, 5, 37, generator=g) + 0.2).to(dtype).requires_grad_()
+    a = (torch.randn(3, 5, 37, generator=g) * 0.5).to(dtype).requires_grad_() if with_a else None
+    w = (1 + 0.2 * torch.randn(37, generator=g)).to(dtype)
+    h, y = ResidualRMSNormFunction.apply(x, a, w, 1e-6)
+    h_ref = (x + a).detach() if with_a else x.detach()
+    assert torch.equal(h, h_ref) and torch.equal(y, rms_norm_forward(h_ref, w, 1e-6)[0])
+    dh = torch.randn(h.shape, generator=g).to(dtype)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    ins = (x, a) if with_a else (x,)
+    got = torch.autograd.grad((h, y), ins, (dh, dy))
+
+    def separate(*t):
+        hh = t[0] + t[1] if with_a else t[0] * 1
+        return hh, rms_norm_reference(hh, w.double(), 1e-6)
+    _, want = grads64(separate, ins, (dh, dy))
+    for name, gv, wv in zip(("dx", "da"), got, want):
+        assert gv.dtype == dtype
+        assert_close(gv, wv, TOL[dtype], f"residual_rms_norm {name}")
+    if with_a:
+        assert torch.equal(got[0], got[1])
+    # only one of the two outputs used: the other's gradient is absent, not zero-filled
+    gx_y, = torch.autograd.grad(ResidualRMSNormFunction.apply(x, a, w, 1e-6)[1], (x,), dy)
+    gx_h, = torch.autograd.grad(ResidualRMSNormFunction.apply(x, a, w, 1e-6)[0], (x,), dh)
+    assert torch.equal(gx_h, dh)
+    _, (want_y,) = grads64(lambda t: rms_norm_reference(t + a.double() if with_a else t, w.double(), 1e-6), (x,),
+                           (dy,))
+    assert_close(gx_y, want_y, TOL[dtype], "dx from y alone")
+    # the public dispatcher: the node in the interpreter, torch's add + the reference on CPU tensors
+    h2, y2 = residual_rms_norm(x.detach(), None if a is None else a.detach(), w, 1e-6)
+    assert torch.equal(h2, h_ref) and torch.equal(y2, rms_norm_reference(h_ref, w, 1e-6))
+
+
+def test_residual_rms_norm_bad_input():
+    from kernels.rms_norm import rms_norm_backward, rms_norm_forward
+    x, w = torch.randn(4, 9), torch.rand(9)
+    with pytest.raises(ValueError, match="residual: expected x's shape"):
+        rms_norm_forward(x, w, 1e-5, residual=torch.randn(4, 8))
+    with pytest.raises(ValueError, match="residual: expected x's shape .* and dtype"):
+        rms_norm_forward(x, w, 1e-5, residual=torch.randn(4, 9).half())
+    _, rstd = rms_norm_forward(x, w, 1e-5)
+    with pytest.raises(ValueError, match="dres: expected x's shape"):
+        rms_norm_backward(torch.randn(4, 9), x, w, rstd, dres=torch.randn(9, 4))
+
+
 def test_rms_norm_public_cpu_is_reference():
     x, w = torch.randn(4, 9), torch.rand(9)
     assert torch.equal(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))

@@ -288,6 +288,36 @@ def test_dispatch():
         mm.nf4_matmul_fused(xo, qodd)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["torch", "fused", "dequant"])
+def test_grad_x_accumulates_into_out(dtype, path, monkeypatch):
+    """nf4_matmul_t(g, W, out=o): o += g @ W in place and o returned, on the reference, the fused kernel and the
+    dequantize + matmul (epilogue) path; leading dims of g and o are kept."""
+    qw = make(40, 96, True, seed=3)
+    g = torch.randn(2, 3, 40).to(dtype)
+    prev = torch.randn(2, 3, 96).to(dtype)
+    o = prev.clone()
+    if path != "torch":
+        mm._path_cache.clear()
+        monkeypatch.setattr(mm, "_pick", lambda key, candidates, eager=False: path)
+    got = mm.nf4_matmul_t(g, qw, backend="torch" if path == "torch" else "triton", out=o)
+    assert got is o and o.shape == (2, 3, 96)
+    ref = prev.double() + g.double() @ qw.dequantize(dtype).double()
+    assert rel_err(o, ref) < TOL[dtype]
+    mm._path_cache.clear()
+
+
+def test_grad_x_out_bad_input():
+    qw = make(40, 96, False)
+    g = torch.randn(6, 40)
+    with pytest.raises(ValueError, match=r"out must be \(6, 96\) torch.float32"):
+        mm.nf4_matmul_t(g, qw, out=torch.zeros(6, 95))
+    with pytest.raises(ValueError, match="out must be"):
+        mm.nf4_matmul_t(g, qw, out=torch.zeros(6, 96, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        mm.nf4_matmul_t(g, qw, out=torch.zeros(96, 6).T)
+
+
 def test_pipelined_timer_with_fake_events(monkeypatch):
     """The dispatcher's timer (GPU only) on fake CUDA events: short kernels are timed as 3 x 20 back-to-back
     calls, long ones (> 0.5 ms a call) by single calls only, so slow candidates cost a few calls, not 60."""

@@ -426,6 +426,58 @@ def check_model_nf4_inplace_rope_recompute():
         close(gb[name], ga[name], 1e-5, 1e-6 * ga[name].abs().max().item(), f"grad {name} (nf4, in-place rope)")
 
 
+def _node_count(t, name):
+    seen, todo, n = set(), [t.grad_fn], 0
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        n += type(f).__name__ == name
+        todo.extend(g for g, _ in f.next_functions)
+    return n
+
+
+def check_model_fused_nodes_match_separate():
+    """Tiny Llama (NF4 bases, dropout 0.3, the Triton kernels in the interpreter): the fused residual norms
+    (kernels.rms_norm.ResidualRMSNormFunction, Triton) and sibling projections (SiblingsFunction) give the loss of
+    the separate add / norm / projection nodes bit for bit and the same LoRA grads to fp32 summation order, with
+    and without checkpointing; with dropout 0 both agree with the plain model."""
+    from kernels import NF4Linear
+    from llama.fast_path import enable_fast_path
+
+    for dropout in (0.3, 0.0):
+        base = _tiny(dropout, seed=2)
+        for name, mod in list(base.named_modules()):
+            if type(mod).__name__ == "LoRALinear" and "k_proj" not in name:      # k_proj keeps a dense base
+                mod.base_layer = NF4Linear.from_linear(mod.base_layer)
+        ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(6))
+        n = len(base.model.layers)
+        for ckpt in (False, True):
+            fast = enable_fast_path(copy.deepcopy(base), checkpointing=ckpt)
+            if not ckpt:  # the first layer's input needs no gradient (frozen embeddings): its input norm has no node
+                loss = fast(ids, labels=ids).loss
+                assert _node_count(loss, "ResidualRMSNormFunctionBackward") == 2 * n - 1
+                assert _node_count(loss, "SiblingsFunctionBackward") == 2 * n - 1
+            lf, gf = _loss_grads(fast, ids)
+            fp.FUSE_RESIDUAL_NORMS, fp.GROUP_SIBLINGS = False, False
+            try:
+                ls, gs = _loss_grads(fast, ids)
+            finally:
+                fp.FUSE_RESIDUAL_NORMS, fp.GROUP_SIBLINGS = True, True
+            close(lf, ls, 0, 0, f"loss (dropout {dropout}, checkpointing {ckpt})")
+            assert len(gf) == 2 * 7 * 2
+            for name in gf:
+                scale = gs[name].abs().max().item()
+                assert scale > 0, name
+                close(gf[name], gs[name], 1e-5, 1e-6 * scale, f"grad {name} (dropout {dropout}, ckpt {ckpt})")
+            if dropout == 0.0:
+                lp, gp = _loss_grads(base, ids)
+                close(lf, lp, 1e-5, 1e-6, "loss vs plain")
+                for name in gp:
+                    close(gf[name], gp[name], 1e-4, 1e-5 * gp[name].abs().max().item(), f"grad {name} vs plain")
+
+
 def check_swiglu_backward_kernel_in_place():
     """kernels.swiglu.swiglu_backward (the MLP tail's backward on CUDA, fast_path._swiglu_grads_) vs the torch
     formula, into new buffers and in place into g and u."""

@@ -24,5 +24,5 @@ def test_lora_kernels_compile_for_sm90(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     import json
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 2 * 2 * len(__import__("llama.fast_path", fromlist=["x"])._XA_CONFIGS) + 4 + 4 + 3
+    assert len(cases) == 2 * 2 * len(__import__("llama.fast_path", fromlist=["x"])._XA_CONFIGS) + 4 + 4 + 3 + 2 + 4
     assert all(c["ok"] and c["registers"] > 0 for c in cases.values())
