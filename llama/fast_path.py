@@ -883,6 +883,8 @@ def _sibling_member(proj: nn.Module, x: torch.Tensor, lora_cls):
     biased adapter, a trainable base, another compute dtype, an unknown module). Kept cheap: it runs for every
     group on every forward, and an eager step is bound by the host."""
     d = proj.__dict__
+    if d["_forward_hooks"] or d["_forward_pre_hooks"]:      # called as a module, so that its hooks run
+        return None
     if type(proj) is lora_cls:
         f = d.get("forward")
         if getattr(f, "__func__", None) is not _fast_lora_forward or proj.merged or proj.disable_adapter:
@@ -911,10 +913,18 @@ def _sibling_member(proj: nn.Module, x: torch.Tensor, lora_cls):
 _NF4_FORWARD = [None]           # kernels.NF4Linear.forward (set on first use: llama imports kernels lazily)
 
 
+def _global_module_hooks() -> bool:
+    """Whether forward hooks for every module are registered (nn.modules.module.register_module_forward_hook):
+    then the fused nodes step aside and each module is called, so that the hooks see it."""
+    from torch.nn.modules import module as m
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
 def run_siblings(x: torch.Tensor, projs) -> Optional[tuple]:
     """The outputs of `projs` on x (..., in) as one SiblingsFunction node, or None where a member does not qualify
-    (the caller then runs each projection itself)."""
-    if not GROUP_SIBLINGS or not (torch.is_grad_enabled() and x.requires_grad):
+    (the caller then runs each projection itself). A member with forward hooks (or global module hooks) does not:
+    the node calls no module, so hooks would not run."""
+    if not GROUP_SIBLINGS or not (torch.is_grad_enabled() and x.requires_grad) or _global_module_hooks():
         return None
     dt = x.device.type
     if torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) != x.dtype:   # each would cast x itself
@@ -1156,8 +1166,10 @@ class SwiGLUDownFunction(torch.autograd.Function):
 
 def _mlp_tail(mlp: nn.Module, g: torch.Tensor, u: torch.Tensor, output_needed: bool) -> Optional[torch.Tensor]:
     """down(swiglu(g, u)) through SwiGLUDownFunction, or None where it does not apply (a trainable base, a
-    LoRA bias, a merged or disabled adapter, an unknown down projection)."""
+    LoRA bias, a merged or disabled adapter, an unknown down projection, forward hooks on it)."""
     down = mlp.down_proj
+    if down._forward_hooks or down._forward_pre_hooks or _global_module_hooks():   # hooks see a module call
+        return None
     if type(down) is _lora_class():
         if not _fused_lora_output(down):
             return None
@@ -1406,9 +1418,11 @@ FUSE_RESIDUAL_NORMS = True
 
 def _residual_norm(norm: nn.Module, x: torch.Tensor, a: Optional[torch.Tensor]):
     """(h, norm(h)) with h = x + a (a None: h = x): one ResidualRMSNormFunction node for our norm on CUDA (and in
-    the interpreter tests), else the separate ops. Values equal the separate ops' (the same kernels)."""
+    the interpreter tests), else the separate ops (also where the norm has forward hooks, which a node that does
+    not call the module would skip). Values equal the separate ops' (the same kernels)."""
     on = x.is_cuda or (_PHILOX_ON_CPU and _interpreting())
-    if FUSE_RESIDUAL_NORMS and on and type(norm) is FastRMSNorm:
+    if FUSE_RESIDUAL_NORMS and on and type(norm) is FastRMSNorm and not (
+            norm._forward_hooks or norm._forward_pre_hooks or _global_module_hooks()):
         return _kernels()[0].residual_rms_norm(x, a, norm.weight, norm.eps, triton_on_cpu=not x.is_cuda)
     h = x if a is None else x + a
     return h, norm(h)

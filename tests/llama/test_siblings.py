@@ -136,3 +136,23 @@ def test_outputs_are_fresh_tensors():
                                 mlp.up_proj.lora_A.weight, mlp.up_proj.lora_B.weight)
     ptrs = {y.untyped_storage().data_ptr() for y in ys} | {x.untyped_storage().data_ptr()}
     assert len(ptrs) == 3 and not any(y._is_view() for y in ys)
+
+
+def test_hooked_member_is_called_as_a_module():
+    """A forward hook on one projection (or a global module hook) keeps its group as separate module calls, so the
+    hook sees every call; the other groups stay fused."""
+    _, fast = fast_pair(ALL7, nf4=True)
+    seen = []
+    h = fast.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    ids, labels = batch()
+    names = graph_nodes(fast(ids, labels=labels).loss)
+    h.remove()
+    n_layers = len(fast.model.layers)
+    assert len(seen) == 1 and names.count("SiblingsFunctionBackward") == 2 * n_layers - 2
+    calls = []
+    g = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: calls.append(type(m).__name__))
+    try:
+        names = graph_nodes(fast(ids, labels=labels).loss)
+    finally:
+        g.remove()
+    assert "SiblingsFunctionBackward" not in names and calls.count("LoRALinear") == 7 * n_layers
