@@ -778,13 +778,7 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, A, B, base, scaling, p, seed, codes=False):
-        c = x2.dtype
-        Ac, Bc = A.to(c), B.to(c)
-        fam = _family(x2, p)
-        kc = keep_codes(x2.shape[0], x2.shape[1], x2.device) if codes and fam == "philox" else None
-        xa = _lora_xa(x2, Ac, p, seed, fam, kc_out=kc)                      # (N, r)
-        y = _own(_base_forward(base, x2))                                   # (N, out), not a view
-        y.addmm_(xa, Bc.t(), alpha=scaling)
+        y, xa, kc, fam = _lora_forward(x2, A, B, base, scaling, p, seed, codes)
         ctx.save_for_backward(x2, xa, A, B, kc)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam = base, scaling, p, seed, fam
         return y
@@ -792,17 +786,34 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, xa, A, B, kc = ctx.saved_tensors
-        s, p, c, fam = ctx.scaling, ctx.p, x2.dtype, ctx.fam
-        dy = dy.to(c)
-        Ac, Bc = A.to(c), B.to(c)
-        dB = (dy.t() @ xa).float().mul_(s) if ctx.needs_input_grad[2] else None   # (out, r)
-        dxa = (dy @ Bc).mul_(s)                                                    # (N, r)
-        dA = _lora_da(dxa, x2, p, ctx.seed, fam, kc_in=kc) if ctx.needs_input_grad[1] else None   # (r, in) fp32
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _lora_dx_(_base_backward(ctx.base, dy), dxa, Ac, p, ctx.seed, fam, kc_in=kc)    # (N, in)
-        return dx, (dA.to(A.dtype) if dA is not None else None), (dB.to(B.dtype) if dB is not None else None), \
-            None, None, None, None, None
+        dx, dA, dB = _lora_backward(dy, x2, xa, A, B, kc, ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.fam,
+                                    *ctx.needs_input_grad[:3])
+        return dx, dA, dB, None, None, None, None, None
+
+
+def _lora_forward(x2, A, B, base, scaling, p, seed, codes):
+    """LoRAFunction's forward: (y, xa, kc, fam) with y = base(x2) + s * (dropout(x2) @ A^T) @ B^T in x2's dtype,
+    xa (N, r), the keep codes kc (or None) and the mask family."""
+    c = x2.dtype
+    fam = _family(x2, p)
+    kc = keep_codes(x2.shape[0], x2.shape[1], x2.device) if codes and fam == "philox" else None
+    xa = _lora_xa(x2, A.to(c), p, seed, fam, kc_out=kc)                      # (N, r)
+    y = _own(_base_forward(base, x2))                                       # (N, out), not a view
+    y.addmm_(xa, B.to(c).t(), alpha=scaling)
+    return y, xa, kc, fam
+
+
+def _lora_backward(dy, x2, xa, A, B, kc, base, s, p, seed, fam, need_x, need_a, need_b, dx=None):
+    """LoRAFunction's backward: (dx, dA, dB), each None where not needed; with `dx` given, the input gradient is
+    added into it in place (the base's part in the GEMM's epilogue, the dropout part in the dx kernel)."""
+    c = x2.dtype
+    dy = dy.to(c)
+    dB = (dy.t() @ xa).float().mul_(s).to(B.dtype) if need_b else None             # (out, r)
+    dxa = (dy @ B.to(c)).mul_(s)                                                     # (N, r)
+    dA = _lora_da(dxa, x2, p, seed, fam, kc_in=kc) if need_a else None                # (r, in) fp32
+    if need_x:
+        dx = _lora_dx_(_base_backward(base, dy, out=dx), dxa, A.to(c), p, seed, fam, kc_in=kc)   # (N, in)
+    return dx, (dA.to(A.dtype) if dA is not None else None), dB
 
 
 class SiblingsFunction(torch.autograd.Function):
@@ -822,24 +833,16 @@ class SiblingsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, members, *ab):
         ctx.set_materialize_grads(False)
-        c = x2.dtype
-        ys, saved, j = [], [x2], 0
-        ctx.fams = []
+        ys, saved, ctx.fams, j = [], [x2], [], 0
         for base, scaling, p, seed, has_lora, codes in members:
             if has_lora:
-                A, B = ab[j], ab[j + 1]
+                y, xa, kc, fam = _lora_forward(x2, ab[j], ab[j + 1], base, scaling, p, seed, codes)
+                saved += [xa, ab[j], ab[j + 1], kc]
                 j += 2
-                fam = _family(x2, p)
-                kc = keep_codes(x2.shape[0], x2.shape[1], x2.device) if codes and fam == "philox" else None
-                xa = _lora_xa(x2, A.to(c), p, seed, fam, kc_out=kc)                  # (N, r)
-                y = _own(_base_forward(base, x2))
-                y.addmm_(xa, B.to(c).t(), alpha=scaling)
-                saved += [xa, A, B, kc]
-                ctx.fams.append(fam)
             else:
-                y = _own(_base_forward(base, x2))
-                ctx.fams.append(None)
+                y, fam = _own(_base_forward(base, x2)), None
             ys.append(y)
+            ctx.fams.append(fam)
         ctx.save_for_backward(*saved)
         ctx.members = members
         return tuple(ys)
@@ -847,28 +850,21 @@ class SiblingsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         x2, *rest = ctx.saved_tensors
-        c = x2.dtype
         need_x = ctx.needs_input_grad[0]
         grads, dx, j = [], None, 0
         for (base, s, p, seed, has_lora, _), fam, dy in zip(ctx.members, ctx.fams, dys):
             if has_lora:
-                xa, A, B, kc = rest[j * 4:j * 4 + 4]
-                ia = 2 + 2 * j
+                xa, A, B, kc = rest[4 * j:4 * j + 4]
+                ia = 2 + 2 * j                                  # A's position among apply's inputs
                 j += 1
-                if dy is None:
+                if dy is None:                                  # this output was not used
                     grads += [None, None]
                     continue
-                dy = dy.to(c)
-                Ac, Bc = A.to(c), B.to(c)
-                dB = (dy.t() @ xa).float().mul_(s).to(B.dtype) if ctx.needs_input_grad[ia + 1] else None
-                dxa = (dy @ Bc).mul_(s)                                                 # (N, r)
-                dA = _lora_da(dxa, x2, p, seed, fam, kc_in=kc) if ctx.needs_input_grad[ia] else None
-                grads += [dA.to(A.dtype) if dA is not None else None, dB]
-                if need_x:
-                    dx = _base_backward(base, dy, out=dx)
-                    dx = _lora_dx_(dx, dxa, Ac, p, seed, fam, kc_in=kc)
+                dx, dA, dB = _lora_backward(dy, x2, xa, A, B, kc, base, s, p, seed, fam, need_x,
+                                            ctx.needs_input_grad[ia], ctx.needs_input_grad[ia + 1], dx=dx)
+                grads += [dA, dB]
             elif dy is not None and need_x:
-                dx = _base_backward(base, dy.to(c), out=dx)
+                dx = _base_backward(base, dy.to(x2.dtype), out=dx)
         return (dx, None, *grads)
 
 
