@@ -1621,7 +1621,8 @@ def enable_fast_path(model: LlamaForCausalLM, checkpointing: bool | int = False,
     model._fast_path = dict(checkpointed_layers=f"{n_ckpt} of {n_layers}", offload=offloader is not None,
                             offloaded_saved_layers=f"{n_saved} of {n_layers}",
                             fused_lora=fused_lora,
-                            offload_embeddings=type(emb) is CPUEmbedding)
+                            offload_embeddings=type(emb) is CPUEmbedding,
+                            sibling_nodes=GROUP_SIBLINGS, residual_norm_nodes=FUSE_RESIDUAL_NORMS)
     return model
 
 
