@@ -91,6 +91,38 @@ def test_rms_norm_cuda_frozen_weight_same_dx():
     assert torch.equal(xr.grad, dx_all) and w.grad is None
 
 
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_residual_rms_norm_cuda_bf16(w_dtype):
+    """The residual form (h, y) = (x + a, rms_norm(x + a)) at Llama width in bf16: h bit-equal to torch's add, y
+    bit-equal to the plain kernel on that h (what the fast path's recomputed norm outputs rely on: the two
+    kernel variants must reduce in the same order), and the gradients of x and a (the norm's dx plus h's own
+    gradient, summed in the kernel) against float64 and the bf16 torch reference of the separate ops."""
+    from kernels.rms_norm import ResidualRMSNormFunction, rms_norm_forward
+    g = torch.Generator(device=DEV).manual_seed(4)
+    x = (torch.randn(3, 257, 4096, generator=g, device=DEV) * 2 + 0.3).to(torch.bfloat16).requires_grad_()
+    a = torch.randn(3, 257, 4096, generator=g, device=DEV).to(torch.bfloat16).requires_grad_()
+    w = (1 + 0.2 * torch.randn(4096, generator=g, device=DEV)).to(w_dtype)
+    h, y = ResidualRMSNormFunction.apply(x, a, w, 1e-5)
+    h_ref = (x + a).detach()
+    assert torch.equal(h, h_ref)
+    assert torch.equal(y, rms_norm_forward(h_ref, w, 1e-5)[0]), "the HAS_RES kernel normalizes differently"
+    hn, yn = ResidualRMSNormFunction.apply(x, None, w, 1e-5)
+    assert torch.equal(hn, x) and torch.equal(yn, rms_norm_forward(x.detach(), w, 1e-5)[0])
+    dh = torch.randn(h.shape, generator=g, device=DEV).to(torch.bfloat16)
+    dy = torch.randn(y.shape, generator=g, device=DEV).to(y.dtype)
+    dx, da = torch.autograd.grad((h, y), (x, a), (dh, dy))
+    assert torch.equal(dx, da)
+
+    def separate(x_, a_, w_):
+        hh = x_ + a_
+        return hh, rms_norm_reference(hh, w_, 1e-5)
+    x64, a64 = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    dx64, = torch.autograd.grad(separate(x64, a64, w.double()), (x64,), (dh.double(), dy.double()))
+    xl, al = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    dxlp, = torch.autograd.grad(separate(xl, al, w), (xl,), (dh, dy))
+    assert_close(dx, dx64, BF16_TOL, "residual_rms_norm dx", dxlp)
+
+
 # ---------------------------------------------------------------------------------------------------- RoPE
 @pytest.mark.parametrize("batched_cos", [False, True])
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(2, 32, 32, 257, 128), (3, 9, 3, 100, 64)])
