@@ -8,6 +8,9 @@
 
 Command lines: `python -m llama.generate --prompt "..."`, `python -m llama.quantize --model DIR --out DIR4`.
 """
+from nf4.claim import claim_kernels as _claim_kernels
+
+_claim_kernels()    # `kernels` is this project's package, wherever Python starts (nf4/claim.py)
 import warnings
 
 # `python -m llama.generate` imports this package, which imports llama.generate for the `generate` function, before

@@ -12,6 +12,9 @@ Files: config.py (LoraConfig, adapter_config.json), layer.py (LoRALinear), injec
 parameter counts), adapter_io.py (adapter files), merge.py (merge / unload / dense checkpoint; its command line
 is `python -m train.merge`).
 """
+from nf4.claim import claim_kernels as _claim_kernels
+
+_claim_kernels()    # `kernels` is this project's package, wherever Python starts (nf4/claim.py)
 from .adapter_io import adapter_state_dict, load_adapter, read_adapter_weights, save_adapter
 from .config import LoraConfig
 from .inject import (count_parameters, disable_adapters, find_target_modules, inject_lora, lora_layers,

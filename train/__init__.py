@@ -13,6 +13,9 @@ checkpoints, resume), logging_utils.py (console, tqdm, TensorBoard, loss curve),
 cuda_graph.py (GraphedStep: forward, loss and backward replayed from CUDA graphs; --cuda_graph),
 distributed.py (DDP and FSDP2 under torchrun).
 """
+from nf4.claim import claim_kernels as _claim_kernels
+
+_claim_kernels()    # `kernels` is this project's package, wherever Python starts (nf4/claim.py)
 from .adamw import adamw8bit_update_, adamw_update_, create_dynamic_map
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, build_arg_parser, parse_args
