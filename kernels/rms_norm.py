@@ -98,7 +98,7 @@ def _num_warps(block_h: int) -> int:
     return 1 if block_h <= 256 else 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
 
 
-def _rows_like(t: torch.Tensor, x2: torch.Tensor, what: str) -> torch.Tensor:
+def _rows_like(t: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """t (same shape and dtype as the rows x2 came from) as contiguous (N, H) rows."""
     t2 = t.reshape(x2.shape)
     return t2 if t2.is_contiguous() else t2.contiguous()
@@ -121,7 +121,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, r
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
     res2 = h = None
     if residual is not None:
-        res2 = _rows_like(residual, x2, "residual")
+        res2 = _rows_like(residual, x2)
         h = torch.empty((N, H), dtype=x.dtype, device=x.device)
     if N > 0:
         block_h = triton.next_power_of_2(H)
@@ -147,7 +147,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     if dres is not None:
         if dres.shape != x.shape:
             raise ValueError(f"rms_norm_backward dres: expected x's shape {tuple(x.shape)}, got {tuple(dres.shape)}")
-        dres2 = _rows_like(dres, x2, "dres")
+        dres2 = _rows_like(dres, x2)
     if n_programs is None:
         sms = 4 if interpreting() else sm_count(x.device)
         n_programs = sms * 2

@@ -15,8 +15,8 @@ unchanged; `disable_fast_path` swaps every class back):
 | | | (`ResidualRMSNormFunction`): the attention's residual add runs in the |
 | | | post-attention norm's pass, and each norm's backward adds the |
 | | | residual branch's gradient in its kernel (`FUSE_RESIDUAL_NORMS`) |
-| q, k, v; gate, up | one node each, autograd sums their input | `SiblingsFunction`: one node per group, the same forward kernels; |
-| | gradients | the input's gradient accumulated in place (`dx += dy_i @ W_i` in the |
+| q, k, v; gate, up | a node each; autograd sums grad x | `SiblingsFunction`: one node per group, the same forward kernels; |
+| | | the input's gradient accumulated in place (`dx += dy_i @ W_i` in the |
 | | | GEMM's epilogue), three fewer (N, C) passes a layer (`GROUP_SIBLINGS`) |
 | Attention | rotate-half RoPE in torch, SDPA | `kernels.apply_rope` in place on the q/k projection views, SDPA (flash) |
 | MLP | `down(F.silu(g) * u)` | `SwiGLUDownFunction`: SwiGLU (Triton) + down projection (+ LoRA) in one |
@@ -1306,7 +1306,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if offloader is not None:
             offloader.save(layer.self_attn.layer_idx, x)    # the copy runs beside this layer's compute
         with torch.no_grad():
-            y = (layer._nograd_forward if hasattr(layer, "_nograd_forward") else layer._plain_forward)(x, cos, sin, mask)
+            forward = layer._nograd_forward if hasattr(layer, "_nograd_forward") else layer._plain_forward
+            y = forward(x, cos, sin, mask)
         if offloader is not None:
             offloader.release_saved()       # the compute stream waits for the copy (done by now); x may go
             ctx.save_for_backward(cos, sin, mask)
