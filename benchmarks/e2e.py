@@ -480,6 +480,13 @@ def window_stats(times):
 
 # ------------------------------------------------------------------------------------------------ settings
 def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
+    try:
+        return _run_stack(stack, args, device, setting, variant, n_steps, double_quant)
+    finally:
+        _fused_adds(True)                   # a control variant's switches never outlive its run
+
+
+def _run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     free(device)
     left_over = alloc_gib(device)       # what earlier runs left allocated (peaks are absolute: a leak shows here)
     t0 = time.perf_counter()
@@ -490,6 +497,7 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
         memsave = "gradient_checkpointing_enable()" if s["hf_checkpointing"] else "none"
     else:
         model = build_ours(args, device, s["targets"], double_quant)
+        _fused_adds(variant.get("fused_adds", True))       # (a control variant: the adds as separate kernels)
         enable_fast_path(model, checkpointing=variant["checkpointing"], offload=variant["offload"],
                          offload_embeddings=True, offload_saved=variant.get("offload_saved", 0))
         opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
@@ -505,6 +513,8 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     res = time_steps(step, s["batch"], s["seq"], args.vocab_size, device, n_steps)
     res.update(peak_gib=peak_gib(device), build_s=round(build_s, 2), memory_saving=memsave,
                name=variant["name"] if variant else "hf", allocated_before_build_gib=round(left_over, 3))
+    if variant and variant.get("control"):
+        res["control"] = variant["control"]
     if graphed:
         res.update(peak_gib_replays=res["peak_gib"], capture_peak_gib=round(step.capture_peak_gib, 3),
                    capture_retained_gib=round(step.capture_retained_gib, 3),
@@ -518,6 +528,21 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     del model, opt, loss_fn
     free(device)
     return res, extra
+
+
+def _fused_adds(on: bool) -> None:
+    """The fast path's sibling-projection and residual-norm nodes on or off (llama.fast_path.GROUP_SIBLINGS,
+    FUSE_RESIDUAL_NORMS): off, a layer's seven adds run as separate kernels, as before 6de390f."""
+    import llama.fast_path as fp
+    fp.GROUP_SIBLINGS = fp.FUSE_RESIDUAL_NORMS = bool(on)
+
+
+# --ab-adds: the same configuration as a setting's fastest default variant, with the adds as separate kernels,
+# timed in the same run (an A/B of the fused nodes); control variants are never the scored ("primary") one.
+AB_ADDS = {"a": dict(name="ours+graph [adds separate]", checkpointing=False, offload=False, graph=True,
+                     fused_adds=False, control="A/B of the fused adds against ours+graph"),
+           "b": dict(name="ours+ckpt-offload [adds separate]", checkpointing=True, offload=True, fused_adds=False,
+                     control="A/B of the fused adds against ours+ckpt-offload")}
 
 
 def run_unsloth(size: str, setting: str, steps: int, device, model_dir=None, timeout_s: float = 1500) -> dict:
@@ -946,9 +971,10 @@ def summarize_setting(entry):
         o["speed_ratio"] = round(o["tokens_per_s"] / hf["tokens_per_s"], 3)
         o["memory_ratio"] = round(o["peak_gib"] / hf["peak_gib"], 3) if hf["peak_gib"] == hf["peak_gib"] else None
     # primary (decided before measuring): the fastest variant that meets the memory goal, else the one with the
-    # least memory
-    meets = [o for o in ours if o["memory_ratio"] is not None and o["memory_ratio"] <= 0.6]
-    best = max(meets, key=lambda o: o["tokens_per_s"]) if meets else min(ours, key=lambda o: o["peak_gib"])
+    # least memory; never an A/B control (--ab-adds)
+    scored = [o for o in ours if not o.get("control")] or ours
+    meets = [o for o in scored if o["memory_ratio"] is not None and o["memory_ratio"] <= 0.6]
+    best = max(meets, key=lambda o: o["tokens_per_s"]) if meets else min(scored, key=lambda o: o["peak_gib"])
     entry["primary"] = {"name": best["name"], "speed_ratio": best["speed_ratio"], "memory_ratio": best["memory_ratio"]}
     uns = entry.get("unsloth")
     if isinstance(uns, dict) and "tokens_per_s" in uns:  # the second peer, where it ran
@@ -977,6 +1003,9 @@ def main(argv=None):
                     help="search: doubling + bisection until OOM or the time cap; slope: peak memory at 8k/16k/32k "
                          "tokens extrapolated to the card")
     ap.add_argument("--losscheck-steps", type=int, default=50)
+    ap.add_argument("--ab-adds", action="store_true",
+                    help="also time each setting's default variant with the fast path's adds as separate kernels "
+                         "(GROUP_SIBLINGS, FUSE_RESIDUAL_NORMS off): an A/B of the fused nodes, never scored")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     device = torch.device(a.device)
@@ -1029,6 +1058,8 @@ def main(argv=None):
             runs += [("ours", "partial")] + ([("ours", "partial-graph")] if setting == "a" else [])
             if device.type == "cuda" and setting == "a":     # offloading what layers save: pinned host memory
                 runs += [("ours", "saved"), ("ours", "saved-graph"), ("ours", "mixed-graph")]
+            if a.ab_adds:
+                runs.append(("ours", AB_ADDS[setting]))
         if device.type != "cuda":                            # CUDA graphs need CUDA
             runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph"))
                     and v not in ("partial-graph", "saved-graph", "mixed-graph")]

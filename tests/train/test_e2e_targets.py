@@ -119,3 +119,24 @@ def test_mixed_variant_offloads_what_the_link_carries_and_checkpoints_the_rest()
     assert more["offload_saved"] == 7
     entry["ours+graph"]["step_s"] = 1.0                              # a slow step: the link carries every layer
     assert e2e.mixed_offload_variant(entry, 32) is None
+
+
+def test_ab_adds_control_is_timed_but_never_scored():
+    """--ab-adds: the control variant runs with the fast path's adds as separate kernels (recorded in its
+    memory_saving), the switches come back on afterwards, and the primary stays a default-configured variant even
+    where the control is faster."""
+    import torch
+
+    import llama.fast_path as fp
+    from benchmarks import e2e
+
+    args = e2e.model_args("tiny")
+    res, _ = e2e.run_stack("ours", args, torch.device("cpu"), "b", e2e.AB_ADDS["b"], 4, True)
+    assert res["memory_saving"]["sibling_nodes"] is False and res["memory_saving"]["residual_norm_nodes"] is False
+    assert res["control"] and fp.GROUP_SIBLINGS and fp.FUSE_RESIDUAL_NORMS
+    entry = {"hf": dict(tokens_per_s=100.0, peak_gib=10.0),
+             "ours": dict(name="ours", tokens_per_s=150.0, peak_gib=5.0),
+             "ours [adds separate]": dict(name="ours [adds separate]", tokens_per_s=160.0, peak_gib=5.0,
+                                          control="A/B")}
+    e2e.summarize_setting(entry)
+    assert entry["primary"]["name"] == "ours" and entry["ours [adds separate]"]["speed_ratio"] == 1.6
