@@ -213,7 +213,9 @@ def double_quantize_triton(absmax, code=None) -> DoubleQuantState:
         inv = reciprocal_f32(blockwise_absmax(flush_denormals(a - offset), NESTED_BLOCKSIZE))
     _launch(_quantize_8bit_kernel, (n2,), (0, 1, 2, 3, 4, 5), ptx, dict(USE_PTX=ptx, BS=NESTED_BLOCKSIZE, num_warps=4),
             a, offset, inv, code.contiguous(), q, absmax2, n)
-    return DoubleQuantState(q, absmax2, code.clone(), offset)
+    # the code table is shared, not copied (as bitsandbytes' QuantState shares its cached map): one device copy
+    # and allocation fewer per weight on the host-bound small shapes; nothing writes into it (a state dict clones)
+    return DoubleQuantState(q, absmax2, code, offset)
 
 
 def quantize_4bit(x, blocksize=64, quant_type="nf4"):

@@ -103,3 +103,19 @@ def test_codes_at_thresholds(quant_type):
     ref_packed, ref_absmax = nf4.quantize_4bit(x, 64, quant_type)
     assert_bits_equal(absmax, ref_absmax, "absmax")
     assert_bits_equal(packed, ref_packed, "codes at thresholds")
+
+
+def test_double_quantized_states_share_the_code_table_and_files_copy_it():
+    """Every double-quantized weight refers to the one cached 8-bit code table (no device copy per weight, as
+    bitsandbytes' states share theirs); a state dict gets its own copy, so nothing written from it can change the
+    table the next weight is quantized with."""
+    a1, a2 = torch.rand(300) + 0.1, torch.rand(1000) * 3
+    s1, s2 = double_quantize_triton(a1), double_quantize_triton(a2)
+    assert s1.code is s2.code
+    qw = nf4.QuantizedWeight4bit(torch.zeros(9600, 1, dtype=torch.uint8), None, (300, 64), torch.float32, 64, "nf4",
+                                 s1)                                        # 300 blocks: a1's 300 scales
+    sd = qw.to_bnb_state_dict("w")
+    code = [v for k, v in sd.items() if k.endswith("nested_quant_map")][0]
+    assert torch.equal(code, s1.code) and code.data_ptr() != s1.code.data_ptr()
+    code.zero_()
+    assert torch.equal(double_quantize_triton(a1).code, nf4.dynamic_map(signed=True))
