@@ -128,20 +128,29 @@ def partial_variant(entry, n_layers, graph=False):
         full["peak_gib"] + keep * per_layer, 2))
 
 
+def _layers_over_goal(entry, name, n_layers):
+    """(run, per-layer GiB, layers that must leave the device) for the variant without checkpointing `name`
+    against a peak of 0.6x HF's; None when an input is missing or no layer need go."""
+    got = _measured_peaks(entry, "hf", name)
+    if got is None:
+        return None
+    hf, run = got
+    per_layer = _per_layer_gib(entry, n_layers)
+    goal = 0.6 * hf["peak_gib"]
+    if not per_layer > 0 or run["peak_gib"] <= goal:
+        return None
+    return run, per_layer, math.ceil((run["peak_gib"] - goal) / per_layer)
+
+
 def saved_offload_variant(entry, n_layers, graph=False):
     """The variant that keeps every layer's activations but offloads what the first k layers save for their
     backward to pinned host memory (enable_fast_path offload_saved=k; no recompute): k from the peak without
     checkpointing (graphed or eager) and the per-layer activation size of the two extremes, for a predicted peak
     of 0.6x HF's (None when not useful: no layer need go, or all of them would)."""
-    got = _measured_peaks(entry, "hf", "ours+graph" if graph else "ours")
-    if got is None:
+    over = _layers_over_goal(entry, "ours+graph" if graph else "ours", n_layers)
+    if over is None:
         return None
-    hf, none = got
-    per_layer = _per_layer_gib(entry, n_layers)
-    goal = 0.6 * hf["peak_gib"]
-    if not per_layer > 0 or none["peak_gib"] <= goal:
-        return None
-    k = math.ceil((none["peak_gib"] - goal) / per_layer)
+    none, per_layer, k = over
     if k >= n_layers:
         return None
     return dict(name=f"ours{'+graph' if graph else ''}+offload-{k}of{n_layers}", checkpointing=False, offload=False,
@@ -157,15 +166,10 @@ def mixed_offload_variant(entry, n_layers):
     can carry their saved tensors during the forward, and checkpointed beyond that (the first j layers
     checkpointed, the next k offloaded). None where the link carries them all (the pure offloading variant
     covers that) or an input is missing."""
-    got = _measured_peaks(entry, "hf", "ours+graph")
-    if got is None or "step_s" not in got[1]:
+    over = _layers_over_goal(entry, "ours+graph", n_layers)
+    if over is None or "step_s" not in over[0]:
         return None
-    hf, g = got
-    per_layer = _per_layer_gib(entry, n_layers)
-    goal = 0.6 * hf["peak_gib"]
-    if not per_layer > 0 or g["peak_gib"] <= goal:
-        return None
-    need = math.ceil((g["peak_gib"] - goal) / per_layer)
+    g, per_layer, need = over
     link = int(g["step_s"] * FORWARD_SHARE * LINK_GB_S * 1e9 / (per_layer * GIB))   # layers a forward carries
     k = min(need, link - 1)                 # one layer of margin: the copies also slow the matmuls beside them
     j = need - k

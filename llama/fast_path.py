@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .model import Attention, CausalLMOutput, DecoderLayer, LlamaForCausalLM, MLP, RMSNorm
 from .offload import PrefetchOnBackward, SavedActivationOffloader, active_hooks
@@ -912,8 +913,7 @@ _NF4_FORWARD = [None]           # kernels.NF4Linear.forward (set on first use: l
 def _global_module_hooks() -> bool:
     """Whether forward hooks for every module are registered (nn.modules.module.register_module_forward_hook):
     then the fused nodes step aside and each module is called, so that the hooks see it."""
-    from torch.nn.modules import module as m
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 def run_siblings(x: torch.Tensor, projs) -> Optional[tuple]:
