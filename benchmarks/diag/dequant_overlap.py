@@ -14,6 +14,11 @@ shapes), forward (x @ W^T) and backward (dy @ W) at each row count, three ways, 
 and, as bounds, the GEMMs alone (bf16 weights already there) and the dequantizes alone. The "hidden" column is
 the share of the dequantizes' time that overlap removed: (serial - side) / (serial - gemm only).
 
+A second table asks the same of one GEMM (issue #3's forward at M = 4096): W's rows dequantized in c chunks, the
+GEMM of chunk i (y^T[chunk i] = W[chunk i] @ x^T, a row block of y^T) running while chunk i+1 dequantizes on
+the high-priority side stream, against dequantize-then-GEMM and the bf16 GEMM alone ("equal": y bit-equal to the
+unchunked GEMM's, which cuBLAS need not give when N changes).
+
     python benchmarks/diag/dequant_overlap.py [--rows 2048,8192] [--out overlap.json]
 """
 from __future__ import annotations
@@ -155,6 +160,57 @@ def main():
                          f"{t['side_hi']:8.1f} ({row['hidden_side_hi']}) us/layer")
             print(lines[-1], flush=True)
     res["check"] = "side and side_hi outputs bit-equal to serial at every row count"
+    res["chunked"] = {}
+    M = 4096
+    for (N, K) in ((4096, 4096), (11008, 4096), (28672, 8192)):
+        w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        qw = quantize_weight(w, 64, "nf4", True)
+        wd = dequantize_weight(qw, dt)
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        y = torch.empty(N, M, device=dev, dtype=dt)        # y^T: each chunk's output is a block of rows
+        buf = torch.empty(N, K, device=dev, dtype=dt)
+        t = dict(bf16=us(graphed(lambda: torch.mm(wd, x.t(), out=y))))
+
+        def serial():
+            dequantize_weight(qw, dt, out=buf)
+            torch.mm(buf, x.t(), out=y)
+        t["serial"] = us(graphed(serial))
+        row = dict(t)
+        for c in (2, 4):
+            n_c = N // c
+            # each chunk quantized on its own (its own double-quantization offset): the same kernels and bytes
+            parts = [quantize_weight(w[i * n_c:(i + 1) * n_c], 64, "nf4", True) for i in range(c)]
+            wc = torch.cat([dequantize_weight(q_, dt) for q_ in parts])
+            torch.mm(wc, x.t(), out=y)
+            ref_c = y.clone()
+
+            def chunked_serial(parts=parts, n_c=n_c, c=c):
+                for i in range(c):
+                    dequantize_weight(parts[i], dt, out=buf[i * n_c:(i + 1) * n_c])
+                    torch.mm(buf[i * n_c:(i + 1) * n_c], x.t(), out=y[i * n_c:(i + 1) * n_c])
+            row[f"chunks{c}_one_stream"] = us(graphed(chunked_serial))
+
+            def chunked(parts=parts, n_c=n_c, c=c):
+                main = torch.cuda.current_stream()
+                side_hi.wait_stream(main)
+                ready = [torch.cuda.Event() for _ in range(c)]
+                with torch.cuda.stream(side_hi):
+                    for i in range(c):
+                        dequantize_weight(parts[i], dt, out=buf[i * n_c:(i + 1) * n_c])
+                        ready[i].record()
+                for i in range(c):
+                    main.wait_event(ready[i])
+                    torch.mm(buf[i * n_c:(i + 1) * n_c], x.t(), out=y[i * n_c:(i + 1) * n_c])
+                main.wait_stream(side_hi)
+            y.zero_()
+            replay = graphed(chunked)
+            replay()
+            torch.cuda.synchronize()
+            row[f"chunks{c}_equal"] = bool(torch.equal(y, ref_c))
+            row[f"chunks{c}"] = us(replay)
+        res["chunked"][f"{N}x{K}"] = row
+        lines.append(f"M=4096 {N}x{K}: " + "  ".join(f"{k} {v}" for k, v in row.items()))
+        print(lines[-1], flush=True)
     print(f"== {res['gpu']} {res['date']} commit {res['commit']}")
     print("\n".join(lines))
     if a.out:
