@@ -488,6 +488,7 @@ def run_stack(stack, args, device, setting, variant, n_steps, double_quant):
         return _run_stack(stack, args, device, setting, variant, n_steps, double_quant)
     finally:
         _fused_adds(True)                   # a control variant's switches never outlive its run
+        _prefetch(None)
 
 
 def _run_stack(stack, args, device, setting, variant, n_steps, double_quant):
@@ -502,10 +503,11 @@ def _run_stack(stack, args, device, setting, variant, n_steps, double_quant):
     else:
         model = build_ours(args, device, s["targets"], double_quant)
         _fused_adds(variant.get("fused_adds", True))       # (a control variant: the adds as separate kernels)
+        _prefetch(variant.get("prefetch"))                  # (one with the dequantize prefetch switched)
         enable_fast_path(model, checkpointing=variant["checkpointing"], offload=variant["offload"],
                          offload_embeddings=True, offload_saved=variant.get("offload_saved", 0))
         opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
-        memsave = dict(model._fast_path, double_quant=double_quant)
+        memsave = dict(model._fast_path, double_quant=double_quant, dequant_prefetch=_prefetch_default())
     build_s = time.perf_counter() - t0
     sync(device)
     if device.type == "cuda":
@@ -541,12 +543,42 @@ def _fused_adds(on: bool) -> None:
     fp.GROUP_SIBLINGS = fp.FUSE_RESIDUAL_NORMS = bool(on)
 
 
+def _prefetch(on) -> None:
+    """kernels.prefetch.ENABLED for a variant (None: the library's default)."""
+    from kernels import prefetch
+    prefetch.ENABLED = _PREFETCH_DEFAULT if on is None else bool(on)
+    prefetch.reset()
+
+
+def _prefetch_default() -> bool:
+    from kernels import prefetch
+    return prefetch.ENABLED
+
+
+_PREFETCH_DEFAULT = _prefetch_default()
+
+
 # --ab-adds: the same configuration as a setting's fastest default variant, with the adds as separate kernels,
 # timed in the same run (an A/B of the fused nodes); control variants are never the scored ("primary") one.
 AB_ADDS = {"a": dict(name="ours+graph [adds separate]", checkpointing=False, offload=False, graph=True,
                      fused_adds=False, control="A/B of the fused adds against ours+graph"),
            "b": dict(name="ours+ckpt-offload [adds separate]", checkpointing=True, offload=True, fused_adds=False,
                      control="A/B of the fused adds against ours+ckpt-offload")}
+
+
+# --ab-prefetch: the same two configurations with the dequantize prefetch (kernels/prefetch.py) switched from its
+# default: the next NF4 weight dequantized on a side stream beside the current GEMM
+AB_PREFETCH = {"a": dict(name="ours+graph [prefetch]", checkpointing=False, offload=False, graph=True,
+                         control="A/B of the dequantize prefetch against ours+graph"),
+               "b": dict(name="ours+ckpt-offload [prefetch]", checkpointing=True, offload=True,
+                         control="A/B of the dequantize prefetch against ours+ckpt-offload")}
+
+
+def _ab_prefetch(setting):
+    v = dict(AB_PREFETCH[setting], prefetch=not _PREFETCH_DEFAULT)
+    if _PREFETCH_DEFAULT:
+        v.update(name=v["name"].replace("[prefetch]", "[no prefetch]"))
+    return v
 
 
 def run_unsloth(size: str, setting: str, steps: int, device, model_dir=None, timeout_s: float = 1500) -> dict:
@@ -1007,6 +1039,9 @@ def main(argv=None):
                     help="search: doubling + bisection until OOM or the time cap; slope: peak memory at 8k/16k/32k "
                          "tokens extrapolated to the card")
     ap.add_argument("--losscheck-steps", type=int, default=50)
+    ap.add_argument("--ab-prefetch", action="store_true",
+                    help="also time each setting's default variant with the dequantize prefetch (kernels.prefetch) "
+                         "switched from its default: an A/B, never scored")
     ap.add_argument("--ab-adds", action="store_true",
                     help="also time each setting's default variant with the fast path's adds as separate kernels "
                          "(GROUP_SIBLINGS, FUSE_RESIDUAL_NORMS off): an A/B of the fused nodes, never scored")
@@ -1064,6 +1099,8 @@ def main(argv=None):
                 runs += [("ours", "saved"), ("ours", "saved-graph"), ("ours", "mixed-graph")]
             if a.ab_adds:
                 runs.append(("ours", AB_ADDS[setting]))
+            if a.ab_prefetch:
+                runs.append(("ours", _ab_prefetch(setting)))
         if device.type != "cuda":                            # CUDA graphs need CUDA
             runs = [(st, v) for st, v in runs if not (isinstance(v, dict) and v.get("graph"))
                     and v not in ("partial-graph", "saved-graph", "mixed-graph")]

@@ -50,6 +50,7 @@ import triton.language as tl
 from ._common import Launch, WeightPlan, check_triton_device, check_word_path, code_table_on, half_table_on, interpreting, load_scales, \
     mul_rn, pair_table_on, scale_args, sm_count, unpack_values, unpack_values_lut, use_ptx, word_table, word_table_on, \
     word_values, xpair
+from . import prefetch
 from .dequantize import dequantize_4bit_triton, dequantize_weight
 from .nf4_mma import MmaPlan, mma_candidates, mma_default, mma_supported
 
@@ -889,22 +890,30 @@ def nf4_matmul_t_fused(g, qw, path=None, config=None):
     return gx.to(g.dtype)
 
 
-def _dequantized(qw, dtype):
+def _dequant_into(qw, dtype, out):
+    return dequantize_weight(qw, dtype, out=out)
+
+
+def _dequantized(qw, dtype, rows=0):
     """W dequantized by the Triton kernel: on a GPU through the weight's cached launch plan (dequantize_weight),
-    in the interpreter through the kernel's launcher (dequantize_weight would take the CPU reference there)."""
+    or, with kernels.prefetch.ENABLED and more than DECODE_MAX_M rows, taken from the side stream's prefetch of it
+    (then the next weight's dequantize starts beside this GEMM); in the interpreter through the kernel's launcher (dequantize_weight would
+    take the CPU reference there)."""
     if qw.packed.is_cuda:
+        if prefetch.ENABLED and rows > DECODE_MAX_M:     # (the decode sizes' choices are timed in CUDA graphs)
+            return prefetch.prefetcher(qw.packed.device, _dequant_into).take(qw, dtype)
         return dequantize_weight(qw, dtype)
     return dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, dtype, qw.nested)
 
 
 def nf4_matmul_dequant(x, qw, bias=None):
     """Fallback: dequantize W into a scratch tensor (Triton), then cuBLAS: y = x @ W.T (+ bias)."""
-    return F.linear(x, _dequantized(qw, x.dtype), bias)
+    return F.linear(x, _dequantized(qw, x.dtype, x.numel() // max(1, x.shape[-1])), bias)
 
 
 def nf4_matmul_t_dequant(g, qw):
     """Fallback: grad_x = g @ dequantize(W) through cuBLAS."""
-    return g @ _dequantized(qw, g.dtype)
+    return g @ _dequantized(qw, g.dtype, g.numel() // max(1, g.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1191,7 +1200,7 @@ def nf4_matmul_t(g, qw, backend=None, out=None):
             if name == "fused":
                 o2.add_(nf4_matmul_t_fused(g2, qw))
             else:
-                o2.addmm_(g2, _dequantized(qw, g.dtype))
+                o2.addmm_(g2, _dequantized(qw, g.dtype, g2.shape[0]))
             return out
         gx = nf4_matmul_t_fused(g2, qw) if name == "fused" else nf4_matmul_t_dequant(g2, qw)
     return gx.reshape(*lead, K)

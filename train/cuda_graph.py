@@ -156,9 +156,12 @@ class GraphedStep:
     def _body(self, e: _Entry, loss_fn: Callable) -> torch.Tensor:
         from llama.fast_path import seed_slots
 
+        from kernels import prefetch
+
         with _rows_from_host(self.host_emb, e.rows, self.device), seed_slots(e.slots):
             loss = loss_fn(self.model, **e.static)
             (loss * e.scale).backward()
+        prefetch.join(self.device)      # no dequantize prefetch left on its side stream (a capture must join it)
         return loss.detach()
 
     def __call__(self, loss_fn: Callable, inputs: dict, scale: float = 1.0) -> torch.Tensor:
@@ -203,6 +206,9 @@ class GraphedStep:
             e.done.record()
             return out
         if e.graph is None:
+            from kernels import prefetch
+
+            prefetch.join(self.device)              # nothing of an eager call pending into the capture
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             g = torch.cuda.CUDAGraph()

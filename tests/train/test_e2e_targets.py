@@ -140,3 +140,19 @@ def test_ab_adds_control_is_timed_but_never_scored():
                                           control="A/B")}
     e2e.summarize_setting(entry)
     assert entry["primary"]["name"] == "ours" and entry["ours [adds separate]"]["speed_ratio"] == 1.6
+
+
+def test_ab_prefetch_control_switches_the_prefetch_for_its_run_only():
+    """--ab-prefetch: the control variant runs with kernels.prefetch.ENABLED switched from its default (recorded in
+    its memory_saving), and the default comes back afterwards."""
+    import torch
+
+    from benchmarks import e2e
+    from kernels import prefetch
+
+    default = prefetch.ENABLED
+    v = e2e._ab_prefetch("b")
+    assert v["prefetch"] is (not default) and v["control"]
+    res, _ = e2e.run_stack("ours", e2e.model_args("tiny"), torch.device("cpu"), "b", v, 3, True)
+    assert res["memory_saving"]["dequant_prefetch"] is (not default) and res["control"]
+    assert prefetch.ENABLED is default
