@@ -9,6 +9,8 @@
     chunked_cross_entropy                  LM-head loss without full fp32 logits   (kernels/cross_entropy.py)
     adamw_step_, adamw_step_multi_         bitsandbytes' AdamW update              (kernels/adamw.py)
     gather_rows                            embedding rows from a pinned host table (kernels/gather.py)
+    prefetch.ENABLED / prefetch.join       the next NF4 weight dequantized on a    (kernels/prefetch.py)
+                                           side stream beside the current GEMM
 
 Dispatch: CUDA tensors run Triton; CPU tensors run the pure-torch reference in nf4/. Tests run the Triton
 kernels on the CPU with TRITON_INTERPRET=1.
