@@ -46,7 +46,8 @@ class DequantPrefetcher:
             self.side = torch.cuda.Stream(device=self.device, priority=min(lo, hi))
         self.next_of: dict = {}       # (id(prev), id(cur)) -> (weakref prev, weakref cur, weakref next)
         self.prev = self.prev2 = None  # weakrefs of the last two weights taken
-        self.pending = None           # (weakref qw, dtype, tensor, event or None, recorded in a graph capture?)
+        # (weakref qw, dtype, tensor, event or None, (recorded in a graph capture?, the consuming stream))
+        self.pending = None
         self.stats = dict(hits=0, misses=0, dropped=0, launched=0)
 
     # ---- the public call
@@ -76,11 +77,11 @@ class DequantPrefetcher:
         """Drop a pending prefetch, making the current stream wait for it first (a capture must not end with work
         of the side stream unjoined)."""
         if self.pending is not None:
-            _, _, t, ev, captured = self.pending
+            _, _, t, ev, where = self.pending
             self.pending = None
-            if ev is not None and captured == _capturing(self.device):
-                # the buffer is the current stream's: its next use must follow the write
-                torch.cuda.current_stream(self.device).wait_event(ev)
+            if ev is not None and where[0] == _capturing(self.device):
+                # the buffer is its allocating stream's: the block's next use there must follow the write
+                where[2].wait_event(ev)
             # (a prefetch from outside a capture that has begun since cannot be waited on inside it; its block is
             # not the capture's pool's, and the capture's own work lies between its write and any reuse)
             del t
@@ -97,14 +98,22 @@ class DequantPrefetcher:
         p = self.pending
         if p is None:
             return None
-        ref, pdtype, t, ev, captured = p
-        if ref() is not qw or pdtype != dtype or captured != _capturing(self.device):
+        ref, pdtype, t, ev, where = p
+        if ref() is not qw or pdtype != dtype or where[:2] != self._where()[:2]:
             self.join()                              # a wrong guess: dropped (after its work is joined)
             return None
         self.pending = None
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
         return t
+
+    def _where(self):
+        """(capturing?, current stream): a prefetch is handed only to the stream it was allocated on (the caching
+        allocator orders a block's reuse on that stream), and never across the start or end of a capture."""
+        if self.device.type != "cuda":
+            return (False, None, None)
+        cur = torch.cuda.current_stream(self.device)
+        return (_capturing(self.device), cur.cuda_stream, cur)
 
     def _expected(self, prev, cur):
         """The weight that followed (prev, cur) last time (None when unknown or gone)."""
@@ -126,7 +135,7 @@ class DequantPrefetcher:
         # current stream waits for that write before it reads the buffer or drops it.
         t = torch.empty(tuple(nxt.shape), dtype=dtype, device=self.device)
         if self.side is None:
-            self.pending = (weakref.ref(nxt), dtype, self.dequant(nxt, dtype, t), None, False)
+            self.pending = (weakref.ref(nxt), dtype, self.dequant(nxt, dtype, t), None, self._where())
             return
         cur = torch.cuda.current_stream(self.device)
         fork = torch.cuda.Event()
@@ -136,7 +145,7 @@ class DequantPrefetcher:
             self.dequant(nxt, dtype, t)
             done = torch.cuda.Event()
             done.record(self.side)
-        self.pending = (weakref.ref(nxt), dtype, t, done, _capturing(self.device))
+        self.pending = (weakref.ref(nxt), dtype, t, done, self._where())
 
 
 def _capturing(device) -> bool:
