@@ -56,6 +56,7 @@ if ROOT not in sys.path:
 from llama import LlamaForCausalLM, ModelArgs  # noqa: E402
 from benchmarks.peers import shield_transformers  # noqa: E402
 from llama.fast_path import enable_fast_path, lora_kernel_paths  # noqa: E402
+from kernels import prefetch as dequant_prefetch  # noqa: E402
 
 shield_transformers()      # (transformers >= 5.25 would import kernels/ as Hugging Face's hub kernels)
 
@@ -507,7 +508,7 @@ def _run_stack(stack, args, device, setting, variant, n_steps, double_quant):
         enable_fast_path(model, checkpointing=variant["checkpointing"], offload=variant["offload"],
                          offload_embeddings=True, offload_saved=variant.get("offload_saved", 0))
         opt, loss_fn = our_optimizer([p for p in model.parameters() if p.requires_grad], device), our_loss
-        memsave = dict(model._fast_path, double_quant=double_quant, dequant_prefetch=_prefetch_default())
+        memsave = dict(model._fast_path, double_quant=double_quant, dequant_prefetch=dequant_prefetch.ENABLED)
     build_s = time.perf_counter() - t0
     sync(device)
     if device.type == "cuda":
@@ -543,19 +544,13 @@ def _fused_adds(on: bool) -> None:
     fp.GROUP_SIBLINGS = fp.FUSE_RESIDUAL_NORMS = bool(on)
 
 
+_PREFETCH_DEFAULT = dequant_prefetch.ENABLED
+
+
 def _prefetch(on) -> None:
     """kernels.prefetch.ENABLED for a variant (None: the library's default)."""
-    from kernels import prefetch
-    prefetch.ENABLED = _PREFETCH_DEFAULT if on is None else bool(on)
-    prefetch.reset()
-
-
-def _prefetch_default() -> bool:
-    from kernels import prefetch
-    return prefetch.ENABLED
-
-
-_PREFETCH_DEFAULT = _prefetch_default()
+    dequant_prefetch.ENABLED = _PREFETCH_DEFAULT if on is None else bool(on)
+    dequant_prefetch.reset()
 
 
 # --ab-adds: the same configuration as a setting's fastest default variant, with the adds as separate kernels,

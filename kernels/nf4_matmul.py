@@ -890,18 +890,14 @@ def nf4_matmul_t_fused(g, qw, path=None, config=None):
     return gx.to(g.dtype)
 
 
-def _dequant_into(qw, dtype, out):
-    return dequantize_weight(qw, dtype, out=out)
-
-
 def _dequantized(qw, dtype, rows=0):
     """W dequantized by the Triton kernel: on a GPU through the weight's cached launch plan (dequantize_weight),
     or, with kernels.prefetch.ENABLED and more than DECODE_MAX_M rows, taken from the side stream's prefetch of it
-    (then the next weight's dequantize starts beside this GEMM); in the interpreter through the kernel's launcher (dequantize_weight would
-    take the CPU reference there)."""
+    (then the next weight's dequantize starts beside this GEMM); in the interpreter through the kernel's launcher
+    (dequantize_weight would take the CPU reference there)."""
     if qw.packed.is_cuda:
         if prefetch.ENABLED and rows > DECODE_MAX_M:     # (the decode sizes' choices are timed in CUDA graphs)
-            return prefetch.prefetcher(qw.packed.device, _dequant_into).take(qw, dtype)
+            return prefetch.prefetcher(qw.packed.device, dequantize_weight).take(qw, dtype)
         return dequantize_weight(qw, dtype)
     return dequantize_4bit_triton(qw.packed, qw.absmax, qw.shape, qw.blocksize, qw.quant_type, dtype, qw.nested)
 

@@ -1306,7 +1306,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if offloader is not None:
             offloader.save(layer.self_attn.layer_idx, x)    # the copy runs beside this layer's compute
         with torch.no_grad():
-            forward = layer._nograd_forward if hasattr(layer, "_nograd_forward") else layer._plain_forward
+            forward = layer._fused_forward if hasattr(layer, "_fused_forward") else layer._plain_forward
             y = forward(x, cos, sin, mask)
         if offloader is not None:
             offloader.release_saved()       # the compute stream waits for the copy (done by now); x may go
@@ -1358,19 +1358,23 @@ class FastDecoderLayer(DecoderLayer):
         """DecoderLayer.forward for OffloadedCheckpoint's backward, as (h, m) with out = h + m: the sum is never
         formed (only its gradient matters, dy for both terms) and the MLP skips its output (output_needed=False:
         the down projection's matmul is not run). With an offloader, h's backward prefetches the layer below."""
-        xr, n = _residual_norm(self.input_layernorm, x, None)
-        h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
+        h, n = self._attention_half(x, cos, sin, mask)
         if offloader is not None:
             # n's backward runs once the MLP half of the layer's backward is done, past its memory peak
             n = PrefetchOnBackward.apply(n, offloader, self.self_attn.layer_idx - 1)
         m = self.mlp(n, output_needed=False) if isinstance(self.mlp, FastMLP) else self.mlp(n)
         return h, m
 
-    def _nograd_forward(self, x, cos, sin, mask):
-        """DecoderLayer.forward for a checkpointed layer's first pass (no graph): the attention's residual add
-        done in the post-attention norm's pass, as in the recompute."""
+    def _attention_half(self, x, cos, sin, mask):
+        """(h, n): h = x + attention(input norm of x) and n = the post-attention norm of h, each norm with its
+        residual add as one node (the attention's residual add done in the post-attention norm's pass)."""
         xr, n = _residual_norm(self.input_layernorm, x, None)
-        h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
+        return _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
+
+    def _fused_forward(self, x, cos, sin, mask):
+        """DecoderLayer.forward with the fused residual norms: a checkpointed layer's first pass (no graph), and
+        the training forward of a layer that keeps its activations (RECOMPUTE_NORM_OUTPUTS off)."""
+        h, n = self._attention_half(x, cos, sin, mask)
         return h + self.mlp(n)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -1400,9 +1404,7 @@ class FastDecoderLayer(DecoderLayer):
             with _saved_as_recomputed(n, self.post_attention_layernorm, h):
                 return h + self.mlp(n)
         if training:
-            xr, n = _residual_norm(self.input_layernorm, x, None)
-            h, n = _residual_norm(self.post_attention_layernorm, xr, self.self_attn(n, cos, sin, mask))
-            return h + self.mlp(n)
+            return self._fused_forward(x, cos, sin, mask)
         return DecoderLayer.forward(self, x, cos, sin, mask, cache)
 
 

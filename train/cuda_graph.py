@@ -43,6 +43,8 @@ from typing import Callable, Optional
 
 import torch
 
+from kernels import prefetch
+
 
 def _find_embedding(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     inner = getattr(model, "model", None)
@@ -156,8 +158,6 @@ class GraphedStep:
     def _body(self, e: _Entry, loss_fn: Callable) -> torch.Tensor:
         from llama.fast_path import seed_slots
 
-        from kernels import prefetch
-
         with _rows_from_host(self.host_emb, e.rows, self.device), seed_slots(e.slots):
             loss = loss_fn(self.model, **e.static)
             (loss * e.scale).backward()
@@ -206,8 +206,6 @@ class GraphedStep:
             e.done.record()
             return out
         if e.graph is None:
-            from kernels import prefetch
-
             prefetch.join(self.device)              # nothing of an eager call pending into the capture
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
